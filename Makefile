@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# Each creates the virtualenv (.venv) and installs the project when needed.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# On a machine without CUDA, the pinned CPU wheel is installed first (an open range would pull a
+# multi-GB CUDA build). A GPU machine keeps whatever torch the resolver picks for it.
+TORCH_CPU ?= torch==2.13.0
+RUN_DIR ?= runs/gpt-debug
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+	    $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/seqtrain train configs/gpt/debug.yaml --run-dir $(RUN_DIR) $(DEMO_ARGS)
+	$(VENV)/bin/seqtrain generate $(RUN_DIR) --prompt "def " --max-new-tokens 120
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs mlflow.db

@@ -1,0 +1,23 @@
+"""Initialisation helpers shared by all model families."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A stable per-parameter seed (crc32 of the name, not Python's salted ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def seeded_normal_(t: torch.Tensor, seed: int, name: str, std: float) -> torch.Tensor:
+    """Fill ``t`` with N(0, std²) drawn from a generator seeded by (seed, name), on the CPU.
+
+    Drawing on the CPU and copying keeps the numbers identical whatever the device.
+    """
+    g = torch.Generator().manual_seed(param_seed(seed, name))
+    t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(std))
+    return t

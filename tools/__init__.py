@@ -1,0 +1,1 @@
+"""Jobs around training: checkpoint evaluation, export, scaling laws, benchmarks."""

@@ -1,0 +1,1 @@
+"""seqtrain's trainer: config, data, parallelism, engine, loop, checkpoints, tracking, CLI."""

@@ -1,0 +1,116 @@
+"""Optional behaviour of the train loop, as callbacks with named hooks.
+
+Hooks run on every rank (a callback that only writes does its own rank-0 check); a hook that
+runs a collective (evaluation, checkpointing) must therefore be reached by all ranks alike.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from trainer import checkpoint
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class MetricsFile(Callback):
+    """``metrics.jsonl``: one JSON object per logged step (train rows and eval rows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.is_rank0 and self.path.exists():
+            # Resuming: rows past the restored step belong to a timeline that no longer exists.
+            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+            kept = [r for r in rows if json.loads(r)["step"] <= trainer.step]
+            self.path.write_text("".join(r + "\n" for r in kept))
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if trainer.is_rank0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on rank 0 with the latest loss; log lines printed above it."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.is_rank0:
+            self.bar = tqdm(total=trainer.cfg.train.steps, initial=trainer.step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if "val_loss" in metrics:
+            self.bar.write(f"step {metrics['step']:>6}  val_loss {metrics['val_loss']:.4f}")
+            return
+        gn = metrics.get("grad_norm")
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        self.bar.write(
+            f"step {metrics['step']:>6}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+            f"grad_norm {gn if gn is None else f'{gn:.3f}'}  tok/s {metrics['tokens_per_s']:,.0f}  "
+            f"mfu {100 * metrics['mfu']:.1f}%"
+        )
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Evaluate(Callback):
+    """Validation loss every ``eval.every`` steps and at the end (a collective)."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        every = trainer.cfg.eval.every
+        if every and trainer.step % every == 0 and trainer.step < trainer.cfg.train.steps:
+            trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
+
+
+class Checkpoint(Callback):
+    """Save every ``checkpoint.every`` steps and at the end (a collective)."""
+
+    def __init__(self, ckpt_root: Path) -> None:
+        self.root = ckpt_root
+        self.last_saved = -1
+
+    def _save(self, trainer: Trainer) -> None:
+        checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
+                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last)
+        self.last_saved = trainer.step
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.last_saved = trainer.step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        every = trainer.cfg.checkpoint.every
+        if every and trainer.step % every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.last_saved != trainer.step:
+            self._save(trainer)

@@ -1,0 +1,274 @@
+"""Typed, validated run configuration: YAML preset + ``--set dotted.key=value`` overrides.
+
+Every field carries a docstring (``seqtrain config --help`` style tooling and readers rely on
+it). Validation happens before any process group starts; every problem becomes one line
+naming the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models import ModelConfig
+from trainer.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class TokenizerConfig(_Section):
+    kind: Literal["bpe"] = "bpe"
+    """``bpe``: byte-level BPE trained on the corpus with HF ``tokenizers``."""
+    vocab_size: int = Field(2048, ge=260, le=1_000_000)
+    """Target vocabulary size when training a tokenizer (byte-level BPE needs 256 bytes + specials)."""
+    path: str | None = None
+    """An existing ``tokenizer.json`` (or a folder holding one) instead of training one."""
+
+
+class DataConfig(_Section):
+    source: str = "stdlib"
+    """``stdlib``: the installed Python standard library's source (always present, no download);
+    otherwise a text file, folder or glob of files."""
+    max_bytes: int | None = Field(None, ge=1)
+    """Use at most this many bytes of the corpus (whole files, chosen deterministically)."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of documents (files) held out for validation, chosen by a hash of their name."""
+    seq_len: int = Field(128, ge=2)
+    """Tokens per training window (the model sees ``seq_len`` inputs and predicts the next one)."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """How text becomes tokens."""
+    cache_dir: str | None = None
+    """Where tokenizers and packed token shards are cached; default ``$SEQTRAIN_CACHE`` or
+    ``~/.cache/seqtrain``."""
+
+    def resolved_cache_dir(self) -> Path:
+        d = self.cache_dir or os.environ.get("SEQTRAIN_CACHE") or "~/.cache/seqtrain"
+        return Path(d).expanduser()
+
+
+class TrainConfig(_Section):
+    steps: int = Field(500, ge=1)
+    """Optimizer steps to run."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward/backward on one data-parallel rank."""
+    grad_accum: int | None = Field(None, ge=1)
+    """Micro-batches accumulated per step; ``null`` derives it from ``global_batch_size``."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Sequences per optimizer step over all ranks; must equal micro × accumulation × dp."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (reached after warm-up)."""
+    min_lr: float = Field(1e-4, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warm-up steps from 0 to ``lr``."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW decoupled weight decay on matrices (not on biases, norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int = Field(1234, ge=0)
+    """Seed for weights, data order and dropout."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 uses dynamic loss scaling and needs a GPU."""
+    log_every: int = Field(10, ge=1)
+    """Log metrics every this many steps (the only host sync point of the loop)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is larger than train.lr={self.lr}")
+        return self
+
+
+class ParallelConfig(_Section):
+    dp: int | None = Field(None, ge=1)
+    """Data-parallel degree; ``null`` derives it: world size / (tp × pp)."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel degree (stages)."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int | None = Field(None, ge=1)
+    """Keep only this many newest checkpoints (``null``: keep all)."""
+
+
+class EvalConfig(_Section):
+    every: int = Field(100, ge=0)
+    """Evaluate on the validation split every this many steps (0: only at the end)."""
+    batches: int = Field(8, ge=1)
+    """Micro-batches per rank in one evaluation (a fixed, unshuffled slice of validation)."""
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    """Log parameters, metrics and the config to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; ``null`` is MLflow's local default (``mlflow.db`` in the working
+    directory, opened with ``mlflow ui``); a server URL on a cluster."""
+    experiment: str = "seqtrain"
+    """MLflow experiment name."""
+
+
+class Config(_Section):
+    """A complete training run."""
+
+    name: str = "run"
+    """Run name: the default run directory is ``runs/<name>``."""
+    model: ModelConfig = ModelConfig()
+    """Model family and shape."""
+    data: DataConfig = DataConfig()
+    """Corpus, tokenizer and windows."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation."""
+    parallel: ParallelConfig = ParallelConfig()
+    """Parallel layout."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint cadence and retention."""
+    eval: EvalConfig = EvalConfig()
+    """Periodic evaluation."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+    def resolve(self, world_size: int) -> Config:
+        """Fill in dp, grad_accum and global batch from the world size; check their arithmetic."""
+        p, t = self.parallel, self.train
+        if p.tp > 1 or p.pp > 1:
+            raise ConfigError(
+                f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not "
+                "available yet; use tp=1, pp=1 (data parallel and ZeRO work)"
+            )
+        if world_size % (p.tp * p.pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
+            )
+        dp = world_size // (p.tp * p.pp)
+        if p.dp is not None and p.dp != dp:
+            raise ConfigError(
+                f"parallel.dp={p.dp} but world size {world_size} / (tp {p.tp} × pp {p.pp}) = {dp}; "
+                "drop parallel.dp to derive it or launch a matching number of processes"
+            )
+        per_step = t.micro_batch_size * dp
+        accum, gbs = t.grad_accum, t.global_batch_size
+        if gbs is None:
+            accum = accum or 1
+            gbs = per_step * accum
+        elif accum is None:
+            if gbs % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size={gbs} is not a multiple of train.micro_batch_size "
+                    f"({t.micro_batch_size}) × dp ({dp}) = {per_step}"
+                )
+            accum = gbs // per_step
+        elif gbs != per_step * accum:
+            raise ConfigError(
+                f"train.global_batch_size={gbs} != train.micro_batch_size ({t.micro_batch_size}) × "
+                f"train.grad_accum ({accum}) × dp ({dp}) = {per_step * accum}"
+            )
+        out = self.model_copy(deep=True)
+        out.parallel.dp = dp
+        out.train.grad_accum = accum
+        out.train.global_batch_size = gbs
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (``1e-3``, ``true``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. train.lr=3e-4")
+    node = tree
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid key names of the section at ``loc`` (for 'did you mean')."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        ann = model.model_fields.get(str(part))
+        if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
+            return []
+        model = ann.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+        return f"unknown key '{dotted}'{hint} (valid: {', '.join(valid)})"
+    if err["type"] in ("value_error", "assertion_error"):
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        return msg if not dotted or dotted in msg else f"{dotted}: {msg}"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a section"
+    return f"{dotted} = {shown}: {err['msg']}"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (or defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {where} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{where}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        errs = e.errors()
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise ConfigError(f"{where}: {_describe(errs[0])}{more}") from None

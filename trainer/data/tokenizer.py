@@ -1,0 +1,51 @@
+"""Tokenizers (HF ``tokenizers``): byte-level BPE trained on the corpus, or a file given."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from trainer.errors import DataError
+
+EOS = "<|endoftext|>"
+"""Separates packed documents; also the BOS of generation prompts."""
+PAD = "<|pad|>"
+"""Padding for batched sequence-to-sequence data."""
+SPECIAL_TOKENS = (EOS, PAD)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: every byte is in the alphabet, so any text encodes without unknowns."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"data.tokenizer.path={str(path)!r}: no tokenizer.json there")
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises plain Exception on a malformed file
+        raise DataError(f"data.tokenizer.path={str(p)!r}: not a valid tokenizer.json ({e})") from None
+    if tok.token_to_id(EOS) is None:
+        raise DataError(f"{p}: tokenizer has no {EOS!r} token (needed to separate documents)")
+    return tok
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()

@@ -1,0 +1,71 @@
+"""Process-group setup: accelerator and backend chosen from the machine, one place for it.
+
+``setup_environment`` must run before the first ``import deepspeed``: DeepSpeed picks its
+accelerator at import time from ``DS_ACCELERATOR``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def setup_environment() -> None:
+    """CPU accelerator on a machine without CUDA; single-process rendezvous defaults."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "WORLD_SIZE" not in os.environ:
+        # Launched as a plain process: a world of one, rendezvous on a free local port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_process_group() -> None:
+    """NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL)."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every config key at INFO on every rank; keep warnings only."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
