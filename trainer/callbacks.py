@@ -54,7 +54,8 @@ class ProgressBar(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.is_rank0:
             self.bar = tqdm(total=trainer.cfg.train.steps, initial=trainer.step, unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                            disable=None)  # no bar when stderr is a log file, not a terminal
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.bar is not None:

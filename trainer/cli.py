@@ -52,7 +52,7 @@ def run(argv: list[str] | None = None) -> int:
         samples = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
                                 args.top_k, args.top_p, args.seed, args.num_samples)
         for i, s in enumerate(samples):
-            print(f"----- sample {i} -----\n{args.prompt}{s}")
+            print(f"----- sample {i} -----\n{s}")
     elif args.command == "data":
         cfg = load_config(args.config, args.overrides)
         from trainer.data import prepare

@@ -41,4 +41,5 @@ def generate_text(
     x = torch.tensor([ids] * num_samples)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(eos,), generator=g)
+    # Decode prompt and continuation together: BPE merges may span the boundary.
     return [tok.decode([i for i in row.tolist()[1:] if i != eos]) for row in out]

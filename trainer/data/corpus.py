@@ -26,10 +26,13 @@ class CorpusFile:
     size: int
     mtime_ns: int
 
-    @property
-    def key(self) -> float:
-        """A uniform number in [0, 1) from the name: drives selection order and the split."""
-        return int(hashlib.sha1(self.name.encode()).hexdigest()[:8], 16) / 2**32
+    def key(self, purpose: str) -> float:
+        """A uniform number in [0, 1) from the name, independent for each purpose.
+
+        Selection and the split must use different hashes: with one hash, a size cap that keeps
+        the lowest keys would also keep exactly the files that the split sends to validation.
+        """
+        return int(hashlib.sha1(f"{purpose}:{self.name}".encode()).hexdigest()[:8], 16) / 2**32
 
 
 def stdlib_root() -> Path:
@@ -41,6 +44,10 @@ def _stat(name: str, path: Path) -> CorpusFile:
     return CorpusFile(name, path, st.st_size, st.st_mtime_ns)
 
 
+# Generated tables rather than code people write: codec maps and the pydoc topic dump.
+STDLIB_EXCLUDE = {"site-packages", "dist-packages", "encodings", "pydoc_data"}
+
+
 def list_files(source: str) -> list[CorpusFile]:
     """The documents of ``source``: ``stdlib``, a file, a folder (all files below) or a glob."""
     if source == "stdlib":
@@ -48,7 +55,7 @@ def list_files(source: str) -> list[CorpusFile]:
         files = [
             _stat(str(p.relative_to(root)), p)
             for p in root.rglob("*.py")
-            if "site-packages" not in p.parts and "dist-packages" not in p.parts
+            if not STDLIB_EXCLUDE & set(p.relative_to(root).parts)
         ]
     else:
         p = Path(source).expanduser()
@@ -75,7 +82,7 @@ def select(files: list[CorpusFile], max_bytes: int | None) -> list[CorpusFile]:
     if max_bytes is None:
         return files
     chosen, total = [], 0
-    for f in sorted(files, key=lambda f: f.key):
+    for f in sorted(files, key=lambda f: f.key("select")):
         if total and total + f.size > max_bytes:
             continue
         chosen.append(f)
@@ -88,9 +95,9 @@ def split(files: list[CorpusFile], val_fraction: float) -> dict[str, list[Corpus
 
     At least one document goes to validation (the smallest-key one) and one to train.
     """
-    val = [f for f in files if f.key < val_fraction]
+    val = [f for f in files if f.key("split") < val_fraction]
     if not val and len(files) > 1:
-        val = [min(files, key=lambda f: f.key)]
+        val = [min(files, key=lambda f: f.key("split"))]
     train = [f for f in files if f not in val]
     if not train or not val:
         raise DataError(

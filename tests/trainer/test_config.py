@@ -1,0 +1,104 @@
+"""Config validation: each error class is one line naming the key and value, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from trainer.cli import main
+from trainer.config import Config, apply_override, load_config
+from trainer.errors import ConfigError
+
+PRESET = str(REPO / "configs/gpt/debug.yaml")
+
+
+def cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("seqtrain: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1e-3", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        ("modle.n_layer=2", "unknown key 'modle'; did you mean 'model'?"),
+        ("train.steps=many", "train.steps = 'many': Input should be a valid integer"),
+        ("parallel.zero_stage=4", "parallel.zero_stage = 4: Input should be less than or equal to 3"),
+        ("train.precision=fp8", "train.precision = 'fp8': Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("model.n_head=3", "model.d_model=128 is not divisible by model.n_head=3"),
+        ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=128"),
+        ("train.min_lr=1", "train.min_lr=1.0 is larger than train.lr"),
+        ("train.steps", "expected dotted.key=value"),
+    ],
+)
+def test_config_errors_are_one_line_with_exit_code_2(capsys, override, expected):
+    err = cli_error(capsys, "train", PRESET, "--set", override)
+    assert expected in err
+
+
+def test_batch_arithmetic_is_checked_before_any_process_group(capsys):
+    err = cli_error(capsys, "train", PRESET, "--set", "train.global_batch_size=20", "--set", "train.grad_accum=2")
+    assert "train.global_batch_size=20 != train.micro_batch_size (16) × train.grad_accum (2) × dp (1) = 32" in err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def test_missing_and_malformed_files(capsys, tmp_path):
+    assert "not found" in cli_error(capsys, "train", str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert "not valid YAML" in cli_error(capsys, "train", str(bad))
+
+
+def test_cli_process_prints_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "trainer", "train", PRESET, "--set", "train.lrr=1"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"seqtrain: error: {PRESET}: unknown key 'train.lrr'; did you mean 'train.lr'? "
+        "(valid: " + ", ".join(Config.model_fields["train"].annotation.model_fields) + ")"
+    ]
+
+
+def test_resolve_derives_the_missing_batch_term():
+    cfg = load_config(PRESET, ["train.global_batch_size=64", "train.micro_batch_size=8"])
+    r = cfg.resolve(world_size=2)
+    assert (r.parallel.dp, r.train.grad_accum, r.train.global_batch_size) == (2, 4, 64)
+    r = load_config(PRESET, ["train.global_batch_size=null", "train.grad_accum=3"]).resolve(2)
+    assert r.train.global_batch_size == 16 * 3 * 2
+    with pytest.raises(ConfigError, match="parallel.dp=4 but world size 2"):
+        load_config(PRESET, ["parallel.dp=4"]).resolve(2)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_config(PRESET, ["train.global_batch_size=24"]).resolve(2)
+
+
+def test_overrides_are_typed_by_yaml_and_the_saved_config_round_trips(tmp_path):
+    tree: dict = {}
+    apply_override(tree, "tracking.enabled=false")
+    apply_override(tree, "train.betas=[0.9, 0.99]")
+    assert tree == {"tracking": {"enabled": False}, "train": {"betas": [0.9, 0.99]}}
+    typed = load_config(PRESET, ["train.lr=3e-4", "train.steps=7"])
+    assert typed.train.lr == 3e-4 and typed.train.steps == 7
+    cfg = load_config(PRESET, ["train.lr=3e-4"]).resolve(1)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert load_config(saved) == cfg
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(Config)
