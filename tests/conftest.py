@@ -54,14 +54,15 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
 
 
 def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, check: bool = True,
-            nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+            nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess:
     """``seqtrain ARGS`` in a fresh process (``torchrun --nproc_per_node`` when nproc > 1)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "trainer", *args]
     else:
         cmd = [sys.executable, "-m", "trainer", *args]
-    p = subprocess.run(cmd, cwd=cwd or REPO, env=cli_env(cache_dir), capture_output=True,
+    p = subprocess.run(cmd, cwd=cwd or REPO, env={**cli_env(cache_dir), **(env or {})}, capture_output=True,
                        text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")

@@ -89,7 +89,8 @@ class Evaluate(Callback):
             trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
 
     def on_train_end(self, trainer: Trainer) -> None:
-        trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
+        if trainer.stop_reason is None:  # a preempted job spends its grace time on saving
+            trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
 
 
 class Checkpoint(Callback):

@@ -24,10 +24,13 @@ class _Section(BaseModel):
 
 
 class TokenizerConfig(_Section):
-    kind: Literal["bpe"] = "bpe"
-    """``bpe``: byte-level BPE trained on the corpus with HF ``tokenizers``."""
-    vocab_size: int = Field(2048, ge=260, le=1_000_000)
-    """Target vocabulary size when training a tokenizer (byte-level BPE needs 256 bytes + specials)."""
+    kind: Literal["bpe", "char"] = "bpe"
+    """``bpe``: byte-level BPE trained on the corpus; ``char``: one token per character (the most
+    frequent ``vocab_size - 3`` characters, the rest map to an unknown token). Both HF
+    ``tokenizers``."""
+    vocab_size: int = Field(2048, ge=8, le=1_000_000)
+    """Vocabulary size when training a tokenizer (byte-level BPE needs at least 258: 256 bytes
+    and 2 special tokens)."""
     path: str | None = None
     """An existing ``tokenizer.json`` (or a folder holding one) instead of training one."""
 
@@ -35,7 +38,20 @@ class TokenizerConfig(_Section):
 class DataConfig(_Section):
     source: str = "stdlib"
     """``stdlib``: the installed Python standard library's source (always present, no download);
-    otherwise a text file, folder or glob of files."""
+    a file, folder or glob (``.txt``/text, ``.jsonl``, ``.parquet``); or ``hf:NAME`` for
+    ``datasets.load_dataset(NAME)`` (``hf:json`` / ``hf:parquet`` with ``hf_data_files``)."""
+    text_field: str = "text"
+    """Field holding the text in ``.jsonl`` / ``.parquet`` files and ``datasets`` rows."""
+    hf_config: str | None = None
+    """``datasets`` configuration name (the second argument of ``load_dataset``)."""
+    hf_split: str = "train"
+    """``datasets`` split to read; it is then divided into train/validation by ``val_fraction``."""
+    hf_data_files: str | list[str] | None = None
+    """``data_files`` for ``load_dataset`` (local files for the ``json``/``parquet`` builders)."""
+    streaming: bool = False
+    """Stream a ``datasets`` source instead of downloading it whole (large corpora)."""
+    invalid_utf8: Literal["replace", "fail"] = "replace"
+    """Bytes that are not UTF-8: ``replace`` with U+FFFD, or ``fail`` naming the file."""
     max_bytes: int | None = Field(None, ge=1)
     """Use at most this many bytes of the corpus (whole files, chosen deterministically)."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
@@ -47,6 +63,15 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     """Where tokenizers and packed token shards are cached; default ``$SEQTRAIN_CACHE`` or
     ``~/.cache/seqtrain``."""
+
+    @model_validator(mode="after")
+    def _bpe_alphabet(self) -> DataConfig:
+        if self.tokenizer.kind == "bpe" and self.tokenizer.path is None and self.tokenizer.vocab_size < 258:
+            raise ValueError(
+                f"data.tokenizer.vocab_size={self.tokenizer.vocab_size} is below 258, the byte-level "
+                "BPE alphabet (256 bytes + 2 special tokens)"
+            )
+        return self
 
     def resolved_cache_dir(self) -> Path:
         d = self.cache_dir or os.environ.get("SEQTRAIN_CACHE") or "~/.cache/seqtrain"

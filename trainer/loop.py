@@ -40,6 +40,7 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = callbacks
         self.step = 0
+        self.stop_reason: str | None = None
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
 
     @property
@@ -102,6 +103,10 @@ class Trainer:
         # Collective + host sync: every rank evaluates the same number of batches.
         return float(self.dims.dp_mean(total / self.cfg.eval.batches))
 
+    def stop(self, reason: str) -> None:
+        """Finish after the current step (callbacks' end hooks still run: a checkpoint is saved)."""
+        self.stop_reason = reason
+
     def log(self, metrics: dict[str, Any]) -> None:
         for cb in self.callbacks:
             cb.on_log(self, metrics)
@@ -111,7 +116,7 @@ class Trainer:
             cb.on_train_start(self)
         steps, every = self.cfg.train.steps, self.cfg.train.log_every
         t_last, step_last = time.perf_counter(), self.step
-        while self.step < steps:
+        while self.step < steps and self.stop_reason is None:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps after)
             loss = self.train_step()
             self.step += 1

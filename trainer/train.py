@@ -17,9 +17,11 @@ from trainer.callbacks import Checkpoint, Evaluate, MetricsFile, ProgressBar
 from trainer.config import Config
 from trainer.data import WindowDataset, prepare
 from trainer.errors import DataError
+from trainer.faults import FaultInjection
 from trainer.flops import peak_flops
 from trainer.loop import Trainer
 from trainer.parallel import ParallelDims
+from trainer.preemption import StopOnSignal
 
 
 def _say(msg: str) -> None:
@@ -70,7 +72,12 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
 
     engine, scheduler = engine_mod.initialize(model, cfg)
     ckpt_root = run_dir / "checkpoints"
-    callbacks = [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), Checkpoint(ckpt_root)]
+    # Order matters: the signal check may stop the run at this step, then Checkpoint saves it.
+    callbacks = [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
+                 Checkpoint(ckpt_root)]
+    faults = FaultInjection.from_env(run_dir)
+    if faults is not None:
+        callbacks.insert(0, faults)  # before StopOnSignal, so a signal at step s stops at s
     if cfg.tracking.enabled:
         from trainer.tracking import MLflowTracker
 
@@ -94,5 +101,8 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
         f"{len(train_data):,} train windows, device {device}"
     )
     trainer.fit()
+    if trainer.stop_reason:
+        _say(f"stopped at step {trainer.step} ({trainer.stop_reason}); checkpoint saved, run the "
+             "same command to resume")
     _say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
     return trainer

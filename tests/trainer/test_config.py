@@ -32,7 +32,7 @@ def cli_error(capsys, *argv: str) -> str:
         ("train.steps=many", "train.steps = 'many': Input should be a valid integer"),
         ("parallel.zero_stage=4", "parallel.zero_stage = 4: Input should be less than or equal to 3"),
         ("train.precision=fp8", "train.precision = 'fp8': Input should be 'fp32', 'bf16' or 'fp16'"),
-        ("model.n_head=3", "model.d_model=128 is not divisible by model.n_head=3"),
+        ("model.n_head=5", "model.d_model=192 is not divisible by model.n_head=5"),
         ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=128"),
         ("train.min_lr=1", "train.min_lr=1.0 is larger than train.lr"),
         ("train.steps", "expected dotted.key=value"),

@@ -9,24 +9,28 @@ import pytest
 
 from trainer.config import DataConfig
 from trainer.data import BatchSchedule, WindowDataset, prepare
-from trainer.data.corpus import list_files, select, split
+from trainer.data.corpus import Corpus
 from trainer.data.shards import token_dtype
 from trainer.errors import DataError
 
 
 def data_cfg(source, cache, **kw) -> DataConfig:
+    kw.setdefault("val_fraction", 0.2)
     return DataConfig(source=str(source), cache_dir=str(cache), seq_len=16,
-                      tokenizer={"vocab_size": kw.pop("vocab_size", 300)}, **kw)
+                      tokenizer={"vocab_size": kw.pop("vocab_size", 300), "kind": kw.pop("kind", "bpe")}, **kw)
 
 
-def test_stdlib_corpus_split_is_deterministic_disjoint_and_capped():
-    files = select(list_files("stdlib"), 2_000_000)
-    assert 1_000_000 < sum(f.size for f in files) <= 2_000_000
-    assert all(f.name.endswith(".py") and not f.name.startswith(("encodings/", "site-packages/")) for f in files)
-    a, b = split(files, 0.1), split(list(reversed(files)), 0.1)
-    assert {f.name for f in a["val"]} == {f.name for f in b["val"]}
-    assert not {f.name for f in a["train"]} & {f.name for f in a["val"]}
-    assert len(a["train"]) + len(a["val"]) == len(files)
+def test_stdlib_corpus_is_capped_split_by_name_and_deterministic(tmp_path):
+    cfg = DataConfig(source="stdlib", max_bytes=2_000_000, val_fraction=0.1)
+    docs = list(Corpus(cfg).documents())
+    size = sum(len(t.encode()) for _, t in docs)
+    assert 1_000_000 < size <= 2_000_000
+    assert all(n.endswith(".py") and not n.startswith(("encodings/", "site-packages/")) for n, _ in docs)
+    assert docs == list(Corpus(cfg).documents())
+    train, val = list(Corpus(cfg).texts("train")), list(Corpus(cfg).texts("val"))
+    assert len(train) + len(val) == len(docs) and val and train
+    # A capped corpus still splits in proportion (selection and split use separate hashes).
+    assert 0.02 < sum(map(len, val)) / sum(len(t) for _, t in docs) < 0.3
 
 
 def test_token_dtype_selection():
@@ -45,7 +49,7 @@ def test_shards_round_trip_to_text_and_cache(tiny_corpus, tmp_path):
     docs = tok.decode(tokens.tolist(), skip_special_tokens=False).split("<|endoftext|>")
     texts = sorted(p.read_text() for p in tiny_corpus.iterdir())
     assert all(d in texts for d in docs if d)  # every packed document decodes to a source file
-    assert tokens[-1] == eos
+    assert tokens[-1] == eos and not prep.meta.get("val_from_train_tail")
 
     # Second prepare: a cache hit (the same directory, untouched).
     stamp = (prep.dir / "meta.json").stat().st_mtime_ns
@@ -65,10 +69,34 @@ def test_no_partial_dataset_left_when_prepare_fails(tiny_corpus, tmp_path, monke
     def boom(*a, **k):
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(shards, "_write_split", boom)
+    monkeypatch.setattr(shards, "encode_to_file", boom)
     with pytest.raises(RuntimeError):
         prepare(data_cfg(tiny_corpus, tmp_path / "cache"), log=lambda _: None)
     assert list((tmp_path / "cache" / "datasets").iterdir()) == []
+
+
+def test_killed_prepare_leaves_nothing_that_looks_complete(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, cli_env
+
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "trainer", "data", "prepare", str(REPO / "configs/gpt/debug.yaml"),
+           "--set", "data.max_bytes=null"]
+    proc = subprocess.Popen(cmd, env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    datasets = cache / "datasets"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (datasets.is_dir() and any(datasets.iterdir())):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside tokenizer training / encoding of the 20+ MB corpus
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    entries = list(datasets.iterdir())
+    assert entries and all(e.name.startswith(".") for e in entries)  # only a staging directory
+    assert not any((e / "meta.json").exists() for e in entries)
 
 
 def test_bad_sources_are_one_line_data_errors(tmp_path):
@@ -133,9 +161,98 @@ def test_epochs_are_reshuffled_and_resume_is_a_pure_function_of_step():
     assert np.array_equal(fresh.micro_batch(3, 0, 0), s.micro_batch(3, 0, 0))
 
 
-def test_size_cap_and_split_are_independent():
-    """A capped corpus still splits in proportion (selection and split use separate hashes)."""
-    files = select(list_files("stdlib"), 400_000)
-    parts = split(files, 0.1)
-    share = sum(f.size for f in parts["val"]) / sum(f.size for f in files)
-    assert 0.02 < share < 0.3
+
+def test_single_document_holds_out_the_tail_for_validation(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    prep = prepare(data_cfg(tmp_path / "one.txt", tmp_path / "cache", val_fraction=0.1), log=lambda _: None)
+    assert prep.meta["val_from_train_tail"]
+    train = np.fromfile(prep.split_path("train"), dtype=prep.dtype).tolist()
+    val = np.fromfile(prep.split_path("val"), dtype=prep.dtype).tolist()
+    assert len(val) == int(0.1 * (len(train) + len(val)))
+    assert prep.tokenizer.decode(train + val) == text  # the stream, cut in two, nothing lost
+
+
+def test_char_tokenizer_round_trips_and_maps_rare_characters_to_unk(tmp_path):
+    (tmp_path / "c").mkdir()
+    for i in range(20):
+        (tmp_path / "c" / f"{i}.txt").write_text("hello world\n" * (i + 1) + ("é" if i == 0 else ""))
+    prep = prepare(data_cfg(tmp_path / "c", tmp_path / "cache", kind="char", vocab_size=12), log=lambda _: None)
+    tok = prep.tokenizer
+    assert tok.get_vocab_size() == 12  # 3 specials + the 9 characters of "hello world\n"
+    enc = tok.encode("hello\nworld")
+    assert len(enc.ids) == 11 and tok.decode(enc.ids) == "hello\nworld"
+    assert tok.encode("é").ids == [tok.token_to_id("<|unk|>")]
+
+
+def test_existing_tokenizer_is_used_and_large_vocab_gets_uint32(tiny_corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|unk|>": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    words = sorted({w for p in tiny_corpus.iterdir() for w in p.read_text().split()})
+    vocab.update({w: 70_002 + i for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "hf-tok"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = data_cfg(tiny_corpus, tmp_path / "cache")
+    cfg.tokenizer.path = str(folder)
+    prep = prepare(cfg, log=lambda _: None)
+    assert prep.meta["dtype"] == "uint32" and prep.vocab_size == len(vocab)
+    ids = np.fromfile(prep.split_path("train"), dtype=np.uint32)
+    assert ids.max() >= 70_002  # ids above 65535 survive the round trip
+    first_doc = ids[: list(ids).index(0)].tolist()
+    assert prep.tokenizer.decode(first_doc).split() == Corpus(cfg).texts("train").__next__().split()
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_jsonl_and_parquet_read_directly_and_through_datasets_agree(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"document number {i} says {'ab' * i}", "id": i} for i in range(30)]
+    _write_jsonl(tmp_path / "d.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    texts = [r["text"] for r in rows]
+    for source, extra in [
+        (str(tmp_path / "d.jsonl"), {}),
+        (str(tmp_path / "d.parquet"), {}),
+        ("hf:json", {"hf_data_files": str(tmp_path / "d.jsonl")}),
+        ("hf:parquet", {"hf_data_files": str(tmp_path / "d.parquet")}),
+        ("hf:json", {"hf_data_files": str(tmp_path / "d.jsonl"), "streaming": True}),
+    ]:
+        cfg = DataConfig(source=source, cache_dir=str(tmp_path / "cache"), **extra)
+        assert [t for _, t in Corpus(cfg).documents()] == texts, source
+    cfg = DataConfig(source="hf:json", hf_data_files=str(tmp_path / "d.jsonl"),
+                     cache_dir=str(tmp_path / "cache"), val_fraction=0.2, tokenizer={"vocab_size": 300})
+    prep = prepare(cfg, log=lambda _: None)
+    assert prep.meta["splits"]["train"]["tokens"] > 0 and prep.meta["splits"]["val"]["tokens"] > 0
+    assert prepare(cfg, log=lambda _: pytest.fail("cache miss")).dir == prep.dir
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"body": "no text here"}])
+    with pytest.raises(DataError, match=r"a.jsonl:2: no 'text' field \(set data.text_field\)"):
+        list(Corpus(DataConfig(source=str(tmp_path / "a.jsonl"))).documents())
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2: not valid JSON"):
+        list(Corpus(DataConfig(source=str(tmp_path / "b.jsonl"))).documents())
+    with pytest.raises(DataError, match="no 'content' column"):
+        list(Corpus(DataConfig(source="hf:json", hf_data_files=str(tmp_path / "a.jsonl"),
+                               text_field="content")).documents())
+
+
+def test_invalid_utf8_policy(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\n")
+    ok = [t for _, t in Corpus(DataConfig(source=str(tmp_path / "bad.txt"))).documents()]
+    assert ok == ["caf\ufffd au lait\n"]
+    with pytest.raises(DataError, match=r"bad.txt: invalid UTF-8 at byte 3 \(set data.invalid_utf8=replace"):
+        list(Corpus(DataConfig(source=str(tmp_path / "bad.txt"), invalid_utf8="fail")).documents())
+    cfg = data_cfg(tmp_path / "bad.txt", tmp_path / "cache", invalid_utf8="fail")
+    with pytest.raises(DataError):
+        prepare(cfg, log=lambda _: None)
+    assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == []  # nothing half-written

@@ -10,19 +10,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from trainer.config import DataConfig
-from trainer.data import corpus
-from trainer.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_bpe
+from trainer.data.corpus import Corpus
+from trainer.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+from trainer.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENCODE_BATCH = 256  # documents per encode_batch call (tokenizers spreads them over threads)
 
 
 @dataclass
@@ -53,50 +58,69 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _dataset_key(cfg: DataConfig, files: list[corpus.CorpusFile]) -> str:
+def _tokenizer_spec(cfg: DataConfig) -> str:
     tok = cfg.tokenizer
-    tok_spec = (
-        f"file:{tokenizer_hash(load_tokenizer(tok.path))}" if tok.path else f"{tok.kind}:{tok.vocab_size}"
-    )
-    spec = f"v{FORMAT_VERSION}|{cfg.source}|{cfg.max_bytes}|{cfg.val_fraction}|{tok_spec}"
-    return corpus.fingerprint(files, spec)
+    if tok.path:
+        return f"file:{tokenizer_hash(load_tokenizer(tok.path))}"
+    return f"{tok.kind}:{tok.vocab_size}"
 
 
-def _write_split(tok: Tokenizer, files: list[corpus.CorpusFile], path: Path, dtype: np.dtype) -> int:
-    """Tokenize documents in batches (Rust threads in ``encode_batch``), EOS after each."""
+def encode_to_file(tok: Tokenizer, texts: Iterable[str], path: Path, dtype: np.dtype) -> tuple[int, int]:
+    """Append each document's ids and an EOS to ``path``; returns (tokens, bytes read).
+
+    ``encode_batch`` runs on all cores in tokenizers' Rust thread pool: parallel without the
+    pickling and start-up cost of worker processes.
+    """
     eos = tok.token_to_id(EOS)
-    n = 0
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use: ~15 % faster.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    n_tokens = n_bytes = 0
     batch: list[str] = []
-    with open(path, "wb") as out:
+    bar = tqdm(unit="B", unit_scale=True, desc=f"tokenize {path.stem}", disable=None,
+               file=sys.stderr, leave=False)
+    with open(path, "wb") as out, bar:
 
-        def flush() -> int:
-            encs = tok.encode_batch(batch, add_special_tokens=False)
-            ids = np.fromiter(
-                (i for e in encs for i in (*e.ids, eos)), dtype=dtype, count=sum(len(e.ids) + 1 for e in encs)
-            )
+        def flush() -> None:
+            nonlocal n_tokens, n_bytes
+            encs = encode(batch, add_special_tokens=False)
+            ids = np.concatenate([np.array([*e.ids, eos], dtype=dtype) for e in encs])
             ids.tofile(out)
+            count = len(ids)
+            size = sum(len(t.encode("utf-8", errors="replace")) for t in batch)
+            n_tokens, n_bytes = n_tokens + count, n_bytes + size
+            bar.update(size)
             batch.clear()
-            return len(ids)
 
-        for text in corpus.read_texts(files):
+        for text in texts:
             batch.append(text)
-            if len(batch) >= 64:
-                n += flush()
+            if len(batch) >= ENCODE_BATCH:
+                flush()
         if batch:
-            n += flush()
-    return n
+            flush()
+    return n_tokens, n_bytes
 
 
-def prepare(cfg: DataConfig, log=print) -> PreparedData:
+def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> dict:
+    tokens = np.fromfile(d / "train.bin", dtype=dtype)
+    n_val = max(1, int(len(tokens) * fraction))
+    tokens[-n_val:].tofile(d / "val.bin")
+    tokens[:-n_val].tofile(d / "train.bin")
+    val_bytes = int(train["bytes"] * n_val / len(tokens))
+    return {
+        "train": {"bytes": train["bytes"] - val_bytes, "tokens": len(tokens) - n_val},
+        "val": {"bytes": val_bytes, "tokens": n_val},
+    }
+
+
+def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData:
     """Return the prepared dataset for ``cfg``, building it if no complete cache exists."""
-    files = corpus.select(corpus.list_files(cfg.source), cfg.max_bytes)
-    key = _dataset_key(cfg, files)
+    corpus = Corpus(cfg)
+    key = corpus.fingerprint(f"v{FORMAT_VERSION}|{_tokenizer_spec(cfg)}")
     root = cfg.resolved_cache_dir() / "datasets"
     final = root / key[:20]
     if (final / "meta.json").is_file():
         return PreparedData(final, json.loads((final / "meta.json").read_text()))
 
-    splits = corpus.split(files, cfg.val_fraction)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
     try:
@@ -104,8 +128,8 @@ def prepare(cfg: DataConfig, log=print) -> PreparedData:
         if cfg.tokenizer.path:
             tok = load_tokenizer(cfg.tokenizer.path)
         else:
-            log(f"training a {cfg.tokenizer.vocab_size}-token byte-level BPE on {len(splits['train'])} files")
-            tok = train_bpe(corpus.read_texts(splits["train"]), cfg.tokenizer.vocab_size)
+            log(f"training a {cfg.tokenizer.vocab_size}-token {cfg.tokenizer.kind} tokenizer on {cfg.source}")
+            tok = train_tokenizer(cfg.tokenizer.kind, corpus.texts("train"), cfg.tokenizer.vocab_size)
         t_tok = time.perf_counter() - t0
         tok.save(str(tmp / "tokenizer.json"))
         dtype = token_dtype(tok.get_vocab_size())
@@ -120,15 +144,20 @@ def prepare(cfg: DataConfig, log=print) -> PreparedData:
             "splits": {},
         }
         t1 = time.perf_counter()
-        for name, split_files in splits.items():
-            n = _write_split(tok, split_files, tmp / f"{name}.bin", dtype)
-            meta["splits"][name] = {
-                "documents": len(split_files),
-                "bytes": sum(f.size for f in split_files),
-                "tokens": n,
-            }
+        for split in ("train", "val"):
+            n_tokens, n_bytes = encode_to_file(tok, corpus.texts(split), tmp / f"{split}.bin", dtype)
+            meta["splits"][split] = {"bytes": n_bytes, "tokens": n_tokens}
+        if meta["splits"]["train"]["tokens"] == 0:
+            raise DataError(f"data.source={cfg.source!r}: no training text (every document went to validation)")
+        if meta["splits"]["val"]["tokens"] == 0:
+            # Too few documents for a document-level split (e.g. one big text file): hold out
+            # the tail of the training stream instead, as nanoGPT does for Shakespeare.
+            meta["splits"] = _hold_out_tail(tmp, dtype, cfg.val_fraction, meta["splits"]["train"])
+            meta["val_from_train_tail"] = True
         t_enc = time.perf_counter() - t1
+        total_bytes = sum(s["bytes"] for s in meta["splits"].values())
         meta["seconds"] = {"tokenizer": round(t_tok, 3), "encode": round(t_enc, 3)}
+        meta["encode_mb_per_s"] = round(total_bytes / 1e6 / max(t_enc, 1e-9), 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.rename(tmp, final)
@@ -136,10 +165,10 @@ def prepare(cfg: DataConfig, log=print) -> PreparedData:
             # Another process (another node on a shared disk) finished first: keep its copy.
             if not (final / "meta.json").is_file():
                 raise
-        total = sum(s["bytes"] for s in meta["splits"].values())
+        n_tokens = sum(s["tokens"] for s in meta["splits"].values())
         log(
-            f"prepared {total / 1e6:.1f} MB -> {sum(s['tokens'] for s in meta['splits'].values()):,} "
-            f"tokens in {t_tok + t_enc:.1f}s ({final})"
+            f"prepared {total_bytes / 1e6:.1f} MB -> {n_tokens:,} tokens ({dtype.name}); tokenizer "
+            f"{t_tok:.1f}s, encoding {t_enc:.1f}s = {meta['encode_mb_per_s']} MB/s ({final})"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,9 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from collections import Counter
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from trainer.errors import DataError
 
@@ -14,6 +16,8 @@ EOS = "<|endoftext|>"
 """Separates packed documents; also the BOS of generation prompts."""
 PAD = "<|pad|>"
 """Padding for batched sequence-to-sequence data."""
+UNK = "<|unk|>"
+"""Characters outside a character-level vocabulary (byte-level BPE has no unknowns)."""
 SPECIAL_TOKENS = (EOS, PAD)
 
 
@@ -30,6 +34,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def train_char(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """One token per character: the ``vocab_size - 3`` most frequent ones, the rest ``UNK``."""
+    counts: Counter[str] = Counter()
+    for t in texts:
+        counts.update(t)
+    specials = [*SPECIAL_TOKENS, UNK]
+    # Ties broken by the character itself, so the vocabulary is deterministic.
+    chars = sorted(counts, key=lambda c: (-counts[c], c))[: vocab_size - len(specials)]
+    vocab = {tok: i for i, tok in enumerate([*specials, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # concatenate characters, no separators
+    return tok
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    return train_char(texts, vocab_size) if kind == "char" else train_bpe(texts, vocab_size)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

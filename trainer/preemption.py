@@ -1,0 +1,47 @@
+"""Save and stop on SIGTERM / SIGUSR1: what Slurm (``--signal=B:USR1@T``) and torchrun send
+before a job is preempted, hits its time limit or is stopped.
+
+The handler only sets a flag. Ranks may receive the signal at different steps, so after every
+step the flag is all-reduced (MAX) and all ranks stop at the same step, as Megatron's exit
+signal handler does: one tiny collective and one host sync per step, the price of never
+losing more than one step of work.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from trainer.callbacks import Callback
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopOnSignal(Callback):
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        for s in SIGNALS:
+            signal.signal(s, self._handler)
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        flag = torch.tensor([self.received or 0], device=trainer.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())  # host sync point (see module docstring)
+        if signum:
+            trainer.stop(f"received {signal.Signals(signum).name}")
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
