@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-
-from collections import Counter
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
