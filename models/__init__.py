@@ -1,24 +1,40 @@
 """Single-device model definitions. No torch.distributed, no DeepSpeed here.
 
-``build(cfg, seed)`` maps a model config (selected by its ``family`` field) to an ``nn.Module``
-whose ``forward(**batch)`` returns the training loss when the batch carries labels.
+``build(cfg, seed)`` maps a model config (selected by its ``family`` field) to an ``nn.Module``.
+Every family's ``forward(**batch)`` returns the training loss when the batch carries labels
+(the RNN language model also returns its recurrent state, for truncated BPTT).
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
 from torch import nn
 
+from models.encdec import EncDecConfig, EncoderDecoder
 from models.gpt import GPT, GPTConfig
+from models.rnn import RNNLM, RNNLMConfig, Seq2SeqRNN, Seq2SeqRNNConfig
 
-ModelConfig = GPTConfig
-"""Union of the model configs; new families join it with their own ``family`` literal."""
+ModelConfig = Annotated[
+    GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig, Field(discriminator="family")
+]
+"""Any model config; the ``family`` field selects the member."""
+
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "gpt": (GPTConfig, GPT),
+    "encdec": (EncDecConfig, EncoderDecoder),
+    "rnn_lm": (RNNLMConfig, RNNLM),
+    "rnn_seq2seq": (Seq2SeqRNNConfig, Seq2SeqRNN),
+}
+SEQ2SEQ_FAMILIES = ("encdec", "rnn_seq2seq")
+"""Families trained on (source, target) pairs; the others are language models."""
 
 
-def build(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+def build(cfg, seed: int = 0) -> nn.Module:
     """Build the model described by ``cfg`` with deterministic, name-seeded initial weights."""
-    if cfg.family == "gpt":
-        return GPT(cfg, seed=seed)
-    raise ValueError(f"unknown model family {cfg.family!r}")
+    return FAMILIES[cfg.family][1](cfg, seed=seed)
 
 
-__all__ = ["GPT", "GPTConfig", "ModelConfig", "build"]
+__all__ = ["FAMILIES", "SEQ2SEQ_FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
+           "Seq2SeqRNNConfig", "ModelConfig", "build"]

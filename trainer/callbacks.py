@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class Callback:
     def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer) -> None: ...
     def on_step_end(self, trainer: Trainer) -> None: ...
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
@@ -65,7 +66,8 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         if "val_loss" in metrics:
-            self.bar.write(f"step {metrics['step']:>6}  val_loss {metrics['val_loss']:.4f}")
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+            self.bar.write(f"step {metrics['step']:>6}  {shown}")
             return
         gn = metrics.get("grad_norm")
         self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
@@ -86,11 +88,18 @@ class Evaluate(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.cfg.eval.every
         if every and trainer.step % every == 0 and trainer.step < trainer.cfg.train.steps:
-            trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
+            trainer.log({"step": trainer.step, **trainer.evaluate()})
 
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.stop_reason is None:  # a preempted job spends its grace time on saving
-            trainer.log({"step": trainer.step, "val_loss": trainer.evaluate()})
+            trainer.log({"step": trainer.step, **trainer.evaluate()})
+
+
+class ScheduledSampling(Callback):
+    """Sets the RNN decoder's scheduled-sampling probability ε from the step (a linear rise)."""
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        trainer.engine.module.sampling_prob = trainer.cfg.train.scheduled_sampling.eps(trainer.step)
 
 
 class Checkpoint(Callback):
@@ -102,7 +111,7 @@ class Checkpoint(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
-                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last)
+                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last, trainer.rank_state())
         self.last_saved = trainer.step
 
     def on_train_start(self, trainer: Trainer) -> None:

@@ -36,9 +36,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def rank_state_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank_state_{rank:05d}.pt"
+
+
 def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
-         keep_last: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+         keep_last: int | None = None, rank_state: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    ``client_state`` is the same on every rank (DeepSpeed stores rank 0's); ``rank_state``
+    differs per rank (e.g. carried RNN states) and goes to a file per rank.
+    """
     tag = tag_for(step)
     staging = ckpt_root / ".tmp"
     if distributed.rank() == 0:
@@ -46,6 +54,8 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         staging.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    if rank_state is not None:
+        torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
     # Every rank's shard must be on disk before rank 0 publishes the directory.
     distributed.barrier()
     final = ckpt_root / tag

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models import ModelConfig
+from models import FAMILIES, SEQ2SEQ_FAMILIES, GPTConfig, ModelConfig
 from trainer.errors import ConfigError
 
 
@@ -50,6 +50,23 @@ class DataConfig(_Section):
     """``data_files`` for ``load_dataset`` (local files for the ``json``/``parquet`` builders)."""
     streaming: bool = False
     """Stream a ``datasets`` source instead of downloading it whole (large corpora)."""
+    target_source: str | None = None
+    """Sequence-to-sequence only: a target file aligned line by line with ``source``."""
+    source_field: str = "source"
+    """Sequence-to-sequence JSONL: the field holding the source text."""
+    target_field: str = "target"
+    """Sequence-to-sequence JSONL: the field holding the target text."""
+    num_pairs: int = Field(20_000, ge=10)
+    """Sequence-to-sequence ``source: dates`` (the embedded task): pairs to generate."""
+    shared_vocab: bool = True
+    """Sequence-to-sequence: one tokenizer for both sides (else one per side)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Sequence-to-sequence: token budget of a micro-batch (padded sentences × longest side),
+    like fairseq's max_tokens; ``null``: ``train.micro_batch_size`` sentences per micro-batch.
+    Sentences are bucketed by length either way."""
+    tbptt: bool = False
+    """RNN language models: truncated BPTT over contiguous streams (each batch row reads one
+    stream; the state is carried into the next window of ``seq_len`` tokens and detached)."""
     invalid_utf8: Literal["replace", "fail"] = "replace"
     """Bytes that are not UTF-8: ``replace`` with U+FFFD, or ``fail`` naming the file."""
     max_bytes: int | None = Field(None, ge=1)
@@ -76,6 +93,21 @@ class DataConfig(_Section):
     def resolved_cache_dir(self) -> Path:
         d = self.cache_dir or os.environ.get("SEQTRAIN_CACHE") or "~/.cache/seqtrain"
         return Path(d).expanduser()
+
+
+class ScheduledSamplingConfig(_Section):
+    eps_start: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability ε of feeding the model's own previous output, at ``start_step``."""
+    eps_end: float = Field(0.0, ge=0.0, le=1.0)
+    """ε reached at ``start_step + span`` and kept after."""
+    start_step: int = Field(0, ge=0)
+    """Step where the linear rise begins (ε = eps_start before it)."""
+    span: int = Field(1000, ge=1)
+    """Steps over which ε rises linearly from eps_start to eps_end."""
+
+    def eps(self, step: int) -> float:
+        frac = min(1.0, max(0.0, (step - self.start_step) / self.span))
+        return self.eps_start + (self.eps_end - self.eps_start) * frac
 
 
 class TrainConfig(_Section):
@@ -109,6 +141,8 @@ class TrainConfig(_Section):
     """Log metrics every this many steps (the only host sync point of the loop)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+    scheduled_sampling: ScheduledSamplingConfig = ScheduledSamplingConfig()
+    """RNN sequence-to-sequence: feed the model's own predictions with a rising probability."""
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
@@ -140,6 +174,15 @@ class EvalConfig(_Section):
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     batches: int = Field(8, ge=1)
     """Micro-batches per rank in one evaluation (a fixed, unshuffled slice of validation)."""
+    decode_samples: int = Field(200, ge=0)
+    """Sequence-to-sequence: validation pairs decoded at each evaluation for exact match, BLEU
+    and chrF (sacrebleu); 0 turns decoding off."""
+    beam: int = Field(1, ge=1)
+    """Beam size for those decodes (1: greedy)."""
+    length_penalty: float = Field(1.0, ge=0.0)
+    """Beam search score = log p / length^length_penalty."""
+    bleu_tokenize: str = "13a"
+    """sacrebleu tokenizer for BLEU (``13a``, ``char``, ``intl``, ...)."""
 
 
 class TrackingConfig(_Section):
@@ -157,8 +200,8 @@ class Config(_Section):
 
     name: str = "run"
     """Run name: the default run directory is ``runs/<name>``."""
-    model: ModelConfig = ModelConfig()
-    """Model family and shape."""
+    model: ModelConfig = Field(default_factory=GPTConfig)
+    """Model family (``gpt``, ``encdec``, ``rnn_lm``, ``rnn_seq2seq``) and shape."""
     data: DataConfig = DataConfig()
     """Corpus, tokenizer and windows."""
     train: TrainConfig = TrainConfig()
@@ -172,12 +215,30 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracking."""
 
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.model.family in SEQ2SEQ_FAMILIES
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.data.seq_len > self.model.max_seq_len:
+        fam = self.model.family
+        max_len = getattr(self.model, "max_seq_len", None)
+        if max_len is not None and self.data.seq_len > max_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={max_len}")
+        if self.data.tbptt and fam != "rnn_lm":
+            raise ValueError(f"data.tbptt is for model.family=rnn_lm, not {fam}")
+        ss = self.train.scheduled_sampling
+        if (ss.eps_start or ss.eps_end) and fam != "rnn_seq2seq":
+            raise ValueError(f"train.scheduled_sampling is for model.family=rnn_seq2seq, not {fam}")
+        if self.data.target_source and fam not in SEQ2SEQ_FAMILIES:
+            raise ValueError(f"data.target_source is for sequence-to-sequence families, not {fam}")
+        if fam in SEQ2SEQ_FAMILIES and self.data.source == "stdlib":
             raise ValueError(
-                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+                f"model.family={fam} needs (source, target) pairs: set data.source to 'dates' (the "
+                "embedded task), a .tsv or .jsonl file, or a source file with data.target_source"
             )
+        if getattr(self.model, "share_embeddings", False) and not self.data.shared_vocab:
+            raise ValueError("model.share_embeddings needs data.shared_vocab=true")
         return self
 
     def resolve(self, world_size: int) -> Config:
@@ -247,6 +308,11 @@ def _fields_at(loc: tuple) -> list[str]:
     """Valid key names of the section at ``loc`` (for 'did you mean')."""
     model: type[BaseModel] = Config
     for part in loc:
+        if part in FAMILIES:  # the model union's member, selected by its tag
+            model = FAMILIES[part][0]
+            continue
+        if model is Config and part == "model":
+            continue  # a union: the family tag that follows picks the member
         ann = model.model_fields.get(str(part))
         if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
             return []
@@ -256,7 +322,16 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def _describe(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
+    if len(loc) > 1 and loc[0] == "model" and loc[1] in FAMILIES:
+        valid = _fields_at(loc[:-1]) if err["type"] == "extra_forbidden" else []
+        loc = (loc[0], *loc[2:])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean 'model.{close[0]}'?" if close else ""
+            return f"unknown key '{'.'.join(map(str, loc))}'{hint} (valid: {', '.join(valid)})"
     dotted = ".".join(str(p) for p in loc)
+    if err["type"] == "union_tag_invalid":
+        return f"model.family = {err['ctx']['tag']!r}: expected one of {', '.join(FAMILIES)}"
     if err["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -291,6 +366,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         tree = loaded or {}
     for o in overrides:
         apply_override(tree, o)
+    if isinstance(tree.get("model"), dict):
+        tree["model"].setdefault("family", "gpt")
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -2,6 +2,10 @@
 
 The loop itself never reads a value back from the device except at the logging cadence
 (``train.log_every``): that is the only host sync point, so steps run back to back.
+
+``batches`` objects (``trainer/data``) give ``micro_batch(step, micro, rank)``,
+``eval_batches(rank, dp, n)`` and ``epoch_of(step)``; stateful ones (truncated BPTT) also take
+the model's output back (``after_forward``) and save per-rank state with each checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ import torch
 
 from trainer.callbacks import Callback
 from trainer.config import Config
-from trainer.data import BatchSchedule, WindowDataset
 from trainer.parallel import ParallelDims
+
+
+def _loss(out) -> torch.Tensor:
+    """Models return the loss, or (loss, recurrent state) for RNN language models."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 class Trainer:
@@ -26,22 +34,21 @@ class Trainer:
         engine,
         scheduler,
         dims: ParallelDims,
-        train_data: WindowDataset,
-        val_data: WindowDataset,
+        train_batches,
+        val_batches,
         device: torch.device,
         flops_per_token: float,
         peak_flops: float,
         callbacks: list[Callback],
     ) -> None:
         self.cfg, self.engine, self.scheduler, self.dims = cfg, engine, scheduler, dims
-        self.train_data, self.val_data, self.device = train_data, val_data, device
-        t = cfg.train
-        self.schedule = BatchSchedule(len(train_data), t.micro_batch_size, t.grad_accum, dims.dp, t.seed)
+        self.train_batches, self.val_batches, self.device = train_batches, val_batches, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.callbacks = callbacks
         self.step = 0
+        self.tokens_seen = 0
         self.stop_reason: str | None = None
-        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.extra_eval: list = []  # functions (trainer) -> dict of metrics, run at each evaluation
 
     @property
     def is_rank0(self) -> bool:
@@ -53,7 +60,7 @@ class Trainer:
         """What DeepSpeed does not save itself: position in the data and RNG states."""
         return {
             "step": self.step,
-            "samples_consumed": self.step * self.schedule.global_batch,
+            "tokens_seen": self.tokens_seen,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -64,6 +71,7 @@ class Trainer:
 
     def load_client_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -71,37 +79,57 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def rank_state(self) -> dict[str, Any] | None:
+        """State that differs per rank (carried recurrent states), saved in a file per rank."""
+        fn = getattr(self.train_batches, "state_dict", None)
+        return fn() if fn else None
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self.train_batches.load_state_dict(state)
+
     # ---------------------------------------------------------------- steps
 
-    def _batch(self, data: WindowDataset, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in data.batch(indices).items()}
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on device)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, target tokens), on device."""
         loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device, dtype=torch.long)
+        after = getattr(self.train_batches, "after_forward", None)
         for micro in range(self.cfg.train.grad_accum):
-            batch = self._batch(self.train_data, self.schedule.micro_batch(self.step, micro, self.dims.dp_rank))
-            loss = self.engine(**batch)
+            batch = self._to_device(self.train_batches.micro_batch(self.step, micro, self.dims.dp_rank))
+            out = self.engine(**batch)
+            if after is not None:
+                after(micro, out)
+            loss = _loss(out)
             # DeepSpeed scales by 1/grad_accum, skips the gradient all-reduce until the last
             # micro-step, and only runs the optimizer at the accumulation boundary.
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach()
-        return loss_sum / self.cfg.train.grad_accum
+            tokens += (batch["labels"] != -100).sum()
+        return loss_sum / self.cfg.train.grad_accum, tokens
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over a fixed slice of validation windows, sharded across dp ranks."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over a fixed slice of validation batches, sharded across dp ranks, plus any
+        extra evaluations (decoding metrics of sequence-to-sequence models)."""
         self.engine.eval()
-        mb, n = self.cfg.train.micro_batch_size, len(self.val_data)
         total = torch.zeros((), device=self.device)
-        for b in range(self.cfg.eval.batches):
-            first = (b * self.dims.dp + self.dims.dp_rank) * mb
-            idx = np.arange(first, first + mb) % n
-            total += self.engine(**self._batch(self.val_data, idx)).float()
-        self.engine.train()
+        after = getattr(self.val_batches, "after_eval_forward", None)
+        n = self.cfg.eval.batches
+        for batch in self.val_batches.eval_batches(self.dims.dp_rank, self.dims.dp, n):
+            out = self.engine(**self._to_device(batch))
+            if after is not None:
+                after(out)
+            total += _loss(out).float()
         # Collective + host sync: every rank evaluates the same number of batches.
-        return float(self.dims.dp_mean(total / self.cfg.eval.batches))
+        metrics = {"val_loss": float(self.dims.dp_mean(total / n))}
+        for fn in self.extra_eval:
+            metrics.update(fn(self))
+        self.engine.train()
+        return metrics
 
     def stop(self, reason: str) -> None:
         """Finish after the current step (callbacks' end hooks still run: a checkpoint is saved)."""
@@ -115,17 +143,22 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         steps, every = self.cfg.train.steps, self.cfg.train.log_every
-        t_last, step_last = time.perf_counter(), self.step
+        t_last, tokens_window = time.perf_counter(), torch.zeros((), device=self.device, dtype=torch.long)
         while self.step < steps and self.stop_reason is None:
+            for cb in self.callbacks:
+                cb.on_step_start(self)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps after)
-            loss = self.train_step()
+            loss, tokens = self.train_step()
+            tokens_window += tokens
             self.step += 1
             if self.step % every == 0 or self.step == steps:
-                # Host sync point: the all-reduce and .item() wait for the step to finish.
+                # Host sync point: the all-reduces and .item() wait for the step to finish.
                 mean_loss = float(self.dims.dp_mean(loss))
+                n_tokens = int(round(float(self.dims.dp_mean(tokens_window.float())) * self.dims.dp))
+                self.tokens_seen += n_tokens
                 now = time.perf_counter()
-                tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
-                t_last, step_last = now, self.step
+                tok_s = n_tokens / (now - t_last)
+                t_last, tokens_window = now, torch.zeros_like(tokens_window)
                 gn = self.engine.get_global_grad_norm()
                 self.log({
                     "step": self.step,
@@ -134,8 +167,8 @@ class Trainer:
                     "grad_norm": None if gn is None else float(gn),
                     "tokens_per_s": tok_s,
                     "mfu": tok_s / self.dims.world_size * self.flops_per_token / self.peak_flops,
-                    "tokens": self.step * self.tokens_per_step,
-                    "epoch": self.schedule.epoch_of(self.step),
+                    "tokens": self.tokens_seen,
+                    "epoch": self.train_batches.epoch_of(self.step),
                 })
             for cb in self.callbacks:
                 cb.on_step_end(self)

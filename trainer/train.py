@@ -7,15 +7,18 @@ name-seeded weights; hand it to DeepSpeed last.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import models
 from trainer import checkpoint, distributed
-from trainer.callbacks import Checkpoint, Evaluate, MetricsFile, ProgressBar
+from trainer.callbacks import Checkpoint, Evaluate, MetricsFile, ProgressBar, ScheduledSampling
 from trainer.config import Config
 from trainer.data import WindowDataset, prepare
+from trainer.data.sampler import LMBatches, StreamBatches
 from trainer.errors import DataError
 from trainer.faults import FaultInjection
 from trainer.flops import peak_flops
@@ -29,6 +32,104 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _on_local_rank0_first(fn):
+    """Run ``fn`` on local rank 0 (which builds caches), then on the others (cache hits)."""
+    if distributed.local_rank() == 0:
+        out = fn(_say)
+    distributed.barrier()
+    if distributed.local_rank() != 0:
+        out = fn(lambda _: None)
+    return out
+
+
+def set_vocab(cfg: Config, sizes: dict[str, int], where: Path) -> None:
+    """Fill ``null`` vocabulary sizes from the tokenizers; refuse ones too small for them."""
+    keys = {"vocab_size": "src"} if not cfg.is_seq2seq else {"src_vocab_size": "src", "tgt_vocab_size": "tgt"}
+    for key, side in keys.items():
+        have, need = getattr(cfg.model, key), sizes[side]
+        if have is None:
+            setattr(cfg.model, key, need)
+        elif have < need:
+            raise DataError(
+                f"tokenizer at {where} has {need} tokens but model.{key}={have}; "
+                f"raise model.{key} or set it to null"
+            )
+
+
+def _lm_data(cfg: Config, dims: ParallelDims):
+    data = _on_local_rank0_first(lambda log: prepare(cfg.data, log=log))
+    set_vocab(cfg, {"src": data.vocab_size}, data.dir)
+    seq = cfg.data.seq_len
+    train = WindowDataset(data.split_path("train"), data.dtype, seq)
+    val = WindowDataset(data.split_path("val"), data.dtype, seq)
+    t = cfg.train
+    rows = t.micro_batch_size * (t.grad_accum if cfg.data.tbptt else 1) * dims.dp
+    for split, ds, need in (("train", train, (seq + 1) * rows), ("val", val, (seq + 1) * t.micro_batch_size * dims.dp)):
+        if len(ds.tokens) < (need if cfg.data.tbptt else seq + 1):
+            raise DataError(
+                f"{split} split of {cfg.data.source!r} has {len(ds.tokens)} tokens, fewer than one "
+                f"window of data.seq_len={seq}{' per stream' if cfg.data.tbptt else ''}; use more "
+                "data or a shorter seq_len"
+            )
+    if cfg.data.tbptt:
+        b = StreamBatches(train, val, t.micro_batch_size, t.grad_accum, dims.dp)
+        return b, b, [data.dir / "tokenizer.json"]
+    return (LMBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed),
+            LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed), [data.dir / "tokenizer.json"])
+
+
+def _seq2seq_data(cfg: Config, dims: ParallelDims, trainer_hooks: list):
+    from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
+
+    t = cfg.train
+    prep = _on_local_rank0_first(lambda log: prepare_pairs(cfg.data, t.seed, log=log))
+    set_vocab(cfg, prep.meta["vocab_size"], prep.dir)
+    cfg.model.pad_id = prep.meta["pad_id"]
+    eos = prep.meta["eos_id"]
+    train_split, val_split = prep.split("train"), prep.split("val")
+    buckets, dropped = make_buckets(train_split, cfg.data.seq_len, t.micro_batch_size, cfg.data.max_tokens, t.seed)
+    if dropped:
+        _say(f"skipped {dropped} training pairs longer than data.seq_len={cfg.data.seq_len}")
+    val_buckets, _ = make_buckets(val_split, cfg.data.seq_len, t.micro_batch_size, cfg.data.max_tokens, t.seed)
+    # BOS of the decoder is the EOS token (as GPT-2 does): no extra symbol to learn.
+    train_b = PairBatches(train_split, buckets, t.grad_accum, dims.dp, cfg.model.pad_id, eos, eos, t.seed)
+    val_b = PairBatches(val_split, val_buckets, 1, dims.dp, cfg.model.pad_id, eos, eos, t.seed, shuffle=False)
+    if cfg.eval.decode_samples:
+        trainer_hooks.append(_decode_eval(cfg, prep, val_split, eos))
+    return train_b, val_b, prep.tokenizer_files()
+
+
+def _decode_eval(cfg: Config, prep, val_split, eos: int):
+    """Greedy/beam decoding of the first ``eval.decode_samples`` validation pairs."""
+    from trainer.metrics import text_metrics
+
+    tgt_tok = prep.tokenizer("tgt")
+    n = min(cfg.eval.decode_samples, len(val_split))
+    refs = [tgt_tok.decode(val_split.tgt(i).tolist()) for i in range(n)]
+
+    def run(trainer: Trainer) -> dict[str, float]:
+        if cfg.parallel.zero_stage == 3:
+            return {}  # parameters are sharded; decode the checkpoint with `seqtrain generate`
+        dims, model = trainer.dims, trainer.engine.module
+        mine = list(range(dims.dp_rank, n, dims.dp))
+        hyps: dict[int, str] = {}
+        for k in range(0, len(mine), 64):
+            idx = mine[k: k + 64]
+            src = [torch.from_numpy(val_split.src(i).astype("int64")) for i in idx]
+            batch = torch.nn.utils.rnn.pad_sequence(src, batch_first=True, padding_value=cfg.model.pad_id)
+            outs = model.translate(batch.to(trainer.device), eos, eos, max_len=cfg.data.seq_len,
+                                   beam=cfg.eval.beam, length_penalty=cfg.eval.length_penalty)
+            hyps.update({i: tgt_tok.decode(o) for i, o in zip(idx, outs, strict=True)})
+        if dist.is_initialized() and dims.dp > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, hyps)  # collective: every rank decodes its share
+            hyps = {k: v for p in parts for k, v in p.items()}
+        return {f"val_{k}": v for k, v in text_metrics([hyps[i] for i in range(n)], refs,
+                                                        cfg.eval.bleu_tokenize).items()}
+
+    return run
+
+
 def train(cfg: Config, run_dir: Path) -> Trainer:
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())  # raises ConfigError before any rendezvous
@@ -37,32 +138,17 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
     device = distributed.device()
 
-    # Data: local rank 0 tokenizes (or finds the cache); the rest then read the finished cache.
-    if distributed.local_rank() == 0:
-        data = prepare(cfg.data, log=_say)
-    distributed.barrier()
-    if distributed.local_rank() != 0:
-        data = prepare(cfg.data, log=lambda _: None)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = data.vocab_size
-    elif cfg.model.vocab_size < data.vocab_size:
-        raise DataError(
-            f"tokenizer at {data.dir} has {data.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}; raise model.vocab_size or set it to null"
-        )
-    train_data = WindowDataset(data.split_path("train"), data.dtype, cfg.data.seq_len)
-    val_data = WindowDataset(data.split_path("val"), data.dtype, cfg.data.seq_len)
-    for split, ds in (("train", train_data), ("val", val_data)):
-        if len(ds) < 1:
-            raise DataError(
-                f"{split} split of {cfg.data.source!r} has {len(ds.tokens)} tokens, fewer than one "
-                f"window of data.seq_len={cfg.data.seq_len}; use more data or a shorter seq_len"
-            )
+    extra_eval: list = []
+    if cfg.is_seq2seq:
+        train_b, val_b, tok_files = _seq2seq_data(cfg, dims, extra_eval)
+    else:
+        train_b, val_b, tok_files = _lm_data(cfg, dims)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if dims.rank == 0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        (run_dir / "tokenizer.json").write_text((data.dir / "tokenizer.json").read_text())
+        for f in tok_files:
+            shutil.copyfile(f, run_dir / f.name)
 
     torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
     model = models.build(cfg.model, seed=cfg.train.seed).to(device)
@@ -75,6 +161,8 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     # Order matters: the signal check may stop the run at this step, then Checkpoint saves it.
     callbacks = [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
                  Checkpoint(ckpt_root)]
+    if cfg.model.family == "rnn_seq2seq":
+        callbacks.insert(0, ScheduledSampling())
     faults = FaultInjection.from_env(run_dir)
     if faults is not None:
         callbacks.insert(0, faults)  # before StopOnSignal, so a signal at step s stops at s
@@ -83,22 +171,25 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
 
         callbacks.append(MLflowTracker(run_dir))
     trainer = Trainer(
-        cfg, engine, scheduler, dims, train_data, val_data, device,
+        cfg, engine, scheduler, dims, train_b, val_b, device,
         flops_per_token, peak_flops(device, cfg.train.precision, cfg.train.peak_tflops), callbacks,
     )
+    trainer.extra_eval = extra_eval
 
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
         _, client_state = engine.load_checkpoint(str(ckpt_root), tag=resume_from.name)
         trainer.load_client_state(client_state)
+        rank_file = checkpoint.rank_state_file(resume_from, dims.rank)
+        if rank_file.is_file():
+            trainer.load_rank_state(torch.load(rank_file, weights_only=False))
         _say(f"resumed from {resume_from} at step {trainer.step}")
 
     n = model.num_params()
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "
-        f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, "
-        f"{len(train_data):,} train windows, device {device}"
+        f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, device {device}"
     )
     trainer.fit()
     if trainer.stop_reason:

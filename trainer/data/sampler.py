@@ -72,3 +72,96 @@ class BatchSchedule:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n
+
+
+class LMBatches:
+    """Language-model micro-batches: shuffled windows (``BatchSchedule``) for training,
+    a fixed unshuffled slice for evaluation."""
+
+    def __init__(self, data: WindowDataset, micro: int, accum: int, dp: int, seed: int) -> None:
+        self.data, self.micro = data, micro
+        self.schedule = BatchSchedule(len(data), micro, accum, dp, seed)
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
+        return self.data.batch(self.schedule.micro_batch(step, micro, rank))
+
+    def eval_batches(self, rank: int, dp: int, n: int):
+        for b in range(n):
+            first = (b * dp + rank) * self.micro
+            yield self.data.batch(np.arange(first, first + self.micro) % len(self.data))
+
+    def epoch_of(self, step: int) -> float:
+        return self.schedule.epoch_of(step)
+
+
+class StreamBatches:
+    """Truncated BPTT: every batch row reads one contiguous stream, window after window.
+
+    The train tokens are cut into ``micro × accum × dp`` equal streams (one per global row);
+    step ``s`` reads window ``s mod W`` of every stream. Micro-step ``m`` of rank ``r`` owns the
+    same rows at every step, so the recurrent state it returns is carried into its next
+    window (detached: gradients stop at the window edge) and reset when an epoch starts over.
+    Evaluation reads the validation stream the same way, carrying state across its windows.
+    """
+
+    def __init__(self, train: WindowDataset, val: WindowDataset, micro: int, accum: int, dp: int) -> None:
+        self.train, self.val = train, val
+        self.micro, self.dp, self.rows = micro, dp, micro * accum * dp
+        self.seq_len = train.seq_len
+        self.stream_len = len(train.tokens) // self.rows
+        self.windows = (self.stream_len - 1) // self.seq_len
+        if self.windows < 1:
+            raise ValueError("train split too short for one window per stream")
+        self.states: dict[int, object] = {}
+        self._eval_state: object = None
+
+    @staticmethod
+    def _read(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, torch.Tensor]:
+        rows = np.stack([tokens[s: s + seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
+        w = step % self.windows
+        if w == 0:
+            self.states.pop(micro, None)  # a new pass over the streams starts from zero state
+        first_row = (micro * self.dp + rank) * self.micro
+        starts = (np.arange(first_row, first_row + self.micro) * self.stream_len) + w * self.seq_len
+        batch = self._read(self.train.tokens, starts, self.seq_len)
+        batch["state"] = self.states.get(micro)
+        return batch
+
+    def after_forward(self, micro: int, out) -> None:
+        from models.rnn import detach_state
+
+        self.states[micro] = detach_state(out[1])
+
+    def eval_batches(self, rank: int, dp: int, n: int):
+        val_rows = self.micro * dp
+        stream = len(self.val.tokens) // val_rows
+        windows = max(1, (stream - 1) // self.seq_len)
+        first_row = rank * self.micro
+        self._eval_state = None
+        for b in range(n):
+            w = b % windows
+            if w == 0:
+                self._eval_state = None
+            starts = np.arange(first_row, first_row + self.micro) * stream + w * self.seq_len
+            batch = self._read(self.val.tokens, starts, self.seq_len)
+            batch["state"] = self._eval_state
+            yield batch
+
+    def after_eval_forward(self, out) -> None:
+        from models.rnn import detach_state
+
+        self._eval_state = detach_state(out[1])
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.windows
+
+    def state_dict(self) -> dict:
+        """This rank's carried states (saved per rank with each checkpoint)."""
+        return {"states": self.states}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = state["states"]

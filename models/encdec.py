@@ -1,0 +1,243 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017) on ``scaled_dot_product_attention``.
+
+Sinusoidal positions, padding masks on self- and cross-attention, optional shared source/target
+embeddings, pre- or post-LayerNorm, label smoothing. Single-device code.
+
+Batch contract: ``src_ids`` (B, S), ``tgt_in`` (B, T) = BOS + target, ``labels`` (B, T) =
+target + EOS with -100 at padding; padding id ``pad_id`` in ``src_ids`` and ``tgt_in``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from models.decoding import beam_search, greedy
+from models.init import seeded_normal_
+
+
+class EncDecConfig(BaseModel):
+    """Shape of an encoder-decoder Transformer."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    family: Literal["encdec"] = "encdec"
+    """Model family."""
+    n_enc_layers: int = Field(3, ge=1)
+    """Encoder layers."""
+    n_dec_layers: int = Field(3, ge=1)
+    """Decoder layers."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads; must divide ``d_model``."""
+    d_model: int = Field(128, ge=1)
+    """Hidden size."""
+    d_ff: int | None = Field(None, ge=1)
+    """Feed-forward inner size; ``null`` means ``4 * d_model``."""
+    max_seq_len: int = Field(256, ge=1)
+    """Longest source or target sequence (sinusoidal table size)."""
+    src_vocab_size: int | None = Field(None, ge=2)
+    """Source vocabulary; ``null`` takes the source tokenizer's size."""
+    tgt_vocab_size: int | None = Field(None, ge=2)
+    """Target vocabulary; ``null`` takes the target tokenizer's size."""
+    share_embeddings: bool = False
+    """One embedding table for source, target and output (needs one shared vocabulary)."""
+    tie_output: bool = True
+    """Output projection shares the target embedding."""
+    norm: Literal["pre", "post"] = "pre"
+    """LayerNorm before each sublayer (stable) or after the residual (the 2017 paper)."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    """Label smoothing of the training loss (0.1 in the paper)."""
+    pad_id: int = Field(1, ge=0)
+    """Padding token id (the data pipeline's ``<|pad|>``)."""
+    init_std: float = Field(0.02, gt=0)
+    """Std of the normal init of weights."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EncDecConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.share_embeddings and None not in (self.src_vocab_size, self.tgt_vocab_size) \
+                and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError("model.share_embeddings needs src_vocab_size == tgt_vocab_size")
+        return self
+
+    @property
+    def ff_size(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(n, d)
+    pe[:, 0::2] = torch.sin(pos * inv)
+    pe[:, 1::2] = torch.cos(pos * inv[: d // 2])
+    return pe
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``mask`` is a boolean (B or 1, 1, Tq, Tk) keep-mask or None."""
+
+    def __init__(self, d: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+        b, tq, d = x.shape
+        hd = d // self.n_head
+        q = self.q_proj(x).view(b, tq, -1, hd).transpose(1, 2)
+        k = self.k_proj(mem).view(b, mem.shape[1], -1, hd).transpose(1, 2)
+        v = self.v_proj(mem).view(b, mem.shape[1], -1, hd).transpose(1, 2)
+        if causal:
+            keep = torch.ones(tq, mem.shape[1], dtype=torch.bool, device=x.device).tril()
+            mask = keep if mask is None else mask & keep
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(b, tq, -1))
+
+
+class Sublayer(nn.Module):
+    """Residual + LayerNorm around a sublayer, pre- or post-norm."""
+
+    def __init__(self, d: int, pre: bool, dropout: float) -> None:
+        super().__init__()
+        self.norm, self.pre, self.drop = nn.LayerNorm(d), pre, nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if self.pre:
+            return x + self.drop(fn(self.norm(x)))
+        return self.norm(x + self.drop(fn(x)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(d, ff), nn.Linear(ff, d), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: EncDecConfig) -> None:
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = Attention(c.d_model, c.n_head, c.dropout)
+        self.ff = FeedForward(c.d_model, c.ff_size, c.dropout)
+        self.sub1, self.sub2 = Sublayer(c.d_model, pre, c.dropout), Sublayer(c.d_model, pre, c.dropout)
+
+    def forward(self, x, src_mask):
+        x = self.sub1(x, lambda h: self.self_attn(h, h, src_mask))
+        return self.sub2(x, self.ff)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: EncDecConfig) -> None:
+        super().__init__()
+        pre = c.norm == "pre"
+        self.self_attn = Attention(c.d_model, c.n_head, c.dropout)
+        self.cross_attn = Attention(c.d_model, c.n_head, c.dropout)
+        self.ff = FeedForward(c.d_model, c.ff_size, c.dropout)
+        self.sub1, self.sub2, self.sub3 = (Sublayer(c.d_model, pre, c.dropout) for _ in range(3))
+
+    def forward(self, y, mem, tgt_mask, src_mask):
+        y = self.sub1(y, lambda h: self.self_attn(h, h, tgt_mask, causal=True))
+        y = self.sub2(y, lambda h: self.cross_attn(h, mem, src_mask))
+        return self.sub3(y, self.ff)
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self, cfg: EncDecConfig, seed: int = 0) -> None:
+        super().__init__()
+        if cfg.src_vocab_size is None or cfg.tgt_vocab_size is None:
+            raise ValueError("EncDecConfig vocab sizes must be resolved before building the model")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
+        self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
+        self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        pre = cfg.norm == "pre"
+        # Pre-norm stacks end un-normalised: a final LayerNorm on each side.
+        self.enc_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d) if pre else nn.Identity()
+        self.out = nn.Linear(d, cfg.tgt_vocab_size, bias=False)
+        if cfg.tie_output:
+            self.out.weight = self.tgt_embed.weight
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                seeded_normal_(p, seed, name, self.cfg.init_std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in {self.src_embed.weight, self.tgt_embed.weight})
+        return n
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Training FLOPs per target token (source length taken equal to target length)."""
+        c = self.cfg
+        attn = 12 * c.d_model * seq_len * (c.n_enc_layers + 2 * c.n_dec_layers)
+        head = c.d_model * c.tgt_vocab_size
+        exact = 6 * (self.num_params(non_embedding=True) + head) + attn
+        return float(exact), float(6 * self.num_params())
+
+    def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + self.pe[: ids.shape[1]])
+
+    def encode(self, src_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states and the (B, 1, 1, S) keep-mask of real source tokens."""
+        src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
+        x = self._embed(self.src_embed, src_ids)
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        return self.enc_norm(x), src_mask
+
+    def decode(self, tgt_in: torch.Tensor, mem: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        y = self._embed(self.tgt_embed, tgt_in)
+        # Padded target positions are never attended to by real ones under the causal mask
+        # (padding only follows the end), so the decoder needs no extra key mask.
+        for layer in self.decoder:
+            y = layer(y, mem, None, src_mask)
+        return self.out(self.dec_norm(y))
+
+    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None):
+        mem, src_mask = self.encode(src_ids)
+        logits = self.decode(tgt_in, mem, src_mask)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=self.cfg.label_smoothing if self.training else 0.0)
+
+    @torch.no_grad()
+    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
+                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+        mem, src_mask = self.encode(src_ids)
+        max_len = min(max_len, self.cfg.max_seq_len - 1)
+
+        def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+            return self.decode(prefix, mem[rows], src_mask[rows])[:, -1].float().log_softmax(-1)
+
+        if beam == 1:
+            return greedy(step, src_ids.shape[0], bos, eos, max_len, src_ids.device)
+        return beam_search(step, src_ids.shape[0], bos, eos, max_len, beam, length_penalty, src_ids.device)
