@@ -63,13 +63,16 @@ def beam_search(
         new_prefix, new_scores = [], torch.full((batch, beam), float("-inf"), device=device)
         for b in range(batch):
             kept = 0
-            for s, i in zip(top[b].tolist(), idx[b].tolist(), strict=True):
+            for j, (s, i) in enumerate(zip(top[b].tolist(), idx[b].tolist(), strict=True)):
                 if s == float("-inf"):
                     break
                 src_beam, tok = divmod(i, vocab)
                 seq = prefix[b * beam + src_beam]
                 if tok == eos:
-                    finished[b].append((norm(s, t), seq[1:].tolist()))
+                    # Only an EOS among the top ``beam`` candidates ends a hypothesis (as in
+                    # fairseq): with beam 1 the search is then exactly greedy.
+                    if j < beam:
+                        finished[b].append((norm(s, t), seq[1:].tolist()))
                     continue
                 if kept < beam:
                     new_prefix.append(torch.cat([seq, seq.new_tensor([tok])]))
@@ -81,8 +84,7 @@ def beam_search(
         prefix = torch.stack(new_prefix)
         scores = new_scores
 
-        if all(_settled(finished[b], scores[b], beam, norm, max_len if length_penalty > 0 else t)
-               for b in range(batch)):
+        if all(_settled(finished[b], scores[b], beam, norm, t) for b in range(batch)):
             break
     out = []
     for b in range(batch):
@@ -95,10 +97,12 @@ def beam_search(
 
 def _settled(finished: list[tuple[float, list[int]]], live_scores: torch.Tensor, beam: int,
              norm: Callable[[float, int], float], best_len: int) -> bool:
-    """True when ``beam`` finished hypotheses exist that no live one can still beat.
+    """True when ``beam`` finished hypotheses exist and the best live one, scored at its
+    current length, is no better than the worst of them.
 
-    Log-probs only fall as hypotheses grow; with length normalisation the best a live
-    hypothesis can reach is bounded by its score normalised at the longest allowed length.
+    Exact without length normalisation (log-probs only fall as hypotheses grow); with it, the
+    same early-stopping heuristic as Hugging Face's beam search (a longer hypothesis could in
+    principle still overtake, but waiting for that means decoding to max_len every time).
     """
     if len(finished) < beam:
         return False

@@ -229,15 +229,20 @@ class EncoderDecoder(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                label_smoothing=self.cfg.label_smoothing if self.training else 0.0)
 
-    @torch.no_grad()
-    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
-                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+    def decoder_step_fn(self, src_ids: torch.Tensor):
+        """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
         mem, src_mask = self.encode(src_ids)
-        max_len = min(max_len, self.cfg.max_seq_len - 1)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             return self.decode(prefix, mem[rows], src_mask[rows])[:, -1].float().log_softmax(-1)
 
+        return step
+
+    @torch.no_grad()
+    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
+                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+        step = self.decoder_step_fn(src_ids)
+        max_len = min(max_len, self.cfg.max_seq_len - 1)
         if beam == 1:
             return greedy(step, src_ids.shape[0], bos, eos, max_len, src_ids.device)
         return beam_search(step, src_ids.shape[0], bos, eos, max_len, beam, length_penalty, src_ids.device)

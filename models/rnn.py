@@ -247,21 +247,24 @@ class Seq2SeqRNN(nn.Module):
             out.append(w)
         return torch.stack(out, 1)
 
-    @torch.no_grad()
-    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
-                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
-        enc = self.encode(src_ids)
-        max_len = min(max_len, self.cfg.max_seq_len)
+    def decoder_step_fn(self, src_ids: torch.Tensor):
+        """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
+        keys, keys_proj, mask, s0 = self.encode(src_ids)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             # Re-run the decoder over the prefix: simple, and decoding is not the hot path.
-            keys, keys_proj, mask = enc[0][rows], enc[1][rows], enc[2][rows]
-            s = enc[3]
-            state = tuple(x[:, rows] for x in s) if isinstance(s, tuple) else s[:, rows]
+            state = tuple(x[:, rows] for x in s0) if isinstance(s0, tuple) else s0[:, rows]
             for i in range(prefix.shape[1]):
-                logits, state, _ = self._step(prefix[:, i], state, keys, keys_proj, mask)
+                logits, state, _ = self._step(prefix[:, i], state, keys[rows], keys_proj[rows], mask[rows])
             return logits.float().log_softmax(-1)
 
+        return step
+
+    @torch.no_grad()
+    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
+                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+        step = self.decoder_step_fn(src_ids)
+        max_len = min(max_len, self.cfg.max_seq_len)
         if beam == 1:
             return greedy(step, src_ids.shape[0], bos, eos, max_len, src_ids.device)
         return beam_search(step, src_ids.shape[0], bos, eos, max_len, beam, length_penalty, src_ids.device)

@@ -19,9 +19,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable), e.g. --set train.lr=3e-4")
     t.add_argument("--run-dir", type=Path, help="run directory (default runs/<name>)")
 
-    g = sub.add_parser("generate", help="sample text from a checkpoint or run directory")
+    g = sub.add_parser("generate", help="sample from a language model or translate with a "
+                       "sequence-to-sequence model (checkpoint or run directory)")
     g.add_argument("checkpoint", help="run directory, checkpoints folder or checkpoint")
-    g.add_argument("--prompt", default="")
+    g.add_argument("--prompt", default="", help="language models: text to continue")
+    g.add_argument("--source", action="append", default=[],
+                   help="sequence-to-sequence: a source sentence (repeatable)")
+    g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines")
+    g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     g.add_argument("--top-k", type=int, default=50)
@@ -46,6 +52,16 @@ def run(argv: list[str] | None = None) -> int:
         from trainer.train import train
 
         train(cfg, args.run_dir or Path("runs") / cfg.name)
+    elif args.command == "generate" and (args.source or args.input):
+        from trainer.generate import translate
+
+        sources = list(args.source)
+        if args.input:
+            if not args.input.is_file():
+                raise SeqtrainError(f"--input {args.input}: no such file")
+            sources += [line for line in args.input.read_text().splitlines() if line.strip()]
+        for src, out in zip(sources, translate(args.checkpoint, sources, args.beam, args.length_penalty), strict=True):
+            print(f"{src}\t{out}")
     elif args.command == "generate":
         from trainer.generate import generate_text
 
