@@ -35,6 +35,42 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
 
+    la = sub.add_parser("launch", help="launch training on a Slurm cluster or with torchrun")
+    lsub = la.add_subparsers(dest="launcher", required=True)
+    sl = lsub.add_parser("slurm", help="render a batch script from launch/slurm.sbatch; print or submit it")
+    sl.add_argument("config", help="YAML preset; '%%a' in it (or in --set values) is the array index")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=0, help="0 for CPU nodes")
+    sl.add_argument("--nproc-per-node", type=int, help="processes per node (default: one per GPU, 1 on CPU)")
+    sl.add_argument("--cpus-per-task", type=int)
+    sl.add_argument("--partition")
+    sl.add_argument("--account")
+    sl.add_argument("--qos")
+    sl.add_argument("--time", default="01:00:00")
+    sl.add_argument("--array", help="job array spec, e.g. 0-11%%4: one run per index")
+    sl.add_argument("--job-name")
+    sl.add_argument("--log-dir", default="logs")
+    sl.add_argument("--signal-seconds", type=int, default=120,
+                    help="USR1 this many seconds before the time limit: save, stop, requeue")
+    sl.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+    sl.add_argument("--run-dir")
+    sl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    mode = sl.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry-run", action="store_true", help="print the script")
+    mode.add_argument("--submit", action="store_true", help="write it to the log folder and sbatch it")
+    sl.add_argument("--wait", action="store_true", help="with --submit: wait for the job to finish")
+    tr = lsub.add_parser("torchrun", help="run (or print) torchrun for this node")
+    tr.add_argument("config")
+    tr.add_argument("--nproc-per-node", type=int, default=1)
+    tr.add_argument("--nnodes", type=int, default=1)
+    tr.add_argument("--node-rank", type=int, default=0)
+    tr.add_argument("--master-addr", default="127.0.0.1")
+    tr.add_argument("--master-port", type=int, default=29500)
+    tr.add_argument("--max-restarts", type=int, default=0)
+    tr.add_argument("--run-dir")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="tokenize the corpus of a config into packed shards")
@@ -69,6 +105,8 @@ def run(argv: list[str] | None = None) -> int:
                                 args.top_k, args.top_p, args.seed, args.num_samples)
         for i, s in enumerate(samples):
             print(f"----- sample {i} -----\n{s}")
+    elif args.command == "launch":
+        return _launch(args)
     elif args.command == "data":
         cfg = load_config(args.config, args.overrides)
         from trainer.data import prepare
@@ -76,6 +114,39 @@ def run(argv: list[str] | None = None) -> int:
         prep = prepare(cfg.data)
         print(f"{prep.dir}: " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in prep.meta["splits"].items()))
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from trainer.config import load_config
+    from trainer.launch import SlurmJob, torchrun_command
+
+    name = None
+    if "%a" not in args.config:  # validate here, before anything is queued
+        name = load_config(args.config, [o for o in args.overrides if "%a" not in o]).name
+    if args.launcher == "slurm":
+        job = SlurmJob(
+            config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+            nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
+            partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+            array=args.array, job_name=args.job_name or name, overrides=args.overrides,
+            run_dir=args.run_dir, log_dir=args.log_dir, signal_seconds=args.signal_seconds,
+            max_restarts=args.max_restarts,
+        )
+        if args.dry_run:
+            print(job.render(), end="")
+        else:
+            print(job.submit(wait=args.wait))
+        return 0
+    cmd = torchrun_command(args.config, args.nproc_per_node, args.nnodes, args.node_rank,
+                           args.master_addr, args.master_port, args.overrides, args.run_dir,
+                           args.max_restarts)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return subprocess.call(cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

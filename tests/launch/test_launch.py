@@ -1,0 +1,184 @@
+"""Launch paths against real launchers: Slurm on localhost (sbatch, srun, requeue, arrays) and
+torchrun with a two-node rendezvous on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, TINY, cli_env, read_metrics, run_cli, sets
+from trainer.launch import SlurmJob, torchrun_command
+
+PRESET = str(REPO / "configs/gpt/debug.yaml")
+STEPS = 40
+
+
+def _train_args(corpus) -> list[str]:
+    return [*TINY, f"data.source={corpus}", f"train.steps={STEPS}", "train.global_batch_size=8",
+            "checkpoint.every=10"]
+
+
+def test_rendered_scripts_pass_bash_n_and_shellcheck(shellcheck, tmp_path):
+    variants = {
+        "cpu": SlurmJob(PRESET, nproc_per_node=2),
+        "gpu-multinode": SlurmJob(PRESET, nodes=4, gpus_per_node=8, partition="gpu", account="proj",
+                                  qos="high", time="12:00:00", overrides=["parallel.zero_stage=2"]),
+        "array": SlurmJob("plans/p/point_%a.yaml", array="0-11%4", run_dir="runs/p-%a"),
+    }
+    for name, job in variants.items():
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(job.render())
+        for cmd in (["bash", "-n", str(path)], [shellcheck, "-S", "style", str(path)]):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            assert p.returncode == 0, f"{name}: {' '.join(cmd)}\n{p.stdout}{p.stderr}"
+    for script in (REPO / "launch/torchrun.sh", REPO / "tests/launch/local_slurm.sh"):
+        p = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout
+
+
+def test_rendered_script_contents():
+    s = SlurmJob(PRESET, nodes=2, gpus_per_node=4, signal_seconds=300, partition="p").render()
+    assert "#SBATCH --nodes=2" in s and "#SBATCH --gpus-per-node=4" in s and "#SBATCH --partition=p" in s
+    assert "#SBATCH --signal=B:USR1@300" in s and "#SBATCH --requeue" in s
+    assert 'MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))' in s
+    assert "scontrol show hostnames" in s and "--rdzv_backend=c10d" in s
+    assert "--nproc_per_node=\"$NPROC_PER_NODE\"" in s and "NPROC_PER_NODE=4" in s
+    assert "@@" not in s
+    arr = SlurmJob("p_%a.yaml", array="0-2").render()
+    assert "#SBATCH --array=0-2" in arr and "%x-%A_%a.out" in arr
+    with pytest.raises(Exception, match="no --array"):
+        SlurmJob("p_%a.yaml").render()
+
+
+def test_torchrun_commands():
+    one = torchrun_command("c.yaml", 4, overrides=["train.lr=1e-3"], python="py")
+    assert one == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--max_restarts=0",
+                   "--standalone", "-m", "trainer", "train", "c.yaml", "--set", "train.lr=1e-3"]
+    two = torchrun_command("c.yaml", 8, nnodes=2, node_rank=1, master_addr="n1", master_port=1234)
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=n1", "--master_port=1234"} <= set(two)
+
+
+@pytest.mark.distributed
+def test_two_node_rendezvous_matches_single_node(tiny_corpus, cache_dir, tmp_path):
+    """Two torchrun agents (--nnodes=2, one process each) on 127.0.0.1 train like one node with dp2."""
+    args = [*_train_args(tiny_corpus), "train.steps=8", "checkpoint.every=0"]
+    run_cli(["train", PRESET, "--run-dir", str(tmp_path / "single"), *sets(*args)], cache_dir, nproc=2)
+    from trainer.distributed import free_port
+
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            torchrun_command(PRESET, 1, nnodes=2, node_rank=r, master_addr="127.0.0.1", master_port=port,
+                             overrides=args, run_dir=str(tmp_path / "multi"), python=sys.executable),
+            cwd=REPO, env=cli_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    outs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs
+    single, _ = read_metrics(tmp_path / "single")
+    multi, _ = read_metrics(tmp_path / "multi")
+    assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- real Slurm
+
+
+def _submit(cache_dir, *argv: str, wait: bool = True) -> str:
+    p = subprocess.run([sys.executable, "-m", "trainer", "launch", "slurm", *argv, "--submit",
+                        *(["--wait"] if wait else [])],
+                       cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def _job_state(job: str) -> str | None:
+    p = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    for tok in p.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, cache_dir, tmp_path_factory):
+    """The debug GPT as a 2-task CPU job through `sbatch --wait` (uninterrupted)."""
+    from tests.conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("slurm")
+    corpus = make_corpus(root / "corpus")
+    t0 = time.time()
+    _submit(cache_dir, PRESET, "--nproc-per-node", "2", "--time", "00:10:00", "--log-dir", str(root / "logs"),
+            "--run-dir", str(root / "run"), *sets(*_train_args(corpus)))
+    return root, corpus, time.time() - t0
+
+
+@pytest.mark.slurm
+def test_slurm_job_trains_with_two_tasks(slurm_run, cache_dir):
+    root, corpus, seconds = slurm_run
+    rows, evals = read_metrics(root / "run")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and evals
+    log = next((root / "logs").glob("*.out")).read_text()
+    assert "world 2 (dp 2" in log and "finished with exit code 0" in log
+    # Same global batch in one process: the launch path changes nothing numerically.
+    run_cli(["train", PRESET, "--run-dir", str(root / "local"), *sets(*_train_args(corpus))], cache_dir)
+    local, _ = read_metrics(root / "local")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in local], abs=1e-5)
+    print(f"slurm 2-task job: {seconds:.1f}s")
+
+
+@pytest.mark.slurm
+def test_preempted_job_saves_requeues_and_ends_like_the_uninterrupted_one(slurm_run, cache_dir, tmp_path):
+    root, corpus, _ = slurm_run
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    t0 = time.time()
+    job = _submit(cache_dir, PRESET, "--nproc-per-node", "2", "--time", "00:10:00", "--log-dir", str(logs),
+                  "--run-dir", str(run), *sets(*_train_args(corpus)), wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # let it get past its first checkpoint
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    released = False
+    while time.time() < deadline:
+        log = next(logs.glob("*.out")).read_text()
+        if "finished with exit code" in log:  # the last line of a job that ran to its end
+            break
+        if not released and _job_state(job) == "PENDING":
+            # Slurm holds a requeued job for about two minutes (BeginTime); release it now.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            released = True
+        time.sleep(0.5)
+    assert "USR1: saving and stopping" in log and "requeueing job" in log, log
+    assert "resumed from" in log and log.rstrip().endswith("finished with exit code 0"), log
+    stopped = int(log.split("stopped at step ")[1].split()[0])
+    assert 0 < stopped < STEPS
+    rows, _ = read_metrics(run)
+    ref, _ = read_metrics(root / "run")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # bit for bit, resume included
+    print(f"preempted at step {stopped}, requeued and finished in {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slurm
+def test_job_array_of_three_runs(slurm, cache_dir, tmp_path, tiny_corpus):
+    _submit(cache_dir, PRESET, "--array", "0-2", "--time", "00:10:00", "--log-dir", str(tmp_path / "logs"),
+            "--run-dir", str(tmp_path / "run-%a"),
+            *sets(*_train_args(tiny_corpus), "train.steps=5", "checkpoint.every=0", "train.seed=%a"))
+    finals = []
+    for i in range(3):
+        rows, _ = read_metrics(tmp_path / f"run-{i}")
+        assert rows[-1]["step"] == 5
+        finals.append(rows[-1]["loss"])
+    assert len(set(finals)) == 3  # three seeds, three runs
+    assert len(list((tmp_path / "logs").glob("*.out"))) == 3
+
+
+def test_launch_errors_are_one_line(cache_dir):
+    p = run_cli(["launch", "slurm", PRESET, "--set", "train.lrr=1", "--dry-run"], cache_dir, check=False)
+    assert p.returncode == 2 and "did you mean 'train.lr'" in p.stderr
+    p = run_cli(["launch", "slurm", "p_%a.yaml", "--dry-run"], cache_dir, check=False)
+    assert p.returncode == 2 and p.stderr.strip().endswith("no --array is given")

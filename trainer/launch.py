@@ -1,0 +1,121 @@
+"""``seqtrain launch slurm|torchrun``: render (and submit or run) the launch of a training job.
+
+The scripts only ever call the CLI (``python -m trainer train ...``) on every node; which
+backend (NCCL or gloo) and accelerator to use is decided there, so the same script serves GPU
+and CPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.errors import SeqtrainError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch"
+
+
+@dataclass
+class SlurmJob:
+    config: str
+    nodes: int = 1
+    gpus_per_node: int = 0
+    nproc_per_node: int | None = None
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    array: str | None = None
+    job_name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    run_dir: str | None = None
+    log_dir: str = "logs"
+    signal_seconds: int = 120
+    max_restarts: int = 0
+    workdir: str = field(default_factory=os.getcwd)
+    python: str = sys.executable
+
+    def validate(self) -> None:
+        for name in ("nodes", "signal_seconds"):
+            if getattr(self, name) < 1:
+                raise SeqtrainError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.gpus_per_node < 0:
+            raise SeqtrainError("--gpus-per-node must be 0 (CPU nodes) or more")
+        if "%a" in " ".join([self.config, *self.overrides, self.run_dir or ""]) and not self.array:
+            raise SeqtrainError("'%a' (the array index) is used but no --array is given")
+
+    @property
+    def procs(self) -> int:
+        """Processes per node: one per GPU, or ``--nproc-per-node`` on CPU nodes."""
+        return self.nproc_per_node or self.gpus_per_node or 1
+
+    def render(self) -> str:
+        self.validate()
+        extra = []
+        if self.gpus_per_node:
+            extra.append(f"#SBATCH --gpus-per-node={self.gpus_per_node}")
+        for opt in ("partition", "account", "qos", "array"):
+            if getattr(self, opt):
+                extra.append(f"#SBATCH --{opt}={getattr(self, opt)}")
+        args = ["train", self.config, *(a for o in self.overrides for a in ("--set", o))]
+        if self.run_dir:
+            args += ["--run-dir", self.run_dir]
+        name = self.job_name or Path(self.config).stem.replace("%a", "")
+        fields = {
+            "JOB_NAME": name,
+            "NODES": str(self.nodes),
+            "CPUS_PER_TASK": str(self.cpus_per_task or max(1, self.procs) * (8 if self.gpus_per_node else 1)),
+            "TIME": self.time,
+            "LOG_DIR": shlex.quote(str(Path(self.log_dir).absolute())),
+            "LOG_NAME": "%x-%A_%a" if self.array else "%x-%j",
+            "SIGNAL_SECONDS": str(self.signal_seconds),
+            "SBATCH_EXTRA": "\n".join(extra),
+            "WORKDIR": shlex.quote(self.workdir),
+            "PYTHON": shlex.quote(self.python),
+            "NPROC_PER_NODE": str(self.procs),
+            "MAX_RESTARTS": str(self.max_restarts),
+            "ARGS": " ".join(shlex.quote(a) for a in args),
+        }
+        text = TEMPLATE.read_text()
+        for key, value in fields.items():
+            text = text.replace(f"@@{key}@@", value)
+        return text
+
+    def submit(self, wait: bool = False) -> str:
+        """Write the script next to the logs and ``sbatch`` it; returns sbatch's output."""
+        script = self.render()
+        log_dir = Path(self.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output folder
+        path = log_dir / f"{self.job_name or Path(self.config).stem.replace('%a', '')}.sbatch"
+        path.write_text(script)
+        cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise SeqtrainError("sbatch not found: is this a Slurm login node?") from None
+        if p.returncode != 0:
+            raise SeqtrainError(f"sbatch {path} failed: {p.stderr.strip() or p.stdout.strip()}")
+        return p.stdout.strip()
+
+
+def torchrun_command(config: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int = 29500,
+                     overrides: list[str] = (), run_dir: str | None = None,
+                     max_restarts: int = 0, python: str = sys.executable) -> list[str]:
+    """The torchrun command for one node: standalone on one node, static rendezvous on several."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+           f"--max_restarts={max_restarts}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+                f"--master_port={master_port}"]
+    cmd += ["-m", "trainer", "train", config, *(a for o in overrides for a in ("--set", o))]
+    if run_dir:
+        cmd += ["--run-dir", run_dir]
+    return cmd
