@@ -107,13 +107,17 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     import yaml
 
     stage = yaml.safe_load((ckpt / "config.yaml").read_text())["parallel"]["zero_stage"]
-    if stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # Master weights live in the (sharded) optimizer state: consolidate them.
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise CheckpointError(f"{ckpt}: no model states file")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
+    try:
+        if stage >= 1:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            # Master weights live in the (sharded) optimizer state: consolidate them.
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({msg})") from None
     return {k: v.float() for k, v in state.items()}

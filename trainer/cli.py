@@ -71,6 +71,27 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tr.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
+    ev = sub.add_parser("eval", help="evaluate a checkpoint, or every checkpoint of a run directory")
+    ev.add_argument("checkpoint", help="run directory (every checkpoint: a curve) or one checkpoint")
+    ev.add_argument("--data", help="a config whose data section to evaluate on (its validation split), "
+                    "or for sequence-to-sequence a .tsv/.jsonl of pairs")
+    ev.add_argument("--text-file", help="language models: a plain text file to evaluate on")
+    ev.add_argument("--beam", type=int, default=1, help="sequence-to-sequence beam size (1: greedy)")
+    ev.add_argument("--limit", type=int, default=500, help="sequence-to-sequence pairs to decode")
+    ev.add_argument("--max-tokens", type=int, default=200_000, help="language-model tokens to score")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ex = sub.add_parser("export", help="export a checkpoint (any layout) for other tools")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--format", choices=["hf", "safetensors"], default="hf",
+                    help="hf: a transformers GPT-2 folder; safetensors: full fp32 weights of any family")
+    ex.add_argument("--out", required=True, type=Path)
+
+    im = sub.add_parser("import-hf", help="start a GPT run from a local GPT-2-style transformers folder")
+    im.add_argument("hf_dir", type=Path)
+    im.add_argument("--out", required=True, type=Path)
+    im.add_argument("--name")
+
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="tokenize the corpus of a config into packed shards")
@@ -105,6 +126,22 @@ def run(argv: list[str] | None = None) -> int:
                                 args.top_k, args.top_p, args.seed, args.num_samples)
         for i, s in enumerate(samples):
             print(f"----- sample {i} -----\n{s}")
+    elif args.command == "eval":
+        return _eval(args)
+    elif args.command == "export":
+        from tools.export_hf import export_hf, export_safetensors
+
+        if args.format == "safetensors":
+            print(f"wrote {export_safetensors(args.checkpoint, args.out)}")
+        else:
+            check = export_hf(args.checkpoint, args.out)
+            print(f"wrote {args.out} (transformers GPT-2); reloaded logits differ by at most "
+                  f"{check['max_abs_logit_diff']:.2e}")
+    elif args.command == "import-hf":
+        from tools.import_hf import import_hf
+
+        cfg_path = import_hf(args.hf_dir, args.out, args.name)
+        print(f"wrote {args.out}; fine-tune with: seqtrain train {cfg_path} --set data.source=...")
     elif args.command == "launch":
         return _launch(args)
     elif args.command == "data":
@@ -113,6 +150,33 @@ def run(argv: list[str] | None = None) -> int:
 
         prep = prepare(cfg.data)
         print(f"{prep.dir}: " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in prep.meta["splits"].items()))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tools.evaluate import evaluate_checkpoint, evaluate_run
+    from trainer import checkpoint
+
+    kw = dict(data=args.data, text_file=args.text_file, beam=args.beam, limit=args.limit,
+              max_tokens=args.max_tokens)
+    target = Path(args.checkpoint)
+    if (target / "checkpoints").is_dir():
+        results = evaluate_run(target, **kw)
+    else:
+        results = [evaluate_checkpoint(checkpoint.resolve(target), **kw)]
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for r in results:
+        shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                          if k not in ("samples", "checkpoint", "family"))
+        print(f"{r['checkpoint']}: {shown}")
+    for s in results[-1]["samples"]:
+        print(f"  sample: {s!r}")
+    if len(results) > 1:
+        print(f"curve: {target / 'eval' / 'curve.png'}; results: {target / 'eval' / 'results.jsonl'}")
     return 0
 
 

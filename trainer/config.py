@@ -141,6 +141,9 @@ class TrainConfig(_Section):
     """Log metrics every this many steps (the only host sync point of the loop)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+    init_from: str | None = None
+    """Start from these weights (a ``model.safetensors`` in our layout, e.g. written by
+    ``seqtrain import-hf`` or ``seqtrain export --format safetensors``) instead of a fresh init."""
     scheduled_sampling: ScheduledSamplingConfig = ScheduledSamplingConfig()
     """RNN sequence-to-sequence: feed the model's own predictions with a rising probability."""
 

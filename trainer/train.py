@@ -130,6 +130,22 @@ def _decode_eval(cfg: Config, prep, val_split, eos: int):
     return run
 
 
+def _load_init(model: torch.nn.Module, path: str) -> None:
+    """Initial weights for fine-tuning; a resumed run then overrides them from its checkpoint."""
+    from safetensors.torch import load_model
+
+    if not Path(path).is_file():
+        raise DataError(f"train.init_from={path!r}: no such file")
+    try:
+        missing, unexpected = load_model(model, path, strict=False)
+    except Exception as e:  # safetensors raises plain errors on corrupt files and bad shapes
+        raise DataError(f"train.init_from={path!r}: cannot load ({str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise DataError(f"train.init_from={path!r}: weights do not fit model (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    _say(f"initialised from {path}")
+
+
 def train(cfg: Config, run_dir: Path) -> Trainer:
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())  # raises ConfigError before any rendezvous
@@ -151,7 +167,10 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
             shutil.copyfile(f, run_dir / f.name)
 
     torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
-    model = models.build(cfg.model, seed=cfg.train.seed).to(device)
+    model = models.build(cfg.model, seed=cfg.train.seed)
+    if cfg.train.init_from:
+        _load_init(model, cfg.train.init_from)
+    model = model.to(device)
     flops_per_token, _ = model.flops_per_token(cfg.data.seq_len)
 
     from trainer import engine as engine_mod
