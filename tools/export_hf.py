@@ -91,8 +91,16 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> dict[str, float]:
         attn_pdrop=c.dropout, bos_token_id=eos, eos_token_id=eos,
         pad_token_id=tok.token_to_id(PAD), tie_word_embeddings=c.tie_embeddings,
     )
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(gpt_to_gpt2_state_dict(model), strict=False)
+    from accelerate import init_empty_weights
+
+    # Build the transformers model on the meta device and assign our tensors to it: no second
+    # copy of the weights is ever allocated (it matters for a model that barely fits in memory).
+    with init_empty_weights():
+        hf = GPT2LMHeadModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(gpt_to_gpt2_state_dict(model), strict=False, assign=True)
+    if c.tie_embeddings:
+        hf.tie_weights()
+    hf.eval()
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if c.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]

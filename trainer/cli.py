@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, type=Path)
     im.add_argument("--name")
 
+    be = sub.add_parser("bench", help="tokens/s, time per phase, MFU and memory against a plain PyTorch loop")
+    be.add_argument("config")
+    be.add_argument("--steps", type=int, default=20, help="measured steps (after --warmup)")
+    be.add_argument("--warmup", type=int, default=5)
+    be.add_argument("--features", action="store_true", help="also each speed feature on/off")
+    be.add_argument("--repeat", type=int, default=3, help="runs per variant (interleaved; the best is kept)")
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="tokenize the corpus of a config into packed shards")
@@ -126,6 +135,15 @@ def run(argv: list[str] | None = None) -> int:
                                 args.top_k, args.top_p, args.seed, args.num_samples)
         for i, s in enumerate(samples):
             print(f"----- sample {i} -----\n{s}")
+    elif args.command == "bench":
+        import json
+
+        from tools.bench import bench, table
+        from trainer.config import load_config
+
+        load_config(args.config, args.overrides)  # one-line errors here, not in a worker
+        results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat)
+        print(json.dumps(results, indent=2) if args.json else table(results))
     elif args.command == "eval":
         return _eval(args)
     elif args.command == "export":

@@ -64,6 +64,8 @@ class DataConfig(_Section):
     """Sequence-to-sequence: token budget of a micro-batch (padded sentences × longest side),
     like fairseq's max_tokens; ``null``: ``train.micro_batch_size`` sentences per micro-batch.
     Sentences are bucketed by length either way."""
+    prefetch: bool = True
+    """Read the next micro-batch in a background thread while the current one computes."""
     tbptt: bool = False
     """RNN language models: truncated BPTT over contiguous streams (each batch row reads one
     stream; the state is carried into the next window of ``seq_len`` tokens and detached)."""
@@ -141,6 +143,16 @@ class TrainConfig(_Section):
     """Log metrics every this many steps (the only host sync point of the loop)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+    compile: bool = False
+    """``torch.compile`` the model (in place, parameter names unchanged) before DeepSpeed wraps it."""
+    sdpa_backend: Literal["auto", "math", "flash", "efficient"] = "auto"
+    """Kernel of ``scaled_dot_product_attention``: ``auto`` lets torch pick (flash attention where
+    it applies); ``math`` forces the unfused reference kernel (for comparison)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    """AdamW kernel: ``fused`` (one kernel, CUDA), ``foreach`` (multi-tensor), ``loop`` (per
+    parameter); ``auto`` = fused on CUDA, foreach on CPU."""
     init_from: str | None = None
     """Start from these weights (a ``model.safetensors`` in our layout, e.g. written by
     ``seqtrain import-hf`` or ``seqtrain export --format safetensors``) instead of a fresh init."""

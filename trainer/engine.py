@@ -47,11 +47,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
-    on_cuda = next(model.parameters()).is_cuda
-    # Fused (one kernel for all params) on CUDA; the multi-tensor foreach path on CPU.
+    impl = t.optimizer_impl
+    if impl == "auto":
+        # Fused (one kernel for all params) on CUDA; the multi-tensor foreach path on CPU.
+        impl = "fused" if next(model.parameters()).is_cuda else "foreach"
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
-        fused=on_cuda, foreach=None if on_cuda else True,
+        fused=impl == "fused", foreach=impl == "foreach",
     )
 
 

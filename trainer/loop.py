@@ -22,6 +22,18 @@ from trainer.config import Config
 from trainer.parallel import ParallelDims
 
 
+def sdpa_context(backend: str):
+    """The attention-kernel choice as a context manager (``auto``: torch's own choice)."""
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend])
+
+
 def _loss(out) -> torch.Tensor:
     """Models return the loss, or (loss, recurrent state) for RNN language models."""
     return out[0] if isinstance(out, tuple) else out
@@ -49,6 +61,7 @@ class Trainer:
         self.tokens_seen = 0
         self.stop_reason: str | None = None
         self.extra_eval: list = []  # functions (trainer) -> dict of metrics, run at each evaluation
+        self.prefetcher = None
 
     @property
     def is_rank0(self) -> bool:
@@ -97,8 +110,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         after = getattr(self.train_batches, "after_forward", None)
+        source = self.prefetcher or self.train_batches
         for micro in range(self.cfg.train.grad_accum):
-            batch = self._to_device(self.train_batches.micro_batch(self.step, micro, self.dims.dp_rank))
+            batch = self._to_device(source.micro_batch(self.step, micro, self.dims.dp_rank))
             out = self.engine(**batch)
             if after is not None:
                 after(micro, out)
@@ -142,13 +156,20 @@ class Trainer:
     def fit(self) -> None:
         for cb in self.callbacks:
             cb.on_train_start(self)
+        # Stateful batches (truncated BPTT) need the previous output: no reading ahead there.
+        if self.cfg.data.prefetch and not hasattr(self.train_batches, "after_forward"):
+            from trainer.data.prefetch import Prefetcher
+
+            self.prefetcher = Prefetcher(self.train_batches, self.dims.dp_rank, self.cfg.train.grad_accum,
+                                         self.step, self.cfg.train.steps)
         steps, every = self.cfg.train.steps, self.cfg.train.log_every
         t_last, tokens_window = time.perf_counter(), torch.zeros((), device=self.device, dtype=torch.long)
         while self.step < steps and self.stop_reason is None:
             for cb in self.callbacks:
                 cb.on_step_start(self)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps after)
-            loss, tokens = self.train_step()
+            with sdpa_context(self.cfg.train.sdpa_backend):
+                loss, tokens = self.train_step()
             tokens_window += tokens
             self.step += 1
             if self.step % every == 0 or self.step == steps:
@@ -172,5 +193,8 @@ class Trainer:
                 })
             for cb in self.callbacks:
                 cb.on_step_end(self)
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         for cb in self.callbacks:
             cb.on_train_end(self)

@@ -171,6 +171,12 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     if cfg.train.init_from:
         _load_init(model, cfg.train.init_from)
     model = model.to(device)
+    if cfg.train.activation_checkpointing:
+        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) unchanged
     flops_per_token, _ = model.flops_per_token(cfg.data.seq_len)
 
     from trainer import engine as engine_mod

@@ -79,3 +79,16 @@ def test_two_process_data_parallel_matches_one_process(family, tiny_corpus, cach
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert a["tokens"] == b["tokens"]
     assert one[-1]["loss"] < one[0]["loss"]
+
+
+def test_gpt_memorises_a_tiny_corpus(tiny_corpus, cache_dir, tmp_path):
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    (tiny_corpus.parent / "one.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run_cli(["train", str(REPO / "configs/gpt/debug.yaml"), "--run-dir", str(run), *sets(
+        *TINY, f"data.source={tiny_corpus.parent / 'one.txt'}", "train.steps=150",
+        "data.tokenizer.kind=char", "data.tokenizer.vocab_size=40",
+        "train.global_batch_size=4", "train.log_every=10")], cache_dir)
+    rows, _ = read_metrics(run)
+    assert rows[-1]["loss"] < 0.1

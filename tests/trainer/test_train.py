@@ -82,6 +82,24 @@ def test_two_process_zero2_matches_one_process(tiny_corpus, cache_dir, tmp_path)
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
     assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it trained, so parity is not trivial
+    # The ZeRO-2 shards of two ranks consolidate to the single-process weights.
+    from trainer.checkpoint import load_model_state, resolve
+
+    w1, w2 = load_model_state(resolve(tmp_path / "one")), load_model_state(resolve(tmp_path / "two"))
+    assert w1.keys() == w2.keys()
+    # Adam divides by sqrt(v): rounding-level gradient differences grow to ~1e-5 in 8 steps.
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+def test_corpus_shorter_than_one_window_is_a_one_line_error(cache_dir, tmp_path):
+    (tmp_path / "c").mkdir()
+    for i in range(20):
+        (tmp_path / "c" / f"{i}.txt").write_text("hi\n")
+    p = run_cli(["train", PRESET, "--run-dir", str(tmp_path / "r"), *sets(
+        *TINY, f"data.source={tmp_path / 'c'}", "data.tokenizer.kind=char", "data.tokenizer.vocab_size=8")],
+        cache_dir, check=False)
+    assert p.returncode == 2
+    assert "fewer than one window of data.seq_len=32" in p.stderr.strip().splitlines()[-1]
 
 
 def test_demo_entry_point_end_to_end(cache_dir, tmp_path):

@@ -1,0 +1,26 @@
+"""The benchmark harness: the plain loop it compares against trains the same model the same way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, TINY, run_cli, sets
+
+PRESET = str(REPO / "configs/gpt/debug.yaml")
+
+
+def test_bench_engine_and_plain_loop_agree_and_report_every_phase(tiny_corpus, cache_dir):
+    overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8"]
+    out = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json", *sets(*overrides)], cache_dir)
+    r = json.loads(out.stdout)
+    engine, plain = r["engine"], r["plain"]
+    # Same model, data, optimizer, clipping and schedule: the same losses, engine or not.
+    assert engine["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-5)
+    for v in (engine, plain):
+        assert v["tokens_per_s"] > 0 and 0 < v["mfu"] < 1 and v["peak_memory_mb"] > 100
+        assert set(v["ms_per_step"]) == {"data", "forward", "backward", "optimizer", "communication"}
+        assert v["flops_per_token"] > v["flops_per_token_6n"] * 0.5
+    assert engine["peak_flops"] == plain["peak_flops"]  # one probe shared by both
+    assert r["engine_overhead"] == pytest.approx(1 - engine["tokens_per_s"] / plain["tokens_per_s"])

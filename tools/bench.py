@@ -1,0 +1,256 @@
+"""``seqtrain bench``: throughput, time per phase, MFU and peak memory of the trainer, against a
+plain PyTorch loop on the same model, data and optimizer (the floor to compare with).
+
+Each variant runs in a fresh process (clean peak memory, clean ``torch.compile`` caches):
+``python -m tools.bench worker --variant engine|plain CONFIG --set ...`` prints one JSON line.
+Phases are timed with a device synchronisation at each boundary, which the real loop does not
+do; the ``steady`` tokens/s is measured separately without those syncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+# Speed features, each measured on and off against the configuration as given.
+FEATURES: dict[str, list[str]] = {
+    "baseline": [],
+    "compile": ["train.compile=true"],
+    "sdpa_math": ["train.sdpa_backend=math"],
+    "activation_checkpointing": ["train.activation_checkpointing=true"],
+    "adamw_loop": ["train.optimizer_impl=loop"],
+    "no_prefetch": ["data.prefetch=false"],
+    "sync_every_step": ["train.log_every=1"],
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # timing boundary (benchmark only)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: process peak RSS
+
+
+def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    import models
+    from trainer import distributed
+    from trainer.config import load_config
+    from trainer.data.prefetch import Prefetcher
+    from trainer.engine import build_optimizer, build_scheduler
+    from trainer.flops import peak_flops
+    from trainer.parallel import ParallelDims
+    from trainer.train import _lm_data, _load_init, _seq2seq_data
+
+    cfg = load_config(config, [*overrides, "tracking.enabled=false", f"train.steps={steps + warmup}"])
+    distributed.setup_environment()
+    cfg = cfg.resolve(distributed.world_size())
+    distributed.init_process_group()
+    distributed.quiet_deepspeed()
+    dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
+    device = distributed.device()
+    train_b, _, _ = _seq2seq_data(cfg, dims, []) if cfg.is_seq2seq else _lm_data(cfg, dims)
+    torch.manual_seed(cfg.train.seed)
+    model = models.build(cfg.model, seed=cfg.train.seed)
+    if cfg.train.init_from:
+        _load_init(model, cfg.train.init_from)
+    model = model.to(device)
+    if cfg.train.activation_checkpointing:
+        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        model.compile()
+    t = cfg.train
+    if variant == "engine":
+        from trainer import engine as engine_mod
+
+        engine, _ = engine_mod.initialize(model, cfg)
+        forward, backward, opt_step = engine, engine.backward, engine.step
+        scale = 1.0  # DeepSpeed divides by grad_accum itself
+    else:
+        opt = build_optimizer(model, cfg)
+        sched = build_scheduler(opt, cfg)
+        forward, backward = model, lambda loss: loss.backward()
+        micro_count = [0]
+
+        def opt_step() -> None:
+            micro_count[0] += 1
+            if micro_count[0] % t.grad_accum == 0:
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+
+        scale = 1.0 / t.grad_accum
+    stateful = hasattr(train_b, "after_forward")
+    source = (Prefetcher(train_b, dims.dp_rank, t.grad_accum, 0, steps + warmup)
+              if cfg.data.prefetch and not stateful else train_b)
+
+    from trainer.loop import sdpa_context
+
+    def one_step(step: int, timed: dict[str, float] | None) -> tuple[torch.Tensor, int]:
+        with sdpa_context(t.sdpa_backend):
+            return _one_step(step, timed)
+
+    def _one_step(step: int, timed: dict[str, float] | None) -> tuple[torch.Tensor, int]:
+        loss_sum, tokens = torch.zeros((), device=device), 0
+        for micro in range(t.grad_accum):
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in source.micro_batch(step, micro, dims.dp_rank).items()}
+            if timed is not None:
+                _sync(device)
+            t1 = time.perf_counter()
+            out = forward(**batch)
+            if stateful:
+                train_b.after_forward(micro, out)
+            loss = out[0] if isinstance(out, tuple) else out
+            if timed is not None:
+                _sync(device)
+            t2 = time.perf_counter()
+            backward(loss * scale)
+            if timed is not None:
+                _sync(device)
+            t3 = time.perf_counter()
+            opt_step()
+            if timed is not None:
+                _sync(device)
+                t4 = time.perf_counter()
+                for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    timed[name] += dt
+            loss_sum += loss.detach()
+            tokens += int((batch["labels"] != -100).sum()) if timed is not None else batch["labels"].numel()
+        return loss_sum / t.grad_accum, tokens
+
+    for s in range(warmup):
+        one_step(s, None)
+    _sync(device)
+    # Steady state: the loop as it runs, a host sync only at the logging cadence.
+    every = t.log_every
+    t0 = time.perf_counter()
+    n_tok = 0
+    half = steps // 2
+    for s in range(warmup, warmup + half):
+        loss, tok = one_step(s, None)
+        n_tok += tok
+        if (s + 1) % every == 0:
+            float(loss)  # the logging cadence's host sync point
+    _sync(device)
+    steady = n_tok / (time.perf_counter() - t0)
+    # Phase split: synchronised at every boundary.
+    timed = dict.fromkeys(PHASES, 0.0)
+    last = 0.0
+    for s in range(warmup + half, warmup + steps):
+        loss, _ = one_step(s, timed)
+        last = float(loss)
+    n_timed = steps - half
+    fpt, fpt_6n = model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(device, t.precision, t.peak_tflops)
+    if isinstance(source, Prefetcher):
+        source.close()
+    return {
+        "variant": variant,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "params": model.num_params(),
+        "tokens_per_s": steady,
+        # One process: no collectives, so communication is zero (gradient all-reduce and ZeRO
+        # reduce-scatter would sit inside backward and optimizer under data parallelism).
+        "ms_per_step": {**{k: 1000 * v / n_timed for k, v in timed.items()},
+                        "communication": 0.0 if dims.world_size == 1 else float("nan")},
+        "mfu": steady * fpt / peak,
+        "flops_per_token": fpt,
+        "flops_per_token_6n": fpt_6n,
+        "peak_flops": peak,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "final_loss": last,
+    }
+
+
+def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "tools.bench", "worker", "--variant", variant, config,
+           "--steps", str(steps), "--warmup", str(warmup), *(a for o in overrides for a in ("--set", o))]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if p.returncode != 0:
+        from trainer.errors import SeqtrainError
+
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SeqtrainError(f"bench worker ({variant} {' '.join(overrides)}) failed: {tail}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench(config: str, overrides: list[str], steps: int = 20, warmup: int = 5,
+          features: bool = False, repeat: int = 1) -> dict[str, Any]:
+    from trainer.config import load_config
+
+    if load_config(config, overrides).train.peak_tflops is None and not torch.cuda.is_available():
+        # One CPU peak for every variant: each worker probing its own would add noise to MFU.
+        from trainer.flops import cpu_matmul_peak
+
+        overrides = [*overrides, f"train.peak_tflops={cpu_matmul_peak() / 1e12:.4f}"]
+    results: dict[str, Any] = {"config": config, "overrides": overrides, "steps": steps,
+                               "warmup": warmup, "repeat": repeat}
+    # Shared machines are noisy: interleave the variants and keep each one's best run.
+    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "plain": []}
+    for _ in range(repeat):
+        for variant in runs:
+            runs[variant].append(run_variant(variant, config, overrides, steps, warmup))
+    for variant, rs in runs.items():
+        results[variant] = max(rs, key=lambda r: r["tokens_per_s"])
+        results[variant]["all_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
+    results["engine_overhead"] = 1 - results["engine"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+    if features:
+        results["features"] = {}
+        for name, extra in FEATURES.items():
+            if extra:
+                rs = [run_variant("engine", config, [*overrides, *extra], steps, warmup) for _ in range(repeat)]
+                results["features"][name] = max(rs, key=lambda r: r["tokens_per_s"])
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("engine", results["engine"]), ("plain loop", results["plain"])]
+    rows += [(f"engine + {k}", v) for k, v in results.get("features", {}).items()]
+    head = "| variant | tokens/s | data | forward | backward | optimizer | comm | MFU | peak MB |"
+    lines = [head, "|" + " --- |" * 9]
+    for name, r in rows:
+        ms = r["ms_per_step"]
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {ms['data']:.1f} | {ms['forward']:.1f} | "
+            f"{ms['backward']:.1f} | {ms['optimizer']:.1f} | {ms['communication']:.1f} | "
+            f"{100 * r['mfu']:.1f}% | {r['peak_memory_mb']:,.0f} |"
+        )
+    lines.append(f"\nengine overhead vs plain loop: {100 * results['engine_overhead']:+.1f}% "
+                 f"(best of {results['repeat']} interleaved runs each; ms per optimizer step, one process)")
+    return "\n".join(lines)
+
+
+def _worker_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", choices=["engine", "plain"], required=True)
+    p.add_argument("config")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    a = p.parse_args(argv)
+    print(json.dumps(worker(a.variant, a.config, a.overrides, a.steps, a.warmup)))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    _worker_main(sys.argv[2:])

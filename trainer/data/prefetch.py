@@ -1,0 +1,48 @@
+"""Overlap data loading with compute: a background thread reads the next micro-batches.
+
+Batches are a pure function of (step, micro, rank), so the thread can run ahead without any
+state; it stops at the end of training. On CUDA, batches are pinned so the host-to-device
+copy can be asynchronous (``non_blocking=True`` in the loop).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+
+class Prefetcher:
+    def __init__(self, batches, rank: int, accum: int, start_step: int, steps: int, depth: int = 4) -> None:
+        self.batches, self.rank, self.accum = batches, rank, accum
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.pin = torch.cuda.is_available()
+        self.next_key = (start_step, 0)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(start_step, steps), daemon=True)
+        self.thread.start()
+
+    def _run(self, start: int, steps: int) -> None:
+        for step in range(start, steps):
+            for micro in range(self.accum):
+                batch = self.batches.micro_batch(step, micro, self.rank)
+                if self.pin:
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(((step, micro), batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+
+    def micro_batch(self, step: int, micro: int, rank: int):
+        key, batch = self.q.get()
+        if key != (step, micro):  # the loop and the thread disagree: a bug, not a data problem
+            raise RuntimeError(f"prefetcher out of order: expected {(step, micro)}, got {key}")
+        return batch
+
+    def close(self) -> None:
+        self.stop.set()
