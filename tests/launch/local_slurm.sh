@@ -33,6 +33,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get install -y -q --no-install-recommends munge slurmctld slurmd slurm-client >>"$LAB/apt.log" 2>&1
 fi
 stop  # a previous run's daemons hold sockets and locks
+# A fresh controller state: jobs of a previous session must not be recovered and run again.
+rm -rf "${LAB:?}/state" "${LAB:?}/spool"
+mkdir -p "$LAB"/{state,spool}
 [[ -s /etc/munge/munge.key ]] || mungekey --create --force
 chown munge:munge /etc/munge/munge.key
 chmod 0400 /etc/munge/munge.key

@@ -142,16 +142,23 @@ def test_preempted_job_saves_requeues_and_ends_like_the_uninterrupted_one(slurm_
             break
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    released = False
+    pending_since, states = None, []
     while time.time() < deadline:
         log = next(logs.glob("*.out")).read_text()
         if "finished with exit code" in log:  # the last line of a job that ran to its end
             break
-        if not released and _job_state(job) == "PENDING":
-            # Slurm holds a requeued job for about two minutes (BeginTime); release it now.
+        state = _job_state(job)
+        states.append(state)
+        if state == "PENDING" and pending_since is None:
+            pending_since = time.time()
+        # Slurm holds a requeued job for about two minutes (BeginTime) so that it does not
+        # restart within the second its old credential was revoked ("Job credential revoked").
+        # Release it after a few seconds instead of two minutes.
+        if pending_since is not None and time.time() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-            released = True
+            pending_since = float("inf")
         time.sleep(0.5)
+    assert "finished with exit code" in log, f"job states seen: {sorted(set(map(str, states)))}\n{log}"
     assert "USR1: saving and stopping" in log and "requeueing job" in log, log
     assert "resumed from" in log and log.rstrip().endswith("finished with exit code 0"), log
     stopped = int(log.split("stopped at step ")[1].split()[0])
