@@ -105,13 +105,15 @@ class ScheduledSampling(Callback):
 class Checkpoint(Callback):
     """Save every ``checkpoint.every`` steps and at the end (a collective)."""
 
-    def __init__(self, ckpt_root: Path) -> None:
+    def __init__(self, ckpt_root: Path, manifest_extra: dict[str, Any] | None = None) -> None:
         self.root = ckpt_root
+        self.manifest_extra = manifest_extra or {}
         self.last_saved = -1
 
     def _save(self, trainer: Trainer) -> None:
         checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
-                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last, trainer.rank_state())
+                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last, trainer.rank_state(),
+                        self.manifest_extra)
         self.last_saved = trainer.step
 
     def on_train_start(self, trainer: Trainer) -> None:

@@ -2,17 +2,21 @@
 
 Layout of ``<run_dir>/checkpoints/``::
 
-    step_00000500/            one complete checkpoint (DeepSpeed files + config.yaml)
+    step_00000500/            one complete checkpoint (DeepSpeed files + config.yaml
+                              + manifest.json: every file's size and sha256)
     latest                    text file naming the newest complete checkpoint
     .tmp/                     where a checkpoint is written before it is renamed into place
 
 A checkpoint directory is only ever renamed into place once every rank has written its files,
 and ``latest`` is replaced atomically after that, so a crash at any moment leaves the previous
-checkpoint valid and pointed to.
+checkpoint valid and pointed to. A checkpoint damaged later (a truncated or altered file) is
+caught by its manifest when a run resumes, which then falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +28,7 @@ from trainer import distributed
 from trainer.errors import CheckpointError
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def tag_for(step: int) -> str:
@@ -40,8 +45,63 @@ def rank_state_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"rank_state_{rank:05d}.pt"
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path, step: int, extra: dict[str, Any]) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "step": step,
+        **extra,
+        "files": {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if every file of the manifest is there with its size and checksum, else the problem."""
+    mf = ckpt / MANIFEST
+    if not mf.is_file():
+        return "no manifest.json"
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "manifest.json is unreadable"
+    for rel, want in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {want['size']}"
+        if sha256_file(p) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def manifest(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
+def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
+    """The newest checkpoint that passes ``verify``: the one ``latest`` names, else older ones."""
+    pointed = latest(ckpt_root)
+    others = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir() and p != pointed), reverse=True)
+    for ckpt in ([pointed] if pointed else []) + others:
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"warning: checkpoint {ckpt} is damaged ({problem}); trying an older one")
+    return None
+
+
 def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
-         keep_last: int | None = None, rank_state: dict[str, Any] | None = None) -> Path:
+         keep_last: int | None = None, rank_state: dict[str, Any] | None = None,
+         manifest_extra: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     ``client_state`` is the same on every rank (DeepSpeed stores rank 0's); ``rank_state``
@@ -61,6 +121,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
     final = ckpt_root / tag
     if distributed.rank() == 0:
         (staging / tag / "config.yaml").write_text(config_yaml)
+        write_manifest(staging / tag, step, manifest_extra or {})
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging / tag, final)
@@ -72,10 +133,37 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never ``protect`` (the one just
+    written and pointed to by ``latest``)."""
     tags = sorted(p.name for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in tags[:-keep_last]:
         if old != protect:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
+
+
+NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}
+"""Model fields a resumed run may change: they do not change the weights' shapes or meaning."""
+
+
+def check_compatible(ckpt: Path, model_cfg: dict[str, Any], tokenizer_sha256: str) -> None:
+    """Refuse to resume a checkpoint of another model shape or tokenizer (one line, exit 2)."""
+    import yaml
+
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    diff = [k for k in sorted(set(saved) | set(model_cfg))
+            if k not in NOT_SHAPE and saved.get(k) != model_cfg.get(k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(
+            f"{ckpt} was trained with model.{k}={saved.get(k)!r}, this run has model.{k}="
+            f"{model_cfg.get(k)!r}; use another --run-dir or the same model config"
+        )
+    saved_tok = manifest(ckpt).get("tokenizer_sha256")
+    if saved_tok is not None and saved_tok != tokenizer_sha256:
+        raise CheckpointError(
+            f"{ckpt} was trained with another tokenizer (sha256 {saved_tok[:12]}, this run "
+            f"{tokenizer_sha256[:12]}); use another --run-dir or the same data.tokenizer"
+        )
 
 
 def latest(ckpt_root: Path) -> Path | None:

@@ -7,6 +7,7 @@ name-seeded weights; hand it to DeepSpeed last.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -184,8 +185,9 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     engine, scheduler = engine_mod.initialize(model, cfg)
     ckpt_root = run_dir / "checkpoints"
     # Order matters: the signal check may stop the run at this step, then Checkpoint saves it.
+    tok_sha = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tok_files))).hexdigest()
     callbacks = [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
-                 Checkpoint(ckpt_root)]
+                 Checkpoint(ckpt_root, {"tokenizer_sha256": tok_sha})]
     if cfg.model.family == "rnn_seq2seq":
         callbacks.insert(0, ScheduledSampling())
     faults = FaultInjection.from_env(run_dir)
@@ -201,8 +203,9 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     )
     trainer.extra_eval = extra_eval
 
-    resume_from = checkpoint.latest(ckpt_root)
+    resume_from = checkpoint.latest_valid(ckpt_root, warn=_say)
     if resume_from is not None:
+        checkpoint.check_compatible(resume_from, cfg.model.model_dump(mode="json"), tok_sha)
         _, client_state = engine.load_checkpoint(str(ckpt_root), tag=resume_from.name)
         trainer.load_client_state(client_state)
         rank_file = checkpoint.rank_state_file(resume_from, dims.rank)
