@@ -108,3 +108,12 @@ def _settled(finished: list[tuple[float, list[int]]], live_scores: torch.Tensor,
         return False
     worst_kept = sorted(f[0] for f in finished)[-beam]
     return max(norm(float(s), best_len) for s in live_scores) <= worst_kept
+
+
+@torch.no_grad()
+def decode(step_fn: StepFn, batch: int, bos: int, eos: int, max_len: int, beam: int = 1,
+           length_penalty: float = 1.0, device=None) -> list[list[int]]:
+    """Greedy for ``beam == 1``, else beam search."""
+    if beam == 1:
+        return greedy(step_fn, batch, bos, eos, max_len, device)
+    return beam_search(step_fn, batch, bos, eos, max_len, beam, length_penalty, device)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.decoding import beam_search, greedy
+from models.decoding import decode
 from models.gpt import sample_next
 from models.init import seeded_normal_
 
@@ -263,11 +263,9 @@ class Seq2SeqRNN(nn.Module):
     @torch.no_grad()
     def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
                   beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
-        step = self.decoder_step_fn(src_ids)
         max_len = min(max_len, self.cfg.max_seq_len)
-        if beam == 1:
-            return greedy(step, src_ids.shape[0], bos, eos, max_len, src_ids.device)
-        return beam_search(step, src_ids.shape[0], bos, eos, max_len, beam, length_penalty, src_ids.device)
+        return decode(self.decoder_step_fn(src_ids), src_ids.shape[0], bos, eos, max_len, beam,
+                      length_penalty, src_ids.device)
 
 
 @torch.no_grad()

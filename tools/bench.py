@@ -46,14 +46,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    import models
     from trainer import distributed
     from trainer.config import load_config
     from trainer.data.prefetch import Prefetcher
     from trainer.engine import build_optimizer, build_scheduler
     from trainer.flops import peak_flops
     from trainer.parallel import ParallelDims
-    from trainer.train import _lm_data, _load_init, _seq2seq_data
+    from trainer.train import _lm_data, _seq2seq_data, build_model
 
     cfg = load_config(config, [*overrides, "tracking.enabled=false", f"train.steps={steps + warmup}"])
     distributed.setup_environment()
@@ -63,17 +62,7 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
     device = distributed.device()
     train_b, _, _ = _seq2seq_data(cfg, dims, []) if cfg.is_seq2seq else _lm_data(cfg, dims)
-    torch.manual_seed(cfg.train.seed)
-    model = models.build(cfg.model, seed=cfg.train.seed)
-    if cfg.train.init_from:
-        _load_init(model, cfg.train.init_from)
-    model = model.to(device)
-    if cfg.train.activation_checkpointing:
-        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        model.compile()
+    model = build_model(cfg, device)
     t = cfg.train
     if variant == "engine":
         from trainer import engine as engine_mod

@@ -147,6 +147,23 @@ def _load_init(model: torch.nn.Module, path: str) -> None:
     _say(f"initialised from {path}")
 
 
+def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The single-device model with its initial weights, then what is applied from outside
+    (activation checkpointing, compile), in that order; DeepSpeed wraps it afterwards."""
+    torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
+    model = models.build(cfg.model, seed=cfg.train.seed)
+    if cfg.train.init_from:
+        _load_init(model, cfg.train.init_from)
+    model = model.to(device)
+    if cfg.train.activation_checkpointing:
+        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names (and so checkpoints) unchanged
+    return model
+
+
 def train(cfg: Config, run_dir: Path) -> Trainer:
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())  # raises ConfigError before any rendezvous
@@ -167,17 +184,7 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
         for f in tok_files:
             shutil.copyfile(f, run_dir / f.name)
 
-    torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
-    model = models.build(cfg.model, seed=cfg.train.seed)
-    if cfg.train.init_from:
-        _load_init(model, cfg.train.init_from)
-    model = model.to(device)
-    if cfg.train.activation_checkpointing:
-        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        model.compile()  # in place: parameter names (and so checkpoints) unchanged
+    model = build_model(cfg, device)
     flops_per_token, _ = model.flops_per_token(cfg.data.seq_len)
 
     from trainer import engine as engine_mod

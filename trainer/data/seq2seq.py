@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from tokenizers import Tokenizer
 from trainer.config import DataConfig
 from trainer.data import dates
 from trainer.data.corpus import name_key
+from trainer.data.shards import publish
 from trainer.data.tokenizer import EOS, PAD, load_tokenizer, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
 
@@ -192,11 +192,7 @@ def prepare_pairs(cfg: DataConfig, seed: int, log: Callable[[str], None] = print
             np.savez(tmp / f"{name}.npz", src_ids=s_ids, src_off=s_off, tgt_ids=t_ids, tgt_off=t_off)
             meta["splits"][name] = {"pairs": len(sel), "src_tokens": int(s_off[-1]), "tgt_tokens": int(t_off[-1])}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
+        publish(tmp, final)
         log(f"prepared {len(pairs):,} pairs ({meta['splits']['train']['pairs']:,} train) -> {final}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

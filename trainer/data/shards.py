@@ -53,6 +53,16 @@ class PreparedData:
         return int(self.meta["vocab_size"])
 
 
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a fully written cache directory into place (``meta.json`` last inside it)."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # Another process (another node on a shared disk) finished first: keep its copy.
+        if not (final / "meta.json").is_file():
+            raise
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (half the disk and page cache of uint32)."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -159,12 +169,7 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
         meta["seconds"] = {"tokenizer": round(t_tok, 3), "encode": round(t_enc, 3)}
         meta["encode_mb_per_s"] = round(total_bytes / 1e6 / max(t_enc, 1e-9), 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process (another node on a shared disk) finished first: keep its copy.
-            if not (final / "meta.json").is_file():
-                raise
+        publish(tmp, final)
         n_tokens = sum(s["tokens"] for s in meta["splits"].values())
         log(
             f"prepared {total_bytes / 1e6:.1f} MB -> {n_tokens:,} tokens ({dtype.name}); tokenizer "
