@@ -115,9 +115,11 @@ def run(argv: list[str] | None = None) -> int:
 
     if args.command == "train":
         cfg = load_config(args.config, args.overrides)
+        from trainer import distributed
         from trainer.train import train
 
         train(cfg, args.run_dir or Path("runs") / cfg.name)
+        distributed.shutdown()
     elif args.command == "generate" and (args.source or args.input):
         from trainer.generate import translate
 

@@ -69,3 +69,15 @@ def quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: every rank waits for the others, then destroys it.
+
+    Exiting with a live gloo group lets its threads be torn down during interpreter exit,
+    which can abort a rank ("terminate called without an active exception") after training
+    has finished, and turn a finished job into a failed one.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

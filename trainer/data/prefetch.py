@@ -46,3 +46,4 @@ class Prefetcher:
 
     def close(self) -> None:
         self.stop.set()
+        self.thread.join(timeout=5)  # no reader thread may outlive training into interpreter exit
