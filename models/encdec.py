@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.decoding import decode
-from models.init import seeded_normal_
+from models.init import count_params, seeded_normal_
 
 
 class EncDecConfig(BaseModel):
@@ -189,10 +189,8 @@ class EncoderDecoder(nn.Module):
                 seeded_normal_(p, seed, name, self.cfg.init_std)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in {self.src_embed.weight, self.tgt_embed.weight})
-        return n
+        # A set: shared source/target embeddings are subtracted once.
+        return count_params(self, {self.src_embed.weight, self.tgt_embed.weight} if non_embedding else None)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
         """Training FLOPs per target token (source length taken equal to target length)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+from torch import nn
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -21,3 +22,8 @@ def seeded_normal_(t: torch.Tensor, seed: int, name: str, std: float) -> torch.T
     g = torch.Generator().manual_seed(param_seed(seed, name))
     t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(std))
     return t
+
+
+def count_params(module: nn.Module, exclude: set[torch.Tensor] | None = None) -> int:
+    """Parameters counted once (tied weights once), minus the tensors in ``exclude``."""
+    return sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in (exclude or ()))

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.decoding import decode
 from models.gpt import sample_next
-from models.init import seeded_normal_
+from models.init import count_params, seeded_normal_
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -184,10 +184,8 @@ class Seq2SeqRNN(nn.Module):
         _init(self, seed, cfg.init_std)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for p in {self.src_embed.weight, self.tgt_embed.weight})
-        return n
+        # A set: shared source/target embeddings are subtracted once.
+        return count_params(self, {self.src_embed.weight, self.tgt_embed.weight} if non_embedding else None)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
         """6 × non-embedding weights, plus the attention over ``seq_len`` source states."""
