@@ -19,6 +19,7 @@ from torch import nn
 
 from models.decoding import decode
 from models.init import count_params, seeded_normal_
+from models.loss import TokenCrossEntropy
 
 
 class EncDecConfig(BaseModel):
@@ -176,11 +177,14 @@ class EncoderDecoder(nn.Module):
         self.out = nn.Linear(d, cfg.tgt_vocab_size, bias=False)
         if cfg.tie_output:
             self.out.weight = self.tgt_embed.weight
+        self.loss_fn = TokenCrossEntropy(cfg.label_smoothing)
         self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if name.endswith(".bias"):
                 p.zero_()
             elif "norm" in name:
@@ -224,8 +228,7 @@ class EncoderDecoder(nn.Module):
         logits = self.decode(tgt_in, mem, src_mask)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                               label_smoothing=self.cfg.label_smoothing if self.training else 0.0)
+        return self.loss_fn(logits, labels)
 
     def decoder_step_fn(self, src_ids: torch.Tensor):
         """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.init import seeded_normal_
+from models.loss import TokenCrossEntropy
 
 
 class GPTConfig(BaseModel):
@@ -132,11 +133,30 @@ class Block(nn.Module):
         return x, new_cache
 
 
+# Output projections of residual branches get the GPT-2 scaled init.
+RESIDUAL_PROJ_SUFFIXES = ("attn.c_proj.weight", "mlp.c_proj.weight")
+
+
+@torch.no_grad()
+def init_param_(name: str, p: torch.Tensor, cfg: GPTConfig, seed: int) -> None:
+    """Initial value of the parameter called ``name`` (its name in ``GPT``), from (seed, name) alone.
+
+    Independent of construction order and of which other layers exist, so a pipeline stage that
+    builds only its own layers starts from the same numbers as the full model.
+    """
+    if p.is_meta:
+        return
+    if name.endswith(".bias"):
+        p.zero_()
+    elif ".ln_" in name or name.startswith("ln_"):
+        p.fill_(1.0)
+    else:
+        std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith(RESIDUAL_PROJ_SUFFIXES) else cfg.init_std
+        seeded_normal_(p, seed, name, std)
+
+
 class GPT(nn.Module):
     """Decoder-only language model. ``forward(input_ids, labels)`` returns the mean token loss."""
-
-    # Output projections of residual branches get the GPT-2 scaled init.
-    residual_proj_suffixes = ("attn.c_proj.weight", "mlp.c_proj.weight")
 
     def __init__(self, cfg: GPTConfig, seed: int = 0) -> None:
         super().__init__()
@@ -151,24 +171,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.loss_fn = TokenCrossEntropy()
         self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Initialise every parameter from a generator seeded by (seed, parameter name).
-
-        Independent of construction order and of which other layers exist, so a pipeline stage
-        or a tensor-parallel shard built alone starts from the same numbers as the full model.
-        """
-        resid_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        """Initialise every parameter from a generator seeded by (seed, parameter name)."""
         for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                p.zero_()
-            elif ".ln_" in name or name.startswith("ln_"):
-                p.fill_(1.0)
-            else:
-                std = resid_std if name.endswith(self.residual_proj_suffixes) else self.cfg.init_std
-                seeded_normal_(p, seed, name, std)
+            init_param_(name, p, self.cfg, seed)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); non-embedding excludes token and position tables."""
@@ -197,7 +207,7 @@ class GPT(nn.Module):
         logits, _ = self._forward(input_ids)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return self.loss_fn(logits, labels)
 
     def _forward(self, input_ids: torch.Tensor, kv_caches=None, start_pos: int = 0):
         t = input_ids.shape[1]

@@ -175,6 +175,11 @@ class ParallelConfig(_Section):
     """Pipeline-parallel degree (stages)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
+    vocab_multiple: int = Field(1, ge=1)
+    """Round vocabulary sizes taken from the tokenizer (``model.*vocab_size: null``) up to a
+    multiple of this, so tensor parallelism can split them (Megatron pads to 128 · tp). The
+    padded rows are never produced by the tokenizer. Keep it fixed across layouts to compare
+    or reshard runs."""
 
 
 class CheckpointConfig(_Section):
@@ -259,11 +264,7 @@ class Config(_Section):
     def resolve(self, world_size: int) -> Config:
         """Fill in dp, grad_accum and global batch from the world size; check their arithmetic."""
         p, t = self.parallel, self.train
-        if p.tp > 1 or p.pp > 1:
-            raise ConfigError(
-                f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not "
-                "available yet; use tp=1, pp=1 (data parallel and ZeRO work)"
-            )
+        self._check_layout()
         if world_size % (p.tp * p.pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
@@ -296,6 +297,51 @@ class Config(_Section):
         out.train.grad_accum = accum
         out.train.global_batch_size = gbs
         return out
+
+    def _check_layout(self) -> None:
+        """Refuse, in one line, parallel combinations the model or DeepSpeed cannot run."""
+        p, m = self.parallel, self.model
+        if p.tp > 1 and m.family not in ("gpt", "encdec"):
+            raise ConfigError(
+                f"parallel.tp={p.tp}: tensor parallelism is available for model.family gpt and "
+                f"encdec, not {m.family}; use data parallelism (and ZeRO) for recurrent models"
+            )
+        if p.pp > 1:
+            if m.family != "gpt":
+                raise ConfigError(
+                    f"parallel.pp={p.pp}: pipeline parallelism is available for model.family gpt "
+                    f"only, not {m.family}; use parallel.tp (encdec) or data parallelism"
+                )
+            if p.zero_stage > 1:
+                raise ConfigError(
+                    f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
+                    "pipeline engine supports ZeRO stage 0 or 1 only"
+                )
+            if m.n_layer < p.pp:
+                raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every "
+                                  "stage needs at least one block")
+            if self.data.tbptt or self.train.compile:
+                raise ConfigError(f"parallel.pp={p.pp} does not combine with "
+                                  f"{'data.tbptt' if self.data.tbptt else 'train.compile'}")
+        if p.tp > 1:
+            heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
+            for key, n in heads.items():
+                if n % p.tp:
+                    raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}")
+
+    def check_vocab(self) -> None:
+        """Vocabulary sizes (resolved from the tokenizer) against the tensor-parallel degree."""
+        tp, m = self.parallel.tp, self.model
+        if tp == 1:
+            return
+        keys = ("vocab_size",) if m.family == "gpt" else ("src_vocab_size", "tgt_vocab_size")
+        for key in keys:
+            n = getattr(m, key)
+            if n % tp:
+                raise ConfigError(
+                    f"model.{key}={n} is not divisible by parallel.tp={tp}; set "
+                    f"parallel.vocab_multiple={64 * tp} to pad the tokenizer's vocabulary"
+                )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

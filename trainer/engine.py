@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config
+from trainer.parallel import ParallelDims
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -71,31 +73,50 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
 
 
-def initialize(model: nn.Module, cfg: Config):
-    """``deepspeed.initialize`` (always the last wrapper applied): returns (engine, scheduler)."""
+def initialize(model: nn.Module, cfg: Config, dims: ParallelDims | None = None):
+    """``deepspeed.initialize`` (always the last wrapper applied): returns (engine, scheduler).
+
+    A ``PipelineModule`` gives a pipeline engine, which builds its groups from the module's
+    topology (passing ``mpu`` too is refused); tensor parallelism alone passes our grid as
+    ``mpu`` so DeepSpeed reduces gradients over data-parallel ranks only.
+    """
     import deepspeed
 
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
     engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg)
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg),
+        mpu=dims.mpu if dims is not None else None,
     )
-    _record_fp32_grad_norm(engine)
+    engine.clip_fp32_gradients = functools.partial(clip_fp32_gradients, engine, dims)
     return engine, sched
 
 
-def _record_fp32_grad_norm(engine) -> None:
-    """Keep the gradient norm on the plain fp32 path (no ZeRO, no fp16/bf16).
+def clip_fp32_gradients(engine, dims: ParallelDims | None) -> None:
+    """Clip the global gradient norm and keep it, on the plain fp32 path (no ZeRO, no fp16/bf16).
 
-    There DeepSpeed clips with its own ``clip_grad_norm_`` (model-parallel aware) but drops the
-    norm it returns, so ``get_global_grad_norm()`` would be None; we keep it instead of
-    computing a second norm over all gradients.
+    DeepSpeed's own ``clip_grad_norm_`` drops the norm it computes, and under a pipeline counts
+    replicated parameters only on stage 0's ranks. Here every parameter counts once: a
+    tensor-parallel shard on each tensor rank, a replicated one on tensor rank 0, a tied
+    embedding on the first stage that holds it (DeepSpeed marks the others' copies
+    ``ds_pipe_replicated``); the squares are summed over the model-parallel group (pipe × tensor).
+    Gradients are already averaged over data-parallel ranks here.
     """
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_record() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
-        )
-
-    engine.clip_fp32_gradients = clip_and_record
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    tp_rank = dims.tp_rank if dims is not None else 0
+    sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    for p in params:
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
+        if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
+            continue
+        sq += p.grad.detach().float().pow(2).sum()
+    if dims is not None and dims.model_group is not None:
+        torch.distributed.all_reduce(sq, group=dims.model_group)
+    norm = sq.sqrt()
+    max_norm = engine.gradient_clipping()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for p in params:
+            p.grad.detach().mul_(coef)
+    engine._global_grad_norm = norm

@@ -107,6 +107,8 @@ class Trainer:
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches: (mean loss, target tokens), on device."""
+        if self.dims.pp > 1:
+            return self._pipeline_step()
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
         after = getattr(self.train_batches, "after_forward", None)
@@ -125,6 +127,21 @@ class Trainer:
             tokens += (batch["labels"] != -100).sum()
         return loss_sum / self.cfg.train.grad_accum, tokens
 
+    def _pipeline_micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Every stage builds the same micro-batches (the sampler is a pure function of the step):
+        # the first stage reads the inputs, the last the labels.
+        return [(b["input_ids"].to(self.device), b["labels"].to(self.device)) for b in batches]
+
+    def _pipeline_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline engine runs all micro-batches of the step on its schedule (1F1B) and
+        returns the loss averaged over them and over data-parallel replicas."""
+        source = self.prefetcher or self.train_batches
+        micro = self._pipeline_micro_batches(
+            source.micro_batch(self.step, m, self.dims.dp_rank) for m in range(self.cfg.train.grad_accum))
+        loss = self.engine.train_batch(data_iter=iter(micro))
+        tokens = sum((labels != -100).sum() for _, labels in micro)
+        return loss.detach().to(self.device), tokens
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over a fixed slice of validation batches, sharded across dp ranks, plus any
@@ -133,7 +150,13 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         after = getattr(self.val_batches, "after_eval_forward", None)
         n = self.cfg.eval.batches
-        for batch in self.val_batches.eval_batches(self.dims.dp_rank, self.dims.dp, n):
+        batches = self.val_batches.eval_batches(self.dims.dp_rank, self.dims.dp, n)
+        if self.dims.pp > 1:
+            micro = self._pipeline_micro_batches(batches)
+            # Averaged over the micro-batches and broadcast to every stage.
+            total += self.engine.eval_batch(iter(micro), num_micro_batches=len(micro)).float().reshape(()) * n
+            batches = []
+        for batch in batches:
             out = self.engine(**self._to_device(batch))
             if after is not None:
                 after(out)

@@ -44,12 +44,14 @@ def _on_local_rank0_first(fn):
 
 
 def set_vocab(cfg: Config, sizes: dict[str, int], where: Path) -> None:
-    """Fill ``null`` vocabulary sizes from the tokenizers; refuse ones too small for them."""
+    """Fill ``null`` vocabulary sizes from the tokenizers (rounded up to
+    ``parallel.vocab_multiple``); refuse ones too small for them."""
     keys = {"vocab_size": "src"} if not cfg.is_seq2seq else {"src_vocab_size": "src", "tgt_vocab_size": "tgt"}
+    mult = cfg.parallel.vocab_multiple
     for key, side in keys.items():
         have, need = getattr(cfg.model, key), sizes[side]
         if have is None:
-            setattr(cfg.model, key, need)
+            setattr(cfg.model, key, -(-need // mult) * mult)
         elif have < need:
             raise DataError(
                 f"tokenizer at {where} has {need} tokens but model.{key}={have}; "
@@ -131,31 +133,71 @@ def _decode_eval(cfg: Config, prep, val_split, eos: int):
     return run
 
 
-def _load_init(model: torch.nn.Module, path: str) -> None:
-    """Initial weights for fine-tuning; a resumed run then overrides them from its checkpoint."""
-    from safetensors.torch import load_model
+def _load_init(model: torch.nn.Module, path: str, rename=None) -> None:
+    """Initial weights for fine-tuning; a resumed run then overrides them from its checkpoint.
+
+    ``rename`` maps this module's parameter names to the file's (single-device) names.
+    """
+    from safetensors import safe_open
 
     if not Path(path).is_file():
         raise DataError(f"train.init_from={path!r}: no such file")
     try:
-        missing, unexpected = load_model(model, path, strict=False)
-    except Exception as e:  # safetensors raises plain errors on corrupt files and bad shapes
+        with safe_open(path, "pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as e:  # safetensors raises plain errors on corrupt files
         raise DataError(f"train.init_from={path!r}: cannot load ({str(e).splitlines()[0]})") from None
-    if missing or unexpected:
-        raise DataError(f"train.init_from={path!r}: weights do not fit model (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+    names = {n: (rename(n) if rename else n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    missing = sorted({v for v in names.values() if v is not None} - stored.keys())
+    unexpected = sorted(stored.keys() - set(names.values()) - {"lm_head.weight"})
+    if missing or unexpected or any(stored[v].shape != p.shape for n, p in model.named_parameters()
+                                    if (v := names[n]) is not None and v in stored):
+        raise DataError(f"train.init_from={path!r}: weights do not fit model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}, or other shapes)")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if names[n] is not None:
+                p.copy_(stored[names[n]])
     _say(f"initialised from {path}")
 
 
-def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """The single-device model with its initial weights, then what is applied from outside
-    (activation checkpointing, compile), in that order; DeepSpeed wraps it afterwards."""
+def reference_model(cfg: Config) -> torch.nn.Module:
+    """The whole single-device model on the meta device (no memory, no init): for parameter
+    counts and FLOPs when this rank holds only a shard or a stage of it."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return models.build(cfg.model, seed=cfg.train.seed)
+
+
+def build_model(cfg: Config, device: torch.device, dims: ParallelDims | None = None) -> torch.nn.Module:
+    """The model with its initial weights, then what is applied from outside (tensor
+    parallelism, activation checkpointing, compile), in that order; DeepSpeed wraps it afterwards.
+
+    Every rank builds the whole model (or its pipeline stage's layers) from the same
+    name-seeded weights on the CPU, then keeps its tensor-parallel slice: every layout starts
+    from the numbers of the single-device model.
+    """
     torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
-    model = models.build(cfg.model, seed=cfg.train.seed)
-    if cfg.train.init_from:
-        _load_init(model, cfg.train.init_from)
+    tp, pp = (dims.tp, dims.pp) if dims is not None else (1, 1)
+    if pp > 1:
+        from trainer.parallel.pipeline import gpt_pipeline, single_device_name
+
+        model = gpt_pipeline(cfg.model, dims.topology, cfg.train.seed, cfg.train.activation_checkpointing)
+        if cfg.train.init_from:
+            _load_init(model, cfg.train.init_from, lambda n: single_device_name(n, cfg.model))
+    else:
+        model = models.build(cfg.model, seed=cfg.train.seed)
+        if cfg.train.init_from:
+            _load_init(model, cfg.train.init_from)
+    if tp > 1:
+        from trainer.parallel.tensor import PARALLEL_RNG_REGIONS, PLANS, apply_tensor_parallel
+
+        fam = cfg.model.family
+        vocab = cfg.model.vocab_size if fam == "gpt" else cfg.model.tgt_vocab_size
+        apply_tensor_parallel(model, PLANS[fam], dims.tp_group, PARALLEL_RNG_REGIONS[fam], vocab)
     model = model.to(device)
-    if cfg.train.activation_checkpointing:
+    if cfg.train.activation_checkpointing and pp == 1:  # the pipeline checkpoints its own layers
         from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
@@ -170,6 +212,8 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     distributed.init_process_group()
     distributed.quiet_deepspeed()
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
+    if dims.tp * dims.pp > 1:
+        dims.grid  # noqa: B018 (creates the process groups: a collective, same point on every rank)
     device = distributed.device()
 
     extra_eval: list = []
@@ -178,18 +222,20 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     else:
         train_b, val_b, tok_files = _lm_data(cfg, dims)
 
+    cfg.check_vocab()
     run_dir.mkdir(parents=True, exist_ok=True)
     if dims.rank == 0:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         for f in tok_files:
             shutil.copyfile(f, run_dir / f.name)
 
-    model = build_model(cfg, device)
-    flops_per_token, _ = model.flops_per_token(cfg.data.seq_len)
+    model = build_model(cfg, device, dims)
+    whole = reference_model(cfg) if dims.tp * dims.pp > 1 else model
+    flops_per_token, _ = whole.flops_per_token(cfg.data.seq_len)
 
     from trainer import engine as engine_mod
 
-    engine, scheduler = engine_mod.initialize(model, cfg)
+    engine, scheduler = engine_mod.initialize(model, cfg, dims)
     ckpt_root = run_dir / "checkpoints"
     # Order matters: the signal check may stop the run at this step, then Checkpoint saves it.
     tok_sha = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tok_files))).hexdigest()
@@ -220,7 +266,7 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
             trainer.load_rank_state(torch.load(rank_file, weights_only=False))
         _say(f"resumed from {resume_from} at step {trainer.step}")
 
-    n = model.num_params()
+    n = whole.num_params()
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "

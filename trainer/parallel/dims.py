@@ -1,8 +1,15 @@
-"""The data/tensor/pipeline degrees of a run and this process's coordinates in them."""
+"""The data/tensor/pipeline degrees of a run, this process's coordinates and its process groups.
+
+Ranks are laid out by DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model):
+rank = pipe · (dp · tp) + data · tp + model, so the tensor-parallel ranks of one replica are
+adjacent and stay inside a node, where their per-layer all-reduces are cheapest.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,25 +17,77 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """dp × tp × pp = world size; today tp = pp = 1, so every rank is its own dp replica."""
+    """dp × tp × pp = world size, and this rank's place in it."""
 
     dp: int
     tp: int
     pp: int
     rank: int
+    _grid: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
 
+    @cached_property
+    def topology(self):
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+
+    @cached_property
+    def _coord(self):
+        return self.topology.get_coord(self.rank)
+
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.tp * self.pp) if self.tp * self.pp > 1 else self.rank
+        return self._coord.data
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coord.model
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coord.pipe
+
+    @property
+    def grid(self):
+        """DeepSpeed's ``PipelineParallelGrid`` over our topology: the process groups.
+
+        Built on first use, which is a collective (every rank creates every group, in the same
+        order), so call it on all ranks at the same point: ``train`` does, before the model.
+        """
+        if not self._grid:
+            from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+            self._grid.append(PipelineParallelGrid(topology=self.topology))
+        return self._grid[0]
+
+    @property
+    def mpu(self):
+        """The model-parallel unit for ``deepspeed.initialize``: the grid when tensor parallel
+        without pipeline; ``None`` otherwise (the pipeline engine builds its own from the
+        topology, and a pure data-parallel run needs none)."""
+        return self.grid if self.tp > 1 and self.pp == 1 else None
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
-        """``None`` is the world group, which is the data-parallel group while tp = pp = 1."""
-        return None
+        """The data-parallel group (``None``, the world, when there is no model parallelism)."""
+        return None if self.tp * self.pp == 1 else self.grid.get_data_parallel_group()
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.grid.get_slice_parallel_group()
+
+    @property
+    def model_group(self) -> dist.ProcessGroup | None:
+        """All ranks of one model replica (pipe × tensor): where a gradient norm is summed."""
+        return None if self.tp * self.pp == 1 else self.grid.get_model_parallel_group()
 
     def dp_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Average a tensor over data-parallel replicas (a collective: every rank must call it)."""

@@ -1,0 +1,122 @@
+"""The GPT as a DeepSpeed ``PipelineModule``: token embedding, positions, blocks, final norm, head.
+
+Layers are built from the model's own classes (``models/gpt.py``) and initialised with the names
+they have in ``GPT`` (``h.3.attn.q_proj.weight`` ...), so a stage that builds only its own layers
+starts from exactly the numbers the whole single-device model would have. The input embedding
+and the output head are one ``TiedLayerSpec``: the first and last stages each hold a copy, and
+DeepSpeed all-reduces the two gradients before every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.gpt import Block, GPTConfig, init_param_
+from models.loss import TokenCrossEntropy
+
+
+def _init(module: nn.Module, prefix: str, cfg: GPTConfig, seed: int) -> None:
+    for name, p in module.named_parameters():
+        init_param_(prefix + name, p, cfg, seed)
+
+
+class TokenEmbedding(nn.Module):
+    """``wte``; with tied embeddings also the output head (``lm_head`` shares the weight)."""
+
+    def __init__(self, cfg: GPTConfig, seed: int, with_head: bool) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if with_head:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head.weight = self.wte.weight
+        _init(self, "", cfg, seed)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)
+
+
+def head_logits(embed: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
+    """The tied head's forward on the last stage."""
+    return embed.lm_head(x)
+
+
+class Positions(nn.Module):
+    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        _init(self, "", cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
+
+
+class BlockPipe(Block):
+    """One Transformer block; between stages only the hidden states travel (no KV cache)."""
+
+    def __init__(self, cfg: GPTConfig, index: int, seed: int) -> None:
+        super().__init__(cfg)
+        _init(self, f"h.{index}.", cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+        super().__init__()
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        _init(self, "", cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(x)
+
+
+class Head(nn.Module):
+    """The output projection when it is not tied to the embedding."""
+
+    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        _init(self, "", cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
+
+
+def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: bool = False):
+    """A ``PipelineModule`` computing what ``GPT(cfg, seed)`` computes, split into balanced stages.
+
+    Batches are ``(input_ids, labels)``; stages are balanced by block count. Names of its
+    parameters (``tied_modules.embed.wte.weight``, ``3.attn.q_proj.weight`` ...) map back to the
+    single-device names through ``single_device_name``.
+    """
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, tied_weight_attr="wte.weight")
+        last = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, forward_fn=head_logits,
+                             tied_weight_attr="wte.weight")
+    else:
+        first = LayerSpec(TokenEmbedding, cfg, seed, False)
+        last = LayerSpec(Head, cfg, seed)
+    layers = [first, LayerSpec(Positions, cfg, seed),
+              *(LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.n_layer)),
+              LayerSpec(FinalNorm, cfg, seed), last]
+    return PipelineModule(
+        layers=layers, topology=topology, loss_fn=TokenCrossEntropy(),
+        partition_method="type:BlockPipe",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+    )
+
+
+def single_device_name(name: str, cfg: GPTConfig) -> str | None:
+    """``GPT`` parameter name of a pipeline parameter name (``None``: a duplicate tied copy)."""
+    parts = name.split(".")
+    if parts[0] == "tied_modules":  # tied_modules.embed.wte.weight / .lm_head.weight
+        return None if parts[2] == "lm_head" else ".".join(parts[2:])
+    idx, rest = int(parts[0]), ".".join(parts[1:])
+    if idx >= 2 and idx < 2 + cfg.n_layer:
+        return f"h.{idx - 2}.{rest}"
+    return rest

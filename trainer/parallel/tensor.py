@@ -1,0 +1,313 @@
+"""Megatron-style tensor parallelism, applied to a single-device model from outside.
+
+The model is built whole (every rank the same name-seeded weights), then ``apply_tensor_parallel``
+replaces the submodules a plan names by sharded versions holding this rank's slice, so every
+layout starts from the same numbers. Communication uses torch.distributed collectives only, so it
+runs on gloo (CPU) and NCCL alike.
+
+The four regions (Shoeybi et al. 2019): a column-parallel linear takes a replicated input
+(``copy``: identity forward, all-reduce of the input gradient backward) and gives a sharded
+output; a row-parallel linear takes the sharded input and sums the partial outputs
+(``reduce``: all-reduce forward, identity backward). Attention heads and the MLP's inner units
+split between them, so one block costs two all-reduces forward and two backward.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- regions
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    # gloo wants contiguous buffers, and an in-place collective must not touch a tensor autograd
+    # saved: reduce a fresh copy.
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return g.chunk(n, dim=-1)[r].contiguous(), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _Copy.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _Reduce.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _Gather.apply(x, group)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _shard(p: torch.Tensor, dim: int, rank: int, n: int, cache: dict) -> nn.Parameter:
+    """This rank's slice of ``p`` along ``dim``, as a parameter tagged tensor-parallel.
+
+    ``cache`` maps an original parameter to its shard, so tied weights stay tied.
+    """
+    if id(p) in cache:
+        return cache[id(p)][1]
+    shard = nn.Parameter(p.detach().chunk(n, dim=dim)[rank].clone(), requires_grad=p.requires_grad)
+    # DeepSpeed counts untagged parameters in gradient norms on tensor rank 0 only.
+    shard.tensor_model_parallel = True
+    shard.partition_dim = dim
+    if getattr(p, "ds_pipe_replicated", False):  # a pipeline's second copy of a tied weight
+        shard.ds_pipe_replicated = True
+    cache[id(p)] = (p, shard)  # holding p keeps its id from being reused
+    return shard
+
+
+def _replicated(p: torch.Tensor | None) -> nn.Parameter | None:
+    return None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W and b split by output rows; the output stays sharded."""
+
+    def __init__(self, full: nn.Linear, group, cache: dict) -> None:
+        super().__init__()
+        self.group = group
+        r, n = dist.get_rank(group), dist.get_world_size(group)
+        self.weight = _shard(full.weight, 0, r, n, cache)
+        self.bias = None if full.bias is None else _shard(full.bias, 0, r, n, cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = Σ_ranks x_r W_rᵀ + b`` with W split by input columns; input sharded, output whole."""
+
+    def __init__(self, full: nn.Linear, group, cache: dict) -> None:
+        super().__init__()
+        self.group = group
+        r, n = dist.get_rank(group), dist.get_world_size(group)
+        self.weight = _shard(full.weight, 1, r, n, cache)
+        # The bias is added once, after the sum: replicated, not sharded.
+        self.bias = _replicated(full.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range; ids outside this rank's range look up zeros,
+    and the all-reduce assembles the full vectors."""
+
+    def __init__(self, full: nn.Embedding, group, cache: dict) -> None:
+        super().__init__()
+        self.group = group
+        r, n = dist.get_rank(group), dist.get_world_size(group)
+        self.weight = _shard(full.weight, 0, r, n, cache)
+        self.start = r * self.weight.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Output projection split by vocabulary (shares the embedding's shard when tied).
+
+    Training mode returns this rank's logits for the vocab-parallel loss; evaluation mode gathers
+    the full logits, which decoding and sampling need.
+    """
+
+    def __init__(self, full: nn.Linear, group, cache: dict) -> None:
+        super().__init__()
+        self.group = group
+        r, n = dist.get_rank(group), dist.get_world_size(group)
+        self.weight = _shard(full.weight, 0, r, n, cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(copy_to_tp(x, self.group), self.weight)
+        return logits if self.training else gather_from_tp(logits, self.group)
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """Cross-entropy over logits split by vocabulary, equal to ``F.cross_entropy`` on the whole.
+
+    Three all-reduces of per-token scalars replace gathering (tokens × vocab) logits: the max
+    (for stability), the sum of exponentials, and the target's logit (owned by one rank).
+    Full logits (evaluation mode of ``VocabParallelHead``) take the plain path.
+    """
+
+    def __init__(self, full_vocab: int, group, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.full_vocab, self.group, self.label_smoothing = full_vocab, group, label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        eps = self.label_smoothing if self.training else 0.0
+        if logits.shape[-1] == self.full_vocab:
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100,
+                                   label_smoothing=eps)
+        x = logits.flatten(0, -2).float()
+        y = labels.flatten()
+        n_local = x.shape[-1]
+        start = dist.get_rank(self.group) * n_local
+        # The max only shifts for stability; it carries no gradient.
+        m = x.detach().max(dim=-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        z = x - m[:, None]
+        sum_exp = reduce_from_tp(z.exp().sum(-1), self.group)
+        local_y = y - start
+        mine = (local_y >= 0) & (local_y < n_local)
+        picked = z.gather(1, local_y.clamp(0, n_local - 1)[:, None]).squeeze(1) * mine
+        target = reduce_from_tp(picked, self.group)
+        lse = sum_exp.log()
+        loss = lse - target
+        if eps:
+            # Smoothing mixes in the mean of -log p over all classes: lse - mean(z).
+            mean_z = reduce_from_tp(z.sum(-1), self.group) / self.full_vocab
+            loss = (1 - eps) * loss + eps * (lse - mean_z)
+        valid = y != -100
+        return (loss * valid).sum() / valid.sum()
+
+
+# --------------------------------------------------------------------------- plans
+
+STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "vocab_loss")
+
+PLANS: dict[str, dict[str, str]] = {
+    # Leading wildcards: the same plan fits GPT (``h.3.attn.q_proj``) and its pipeline stages
+    # (``5.attn.q_proj``, ``tied_modules.embed.wte``).
+    "gpt": {
+        "*wte": "vocab_embedding",
+        "*attn.q_proj": "colwise", "*attn.k_proj": "colwise", "*attn.v_proj": "colwise",
+        "*attn.c_proj": "rowwise",
+        "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
+        "*lm_head": "vocab_head", "loss_fn": "vocab_loss",
+    },
+    "encdec": {
+        "src_embed": "vocab_embedding", "tgt_embed": "vocab_embedding",
+        "*.*.*_attn.q_proj": "colwise", "*.*.*_attn.k_proj": "colwise", "*.*.*_attn.v_proj": "colwise",
+        "*.*.*_attn.o_proj": "rowwise",
+        "*.*.ff.fc1": "colwise", "*.*.ff.fc2": "rowwise",
+        "out": "vocab_head", "loss_fn": "vocab_loss",
+    },
+}
+"""Per family: submodule name pattern (``fnmatch``) ► style."""
+
+# Where activations are sharded (from a module's entry to its row-parallel child): dropout there
+# draws its own random numbers per tensor rank. (start pattern, row-parallel child name).
+PARALLEL_RNG_REGIONS: dict[str, list[tuple[str, str]]] = {
+    "gpt": [("*attn", "c_proj")],
+    "encdec": [("*.*.*_attn", "o_proj"), ("*.*.ff", "fc2")],
+}
+
+
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
+                          rng_regions: list[tuple[str, str]] = (),
+                          full_vocab: int | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """Replace the submodules ``plan`` names by their sharded versions, in place."""
+    cache: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}  # a module reachable under two names (shared embeddings) is sharded once
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for name in names:
+        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(name, pat)), None)
+        if style is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        full = getattr(parent, attr)
+        if id(full) in done:
+            setattr(parent, attr, done[id(full)][1])
+            continue
+        if style == "colwise":
+            new: nn.Module = ColumnParallelLinear(full, group, cache)
+        elif style == "rowwise":
+            new = RowParallelLinear(full, group, cache)
+        elif style == "vocab_embedding":
+            new = VocabParallelEmbedding(full, group, cache)
+        elif style == "vocab_head":
+            new = VocabParallelHead(full, group, cache)
+        elif style == "vocab_loss":
+            new = VocabParallelCrossEntropy(full_vocab or 0, group, getattr(full, "label_smoothing", label_smoothing))
+        else:
+            raise ValueError(f"unknown tensor-parallel style {style!r}; one of {STYLES}")
+        new.train(full.training)
+        done[id(full)] = (full, new)
+        setattr(parent, attr, new)
+    for start, end in rng_regions:
+        for name, mod in model.named_modules():
+            if fnmatch.fnmatchcase(name, start):
+                _tensor_parallel_rng(mod, mod.get_submodule(end), dist.get_rank(group))
+    return model
+
+
+def _tensor_parallel_rng(start: nn.Module, end: nn.Module, tp_rank: int) -> None:
+    """From ``start``'s entry to ``end``'s entry, dropout draws a random stream of its own per
+    tensor rank (Megatron's model-parallel RNG), then the shared stream resumes.
+
+    Everywhere else the activations are replicated and every tensor rank must draw the same
+    masks, which the shared seed gives. The region's seed is drawn from that shared stream and
+    offset by the tensor rank: distinct per rank, and replayed exactly by activation-checkpoint
+    recomputation, which restores the shared stream before re-running a block.
+    """
+    saved: list = []
+
+    def enter(mod, args):
+        if not mod.training:
+            return
+        seed = int(torch.randint(0, 2**62, (1,)))
+        saved.append((torch.get_rng_state(),
+                      torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
+        torch.manual_seed(seed + 7919 * tp_rank)  # also seeds the current CUDA device
+
+    def leave(mod, args):
+        if not saved:
+            return
+        cpu, cuda = saved.pop()
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+    start.register_forward_pre_hook(enter)
+    end.register_forward_pre_hook(leave)
