@@ -83,7 +83,13 @@ class ProgressBar(Callback):
 
 
 class Evaluate(Callback):
-    """Validation loss every ``eval.every`` steps and at the end (a collective)."""
+    """Validation loss every ``eval.every`` steps and at the end (a collective); with
+    ``eval.at_start`` also before the first step."""
+
+    def on_step_start(self, trainer: Trainer) -> None:
+        # At the first step's start, not at train start: every callback (MLflow) is set up.
+        if trainer.step == 0 and trainer.cfg.eval.at_start:
+            trainer.log({"step": 0, **trainer.evaluate()})
 
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.cfg.eval.every

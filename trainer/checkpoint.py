@@ -145,11 +145,23 @@ NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}
 """Model fields a resumed run may change: they do not change the weights' shapes or meaning."""
 
 
-def check_compatible(ckpt: Path, model_cfg: dict[str, Any], tokenizer_sha256: str) -> None:
-    """Refuse to resume a checkpoint of another model shape or tokenizer (one line, exit 2)."""
+def check_compatible(ckpt: Path, model_cfg: dict[str, Any], tokenizer_sha256: str,
+                     layout: dict[str, int] | None = None) -> None:
+    """Refuse to resume a checkpoint of another model shape, tokenizer or parallel layout
+    (one line, exit 2)."""
     import yaml
 
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
+    saved_all = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved = saved_all["model"]
+    if layout is not None:
+        was = {k: saved_all["parallel"][k] for k in layout}
+        if was != layout:
+            fmt = ", ".join
+            raise CheckpointError(
+                f"{ckpt} was saved with {fmt(f'{k}={v}' for k, v in was.items())}; this run has "
+                f"{fmt(f'{k}={v}' for k, v in layout.items())}: resuming needs the same layout; start "
+                f"a new run directory with train.init_from={ckpt} to continue from its weights"
+            )
     diff = [k for k in sorted(set(saved) | set(model_cfg))
             if k not in NOT_SHAPE and saved.get(k) != model_cfg.get(k)]
     if diff:
@@ -191,10 +203,17 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint, whatever its ZeRO stage (consolidated on the CPU)."""
+    """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU)."""
     import yaml
 
-    stage = yaml.safe_load((ckpt / "config.yaml").read_text())["parallel"]["zero_stage"]
+    from trainer.config import Config
+
+    cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        from trainer.parallel.consolidate import consolidate
+
+        return consolidate(ckpt, cfg)
+    stage = cfg.parallel.zero_stage
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")

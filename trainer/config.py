@@ -154,8 +154,10 @@ class TrainConfig(_Section):
     """AdamW kernel: ``fused`` (one kernel, CUDA), ``foreach`` (multi-tensor), ``loop`` (per
     parameter); ``auto`` = fused on CUDA, foreach on CPU."""
     init_from: str | None = None
-    """Start from these weights (a ``model.safetensors`` in our layout, e.g. written by
-    ``seqtrain import-hf`` or ``seqtrain export --format safetensors``) instead of a fresh init."""
+    """Start from these weights instead of a fresh init: a ``model.safetensors`` in our layout
+    (``seqtrain import-hf``, ``seqtrain export --format safetensors``), or a checkpoint or run
+    directory saved under any parallel layout (consolidated, then sharded the new way; the
+    optimizer starts afresh)."""
     scheduled_sampling: ScheduledSamplingConfig = ScheduledSamplingConfig()
     """RNN sequence-to-sequence: feed the model's own predictions with a rising probability."""
 
@@ -193,7 +195,11 @@ class EvalConfig(_Section):
     every: int = Field(100, ge=0)
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     batches: int = Field(8, ge=1)
-    """Micro-batches per rank in one evaluation (a fixed, unshuffled slice of validation)."""
+    """Validation micro-batches in one evaluation, over all data-parallel ranks (a fixed,
+    unshuffled slice of validation, the same for every layout); each rank evaluates its share."""
+    at_start: bool = False
+    """Also evaluate before the first step (the starting point of a fine-tune or of weights
+    resharded from another layout through ``train.init_from``)."""
     decode_samples: int = Field(200, ge=0)
     """Sequence-to-sequence: validation pairs decoded at each evaluation for exact match, BLEU
     and chrF (sacrebleu); 0 turns decoding off."""
@@ -292,6 +298,11 @@ class Config(_Section):
                 f"train.global_batch_size={gbs} != train.micro_batch_size ({t.micro_batch_size}) × "
                 f"train.grad_accum ({accum}) × dp ({dp}) = {per_step * accum}"
             )
+        if p.pp > 1 and self.eval.batches % dp:
+            raise ConfigError(
+                f"eval.batches={self.eval.batches} is not a multiple of dp={dp}: the pipeline "
+                "engine evaluates equal shares on every data-parallel rank"
+            )
         out = self.model_copy(deep=True)
         out.parallel.dp = dp
         out.train.grad_accum = accum
@@ -320,9 +331,9 @@ class Config(_Section):
             if m.n_layer < p.pp:
                 raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every "
                                   "stage needs at least one block")
-            if self.data.tbptt or self.train.compile:
-                raise ConfigError(f"parallel.pp={p.pp} does not combine with "
-                                  f"{'data.tbptt' if self.data.tbptt else 'train.compile'}")
+            if self.train.compile:
+                raise ConfigError(f"parallel.pp={p.pp} does not combine with train.compile yet; "
+                                  "compile without pipeline parallelism")
         if p.tp > 1:
             heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
             for key, n in heads.items():

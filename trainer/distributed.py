@@ -63,8 +63,12 @@ def barrier() -> None:
 
 
 def quiet_deepspeed() -> None:
-    """DeepSpeed logs every config key at INFO on every rank; keep warnings only."""
+    """DeepSpeed logs every config key at INFO on every rank; keep warnings only (and not the
+    deprecation notices of torch APIs it calls, which users cannot act on)."""
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
     from deepspeed.utils import logger
 

@@ -144,25 +144,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over a fixed slice of validation batches, sharded across dp ranks, plus any
-        extra evaluations (decoding metrics of sequence-to-sequence models)."""
+        """Mean loss over a fixed slice of ``eval.batches`` validation micro-batches, shared out
+        across dp ranks (the same slice for every layout), plus any extra evaluations
+        (decoding metrics of sequence-to-sequence models)."""
         self.engine.eval()
+        n, dp, rank = self.cfg.eval.batches, self.dims.dp, self.dims.dp_rank
+        # Rank r takes global batches r, r + dp, ...; every rank runs the same count (ZeRO-3
+        # gathers parameters collectively in forward), a surplus one weighted zero.
+        rounds = -(-n // dp)
         total = torch.zeros((), device=self.device)
-        after = getattr(self.val_batches, "after_eval_forward", None)
-        n = self.cfg.eval.batches
-        batches = self.val_batches.eval_batches(self.dims.dp_rank, self.dims.dp, n)
-        if self.dims.pp > 1:
+        batches = self.val_batches.eval_batches(rank, dp, rounds)
+        if self.dims.pp > 1:  # n is a multiple of dp here (Config.resolve)
             micro = self._pipeline_micro_batches(batches)
-            # Averaged over the micro-batches and broadcast to every stage.
-            total += self.engine.eval_batch(iter(micro), num_micro_batches=len(micro)).float().reshape(()) * n
+            # The mean over the micro-batches, broadcast to every stage.
+            mean = self.engine.eval_batch(iter(micro), num_micro_batches=rounds).float().reshape(())
+            total += mean * rounds
             batches = []
-        for batch in batches:
+        after = getattr(self.val_batches, "after_eval_forward", None)
+        for b, batch in enumerate(batches):
             out = self.engine(**self._to_device(batch))
             if after is not None:
                 after(out)
-            total += _loss(out).float()
-        # Collective + host sync: every rank evaluates the same number of batches.
-        metrics = {"val_loss": float(self.dims.dp_mean(total / n))}
+            if b * dp + rank < n:
+                total += _loss(out).float()
+        # Collective + host sync.
+        metrics = {"val_loss": float(self.dims.dp_mean(total)) * dp / n}
         for fn in self.extra_eval:
             metrics.update(fn(self))
         self.engine.train()

@@ -140,13 +140,18 @@ def _load_init(model: torch.nn.Module, path: str, rename=None) -> None:
     """
     from safetensors import safe_open
 
-    if not Path(path).is_file():
-        raise DataError(f"train.init_from={path!r}: no such file")
-    try:
-        with safe_open(path, "pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except Exception as e:  # safetensors raises plain errors on corrupt files
-        raise DataError(f"train.init_from={path!r}: cannot load ({str(e).splitlines()[0]})") from None
+    if Path(path).is_dir():
+        # A checkpoint (or run directory) of any layout, consolidated to whole weights: this
+        # run then shards them its own way. The optimizer state starts afresh.
+        stored = checkpoint.load_model_state(checkpoint.resolve(path))
+    elif not Path(path).is_file():
+        raise DataError(f"train.init_from={path!r}: no such file or checkpoint directory")
+    else:
+        try:
+            with safe_open(path, "pt") as f:
+                stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        except Exception as e:  # safetensors raises plain errors on corrupt files
+            raise DataError(f"train.init_from={path!r}: cannot load ({str(e).splitlines()[0]})") from None
     names = {n: (rename(n) if rename else n) for n, _ in model.named_parameters(remove_duplicate=False)}
     missing = sorted({v for v in names.values() if v is not None} - stored.keys())
     unexpected = sorted(stored.keys() - set(names.values()) - {"lm_head.weight"})
@@ -258,7 +263,11 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
 
     resume_from = checkpoint.latest_valid(ckpt_root, warn=_say)
     if resume_from is not None:
-        checkpoint.check_compatible(resume_from, cfg.model.model_dump(mode="json"), tok_sha)
+        p = cfg.parallel
+        # DeepSpeed reloads its own shards only into the layout that wrote them.
+        layout = {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage,
+                  **({"dp": p.dp} if p.zero_stage else {})}
+        checkpoint.check_compatible(resume_from, cfg.model.model_dump(mode="json"), tok_sha, layout)
         _, client_state = engine.load_checkpoint(str(ckpt_root), tag=resume_from.name)
         trainer.load_client_state(client_state)
         rank_file = checkpoint.rank_state_file(resume_from, dims.rank)

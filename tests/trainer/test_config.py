@@ -102,3 +102,30 @@ def test_every_field_is_documented():
                 walk(ann)
 
     walk(Config)
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, world, expected",
+    [
+        ("rnn/lstm-lm-debug.yaml", ["parallel.tp=2"], 2, "tensor parallelism is available for model.family gpt and encdec, not rnn_lm"),
+        ("encdec/debug.yaml", ["parallel.pp=2"], 2, "pipeline parallelism is available for model.family gpt only, not encdec"),
+        ("gpt/debug.yaml", ["parallel.pp=2", "parallel.zero_stage=2"], 2, "supports ZeRO stage 0 or 1 only"),
+        ("gpt/debug.yaml", ["parallel.pp=8", "model.n_layer=4"], 8, "parallel.pp=8 exceeds model.n_layer=4"),
+        ("gpt/debug.yaml", ["parallel.tp=4", "model.n_head=6"], 4, "model.n_head=6 is not divisible by parallel.tp=4"),
+        ("gpt/debug.yaml", ["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by parallel.tp × parallel.pp = 4"),
+        ("gpt/debug.yaml", ["parallel.pp=2", "eval.batches=3", "train.micro_batch_size=8"], 4, "eval.batches=3 is not a multiple of dp=2"),
+        ("gpt/debug.yaml", ["parallel.pp=2", "train.compile=true"], 2, "parallel.pp=2 does not combine with train.compile"),
+    ],
+)
+def test_unsupported_parallel_layouts_are_refused_in_one_line(preset, overrides, world, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(REPO / "configs" / preset), overrides).resolve(world)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vocabulary_must_split_over_tensor_ranks():
+    cfg = load_config(PRESET, ["parallel.tp=2", "model.vocab_size=301"]).resolve(2)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=301 is not divisible by parallel.tp=2; "
+                                          r"set parallel.vocab_multiple=128"):
+        cfg.check_vocab()
+    load_config(PRESET, ["parallel.tp=2", "model.vocab_size=302"]).resolve(2).check_vocab()

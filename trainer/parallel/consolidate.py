@@ -1,0 +1,82 @@
+"""Whole single-device weights from a checkpoint saved under tensor and/or pipeline parallelism.
+
+DeepSpeed writes, per tensor rank ``t``, ``mp_rank_{t}_model_states.pt`` (the module's state)
+or, under a pipeline, one ``layer_{i}-model_{t}-model_states.pt`` per layer. We map pipeline
+layer names back to ``GPT`` names, then concatenate tensor-parallel shards along the dimension
+the family's plan split them (the same plan that sharded them): consolidate, then any layout
+can shard again (``train.init_from``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+import torch
+
+from trainer.errors import CheckpointError
+
+# Style ► dimension of the weight (and bias) shards; None: replicated (rank 0's copy).
+_WEIGHT_DIM = {"colwise": 0, "vocab_embedding": 0, "vocab_head": 0, "rowwise": 1}
+_BIAS_DIM = {"colwise": 0, "rowwise": None}
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path.parent}: unreadable checkpoint file {path.name} ({msg})") from None
+
+
+def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tensor]:
+    """One tensor rank's parameters under their single-device names, from the layer files."""
+    from trainer.parallel.pipeline import single_device_name
+
+    out: dict[str, torch.Tensor] = {}
+    files = sorted(ckpt.glob(f"layer_*-model_{t:02d}-model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no pipeline layer files for tensor rank {t}")
+    for f in files:
+        idx = int(re.match(r"layer_(\d+)-", f.name).group(1))
+        for k, v in _load(f).items():
+            # Layer 0 is the token embedding (a tied module when the head shares it).
+            name = k if idx == 0 else single_device_name(f"{idx}.{k}", model_cfg)
+            if name is not None:
+                out[name] = v
+    if model_cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]  # as GPT's state dict lists the tied head
+    return out
+
+
+def _merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
+    from trainer.parallel.tensor import PLANS
+
+    plan = PLANS[family]
+    merged = {}
+    for name, first in states[0].items():
+        module, _, kind = name.rpartition(".")
+        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(module, pat)), None)
+        dim = (_WEIGHT_DIM if kind == "weight" else _BIAS_DIM).get(style) if style else None
+        merged[name] = first if dim is None else torch.cat([s[name] for s in states], dim=dim)
+    return merged
+
+
+def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
+    """Whole fp32 weights of a tensor- and/or pipeline-parallel checkpoint (``cfg``: its config)."""
+    p = cfg.parallel
+    if p.zero_stage == 3:
+        raise CheckpointError(f"{ckpt}: consolidating ZeRO-3 shards of a tensor-parallel run is not "
+                              "supported; train tensor-parallel runs with ZeRO 0-2")
+    states = []
+    for t in range(p.tp):
+        if p.pp > 1:
+            states.append(_pipeline_rank_state(ckpt, t, cfg.model))
+        else:
+            # Under ZeRO 1/2 in fp32 the module's parameters are the master weights themselves.
+            f = ckpt / f"mp_rank_{t:02d}_model_states.pt"
+            if not f.is_file():
+                raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")
+            states.append(_load(f)["module"])
+    return {k: v.float() for k, v in _merge_tensor_parallel(states, cfg.model.family).items()}
