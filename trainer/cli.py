@@ -118,8 +118,10 @@ def run(argv: list[str] | None = None) -> int:
         from trainer import distributed
         from trainer.train import train
 
-        train(cfg, args.run_dir or Path("runs") / cfg.name)
+        trainer = train(cfg, args.run_dir or Path("runs") / cfg.name)
         distributed.shutdown()
+        if trainer.diverged:
+            return 3  # a failed job for the scheduler, unlike a clean preemption stop
     elif args.command == "generate" and (args.source or args.input):
         from trainer.generate import translate
 

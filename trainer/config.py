@@ -141,6 +141,10 @@ class TrainConfig(_Section):
     """Training precision; fp16 uses dynamic loss scaling and needs a GPU."""
     log_every: int = Field(10, ge=1)
     """Log metrics every this many steps (the only host sync point of the loop)."""
+    nonfinite_patience: int = Field(5, ge=0)
+    """Skip any update whose gradients hold NaN/inf (the step still counts and is logged); stop
+    the run, with a checkpoint of the last good weights, after this many skipped in a row.
+    0 turns the check off (it costs one scalar all-reduce per step)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
     compile: bool = False

@@ -89,6 +89,11 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims | None = None):
         mpu=dims.mpu if dims is not None else None,
     )
     engine.clip_fp32_gradients = functools.partial(clip_fp32_gradients, engine, dims)
+    engine.nonfinite_guard = None
+    if cfg.train.nonfinite_patience:
+        from trainer.nonfinite import NonFiniteGuard
+
+        engine.nonfinite_guard = NonFiniteGuard(opt)
     return engine, sched
 
 

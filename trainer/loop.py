@@ -60,6 +60,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.stop_reason: str | None = None
+        self.diverged = False
+        self._skipped_before = 0  # skipped updates of the run before this process resumed it
+        self._skipped_seen = 0
+        self._consecutive_skips = 0
         self.extra_eval: list = []  # functions (trainer) -> dict of metrics, run at each evaluation
         self.prefetcher = None
 
@@ -74,6 +78,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -85,6 +90,7 @@ class Trainer:
     def load_client_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self._skipped_before = self._skipped_seen = int(state.get("skipped_steps", 0))
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -174,6 +180,39 @@ class Trainer:
         self.engine.train()
         return metrics
 
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped over the whole run: by our guard (``trainer/nonfinite.py``) or by
+        DeepSpeed itself (ZeRO's overflow check, the fp16 loss scaler); host counters."""
+        guard = getattr(self.engine, "nonfinite_guard", None)
+        return self._skipped_before + (guard.skipped if guard else 0) + self.engine.skipped_steps
+
+    def _check_divergence(self) -> None:
+        """Count updates skipped in a row; stop after ``train.nonfinite_patience`` of them.
+
+        fp16 overflows do not count: halving the loss scale until gradients fit is the scaler's
+        normal work (DeepSpeed stops by itself at the minimum scale).
+        """
+        k = self.cfg.train.nonfinite_patience
+        total = self.skipped_steps
+        if total > self._skipped_seen and self.cfg.train.precision != "fp16":
+            self._consecutive_skips += 1
+        else:
+            self._consecutive_skips = 0
+        self._skipped_seen = total
+        if k and self._consecutive_skips >= k:
+            self.diverged = True
+            self.stop(f"{k} consecutive steps with non-finite gradients; the weights are those of "
+                      f"step {self.step - k}, before them")
+
+    def _loss_scale(self) -> dict[str, float]:
+        """fp16: DeepSpeed's dynamic loss scale (it halves on each overflow)."""
+        if self.cfg.train.precision != "fp16":
+            return {}
+        opt = self.engine.optimizer
+        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+        return {} if scale is None else {"loss_scale": float(scale)}
+
     def stop(self, reason: str) -> None:
         """Finish after the current step (callbacks' end hooks still run: a checkpoint is saved)."""
         self.stop_reason = reason
@@ -201,6 +240,7 @@ class Trainer:
                 loss, tokens = self.train_step()
             tokens_window += tokens
             self.step += 1
+            self._check_divergence()  # host counters the skip checks already synced: no extra sync
             if self.step % every == 0 or self.step == steps:
                 # Host sync point: the all-reduces and .item() wait for the step to finish.
                 mean_loss = float(self.dims.dp_mean(loss))
@@ -219,6 +259,8 @@ class Trainer:
                     "mfu": tok_s / self.dims.world_size * self.flops_per_token / self.peak_flops,
                     "tokens": self.tokens_seen,
                     "epoch": self.train_batches.epoch_of(self.step),
+                    "skipped_steps": self.skipped_steps,
+                    **self._loss_scale(),
                 })
             for cb in self.callbacks:
                 cb.on_step_end(self)

@@ -282,7 +282,10 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
         f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, device {device}"
     )
     trainer.fit()
-    if trainer.stop_reason:
+    if trainer.diverged:
+        _say(f"stopped at step {trainer.step}: {trainer.stop_reason}; checkpoint saved. Lower "
+             "train.lr, raise train.warmup_steps or check the data, then resume or restart")
+    elif trainer.stop_reason:
         _say(f"stopped at step {trainer.step} ({trainer.stop_reason}); checkpoint saved, run the "
              "same command to resume")
     _say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")

@@ -1,0 +1,50 @@
+"""Non-finite guard: a NaN step is skipped on every rank; K in a row stop the run with a checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY, read_metrics, run_cli, sets
+from trainer.checkpoint import load_model_state, verify
+
+PRESET = str(REPO / "configs/gpt/debug.yaml")
+
+
+def _weights(run_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_model_state(run_dir / "checkpoints" / f"step_{step:08d}")
+
+
+@pytest.mark.distributed
+def test_nan_step_is_skipped_on_every_rank_and_training_goes_on(tiny_corpus, cache_dir, tmp_path):
+    """ZeRO-1 under dp2, the NaN only on rank 1: both ranks skip the update of step 3 (the
+    weights and optimizer state stay those of step 2), then train on."""
+    run = tmp_path / "run"
+    args = [*TINY, f"data.source={tiny_corpus}", "train.steps=6", "train.global_batch_size=8",
+            "parallel.zero_stage=1", "checkpoint.every=1", "checkpoint.keep_last=null"]
+    run_cli(["train", PRESET, "--run-dir", str(run), *sets(*args)], cache_dir, nproc=2,
+            env={"SEQTRAIN_FAULT": "nan@3:r1"})
+    rows, _ = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert math.isnan(rows[2]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    w2, w3, w4 = _weights(run, 2), _weights(run, 3), _weights(run, 4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # no update at all: not even weight decay
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # and the next step updates again
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_consecutive_nan_steps_stop_the_run_with_a_valid_checkpoint(tiny_corpus, cache_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, f"data.source={tiny_corpus}", "train.steps=12", "checkpoint.every=2", "checkpoint.keep_last=null",
+            "train.nonfinite_patience=3"]
+    p = run_cli(["train", PRESET, "--run-dir", str(run), *sets(*args)], cache_dir, check=False,
+                env={"SEQTRAIN_FAULT": "nan@3-20"})
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "stopped at step 5: 3 consecutive steps with non-finite gradients; the weights are those of step 2" in p.stdout
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000005"
+    assert verify(run / "checkpoints/step_00000005") is None
+    w2, w5 = _weights(run, 2), _weights(run, 5)
+    assert all(torch.equal(w2[k], w5[k]) and torch.isfinite(w5[k]).all() for k in w2)
