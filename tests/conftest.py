@@ -55,11 +55,11 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
 
 def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, check: bool = True,
             nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess:
+            torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``seqtrain ARGS`` in a fresh process (``torchrun --nproc_per_node`` when nproc > 1)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "trainer", *args]
+               f"--nproc_per_node={nproc}", *torchrun_args, "-m", "trainer", *args]
     else:
         cmd = [sys.executable, "-m", "trainer", *args]
     p = subprocess.run(cmd, cwd=cwd or REPO, env={**cli_env(cache_dir), **(env or {})}, capture_output=True,

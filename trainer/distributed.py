@@ -54,7 +54,29 @@ def init_process_group() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and not torch.distributed.is_initialized():
+        _init_restarted(backend, attempt)
+    # Adopts an existing process group, or creates one from the environment (env://).
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def _init_restarted(backend: str, attempt: str) -> None:
+    """The process group of workers that torchrun restarted (``--max-restarts``).
+
+    The agent's store outlives the workers and still holds the addresses the dead attempt's
+    ranks published; with env:// a restarted rank can read a dead peer's address and fail to
+    connect ("Connection refused"). Keys under a per-attempt prefix cannot be stale.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(),
+                          is_master=not agent_store and rank() == 0, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"seqtrain/attempt_{attempt}", store),
+                            rank=rank(), world_size=world_size())
 
 
 def barrier() -> None:
