@@ -101,6 +101,33 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    sc = sub.add_parser("scaling", help="scaling-law experiments: plan an IsoFLOP grid, run it, fit a law")
+    ssub = sc.add_subparsers(dest="scaling_command", required=True)
+    sp = ssub.add_parser("plan", help="one training config per (budget, size) and plan.csv")
+    sp.add_argument("ladder", help="ladder YAML, e.g. configs/scaling/cpu-demo.yaml")
+    sp.add_argument("--out", type=Path, required=True, help="plan directory")
+    sr = ssub.add_parser("run", help="train the plan's unfinished points (resumable)")
+    sr.add_argument("plan", type=Path, help="plan directory")
+    sr.add_argument("--executor", choices=["local", "slurm"], default="local")
+    sr.add_argument("--nproc-per-node", type=int, default=1, help="processes per point")
+    sr.add_argument("--partition")
+    sr.add_argument("--account")
+    sr.add_argument("--time", default="01:00:00", help="Slurm time limit per point")
+    sr.add_argument("--gpus-per-node", type=int, default=0)
+    sf = ssub.add_parser("fit", help="fit Approach 2 and 3 (Hoffmann et al. 2022) laws, plot them")
+    src = sf.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", help="MLflow experiment of a ladder's runs")
+    src.add_argument("--csv", type=Path, help="CSV with columns N,D,loss (and optionally C)")
+    sf.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's local default)")
+    sf.add_argument("--out", type=Path, help="directory for fit.json and the plots")
+    sf.add_argument("--predict", type=float, action="append", default=[], metavar="C",
+                    help="predict N_opt, D_opt and loss at this compute budget (repeatable)")
+    sf.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    sf.add_argument("--json", action="store_true", help="print the result as JSON")
+    scm = ssub.add_parser("compare", help="loss against non-embedding parameters for several ladders")
+    scm.add_argument("plans", type=Path, nargs="+", help="plan directories (with results.csv)")
+    scm.add_argument("--out", type=Path, required=True, help="PNG to write")
+
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dp = dsub.add_parser("prepare", help="tokenize the corpus of a config into packed shards")
@@ -166,6 +193,10 @@ def run(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}; fine-tune with: seqtrain train {cfg_path} --set data.source=...")
     elif args.command == "launch":
         return _launch(args)
+    elif args.command == "scaling":
+        from tools.scaling.cli import scaling
+
+        return scaling(args)
     elif args.command == "data":
         cfg = load_config(args.config, args.overrides)
         from trainer.data import prepare

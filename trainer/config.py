@@ -223,6 +223,8 @@ class TrackingConfig(_Section):
     directory, opened with ``mlflow ui``); a server URL on a cluster."""
     experiment: str = "seqtrain"
     """MLflow experiment name."""
+    tags: dict[str, str] = {}
+    """MLflow tags of the run (a scaling ladder tags budget, N, D and family)."""
 
 
 class Config(_Section):

@@ -52,7 +52,7 @@ class MLflowTracker(Callback):
             id_file.write_text(run.info.run_id)
             mlflow.log_params(flatten(trainer.cfg.model_dump(mode="json")))
             mlflow.log_text(trainer.cfg.to_yaml(), "config.yaml")
-            mlflow.set_tag("run_dir", str(self.run_dir.resolve()))
+            mlflow.set_tags({"run_dir": str(self.run_dir.resolve()), **t.tags})
         self.active = True
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,146 @@
+"""Scaling laws: the fitter recovers known laws, the planner hits its budgets, and a micro ladder
+goes plan ► run ► fit through MLflow (6 tiny points: the fitted law has 5 parameters)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, cli_env, run_cli
+from tools.scaling.fit import Points, fit_all, fit_approach2, law, optimal_allocation, predict
+
+LAWS = [
+    {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},  # Hoffmann et al.'s fit
+    {"E": 2.0, "A": 50.0, "B": 2000.0, "alpha": 0.25, "beta": 0.45},
+    {"E": 1.2, "A": 900.0, "B": 120.0, "alpha": 0.5, "beta": 0.3},
+]
+
+
+def isoflop_points(p: dict, noise: float, seed: int = 0, budgets=(1e17, 1e18, 1e19, 1e20, 1e21)) -> Points:
+    """Seven sizes around each budget's optimum (a factor 10 either way), log-normal noise."""
+    rng = np.random.default_rng(seed)
+    s = p["alpha"] + p["beta"]
+    full = {**p, "a": p["beta"] / s, "b": p["alpha"] / s}
+    N, C = [], []
+    for c in budgets:
+        n_opt = optimal_allocation(full, c)["N_opt"]
+        for f in np.logspace(-1, 1, 7):
+            N.append(n_opt * f)
+            C.append(c)
+    N, C = np.array(N), np.array(C)
+    D = C / (6 * N)
+    return Points(N, D, law(p, N, D) * np.exp(rng.normal(0, noise, len(N))), C)
+
+
+@pytest.mark.parametrize("p", LAWS, ids=["chinchilla", "beta>alpha", "alpha>beta"])
+def test_approach3_recovers_a_known_law_from_noisy_points(p):
+    res = fit_all(isoflop_points(p, noise=0.003), bootstrap=20)
+    assert res["alpha"] == pytest.approx(p["alpha"], abs=0.03)
+    assert res["beta"] == pytest.approx(p["beta"], abs=0.03)
+    assert res["E"] == pytest.approx(p["E"], rel=0.03)
+    assert res["a"] == pytest.approx(p["beta"] / (p["alpha"] + p["beta"]), abs=0.02)
+    lo, hi = res["ci"]["alpha"]
+    assert lo <= res["alpha"] <= hi and hi - lo < 0.1
+
+
+@pytest.mark.parametrize("p", LAWS[1:], ids=["beta>alpha", "alpha>beta"])
+def test_approach2_recovers_the_compute_optimal_exponents(p):
+    res = fit_approach2(isoflop_points(p, noise=0.0))
+    s = p["alpha"] + p["beta"]
+    assert res["a"] == pytest.approx(p["beta"] / s, abs=0.01)
+    assert res["b"] == pytest.approx(p["alpha"] / s, abs=0.01)
+    assert all(m["bracketed"] for m in res["budgets"])
+
+
+def test_fit_cli_from_csv_writes_json_and_plots(tmp_path, cache_dir):
+    pts = isoflop_points(LAWS[0], noise=0.003)
+    f = tmp_path / "points.csv"
+    with f.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["N", "D", "loss"])
+        w.writerows(zip(pts.N, pts.D, pts.loss, strict=True))
+    p = run_cli(["scaling", "fit", "--csv", str(f), "--json", "--bootstrap", "10", "--predict", "5.76e23",
+                 "--out", str(tmp_path / "fit")], cache_dir)
+    res = json.loads(p.stdout[p.stdout.index("{"):])
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "ci", "approach2", "predictions"} <= res.keys()
+    # Chinchilla's budget: its law puts N_opt near 40B parameters and D_opt near 2T tokens.
+    q = res["predictions"][0]["approach3"]
+    assert 2e10 < q["N_opt"] < 8e10 and 1e12 < q["D_opt"] < 5e12
+    assert {x.name for x in (tmp_path / "fit").iterdir()} >= {
+        "fit.json", "isoflop.png", "frontier.png", "contours.png", "residuals.png"}
+    bad = run_cli(["scaling", "fit", "--csv", str(tmp_path / "nope.csv")], cache_dir, check=False)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_prediction_follows_the_closed_form():
+    p = {**LAWS[0], "a": 0.28 / 0.62, "b": 0.34 / 0.62}
+    q = predict({"approach3": p, "approach2": {}}, 1e21)["approach3"]
+    assert 6 * q["N_opt"] * q["D_opt"] == pytest.approx(1e21, rel=1e-9)
+    # Optimal: moving along the budget in either direction raises the predicted loss.
+    for f in (0.9, 1.1):
+        assert law(p, q["N_opt"] * f, q["D_opt"] / f) > q["loss"]
+
+
+MICRO = """
+name: micro-ladder
+base: {base}
+family: gpt
+budgets: [2.0e9, 6.0e9]
+points_per_budget: 3
+scales: [1, 2, 3, 4, 5, 6]
+aspect: 32
+head_dim: 8
+tokens_per_param: [0.2, 5000]
+batch_size: 8
+min_steps: 20
+overrides:
+  - data.source={corpus}
+  - data.tokenizer.vocab_size=300
+  - data.seq_len=32
+  - model.max_seq_len=32
+  - eval.batches=2
+  - tracking.uri=sqlite:///{db}
+"""
+
+
+def test_planner_hits_its_budgets_and_micro_ladder_runs_plan_to_fit(tmp_path, cache_dir, tiny_corpus):
+    ladder = tmp_path / "ladder.yaml"
+    db = tmp_path / "mlflow.db"
+    ladder.write_text(MICRO.format(base=REPO / "configs/gpt/debug.yaml", corpus=tiny_corpus, db=db))
+    plan_dir = tmp_path / "plan"
+    run_cli(["scaling", "plan", str(ladder), "--out", str(plan_dir)], cache_dir)
+    rows = list(csv.DictReader((plan_dir / "plan.csv").open()))
+    assert len(rows) == 6 and {r["budget"] for r in rows} == {"2000000000.0", "6000000000.0"}
+    for r in rows:
+        assert abs(float(r["achieved_flops"]) / float(r["budget"]) - 1) <= 0.02
+        cfg = yaml.safe_load((plan_dir / "points" / f"{r['point']}.yaml").read_text())
+        assert cfg["train"]["steps"] == int(r["steps"]) and cfg["tracking"]["tags"]["budget"]
+        # Exact FLOPs count attention: above the 6N approximation.
+        assert float(r["flops_per_token"]) > float(r["flops_per_token_6n"])
+
+    env = cli_env(cache_dir)
+    p = subprocess.run([sys.executable, "-m", "trainer", "scaling", "run", str(plan_dir)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    results = list(csv.DictReader((plan_dir / "results.csv").open()))
+    assert len(results) == 6 and all(float(r["loss"]) > 0 for r in results)
+    # Resumable: a second run finds nothing left to train.
+    again = run_cli(["scaling", "run", str(plan_dir)], cache_dir)
+    assert "0 of 6 points to train" in again.stdout
+
+    fit = run_cli(["scaling", "fit", "--experiment", "micro-ladder", "--tracking-uri", f"sqlite:///{db}",
+                   "--json", "--bootstrap", "5", "--out", str(tmp_path / "fit")], cache_dir)
+    res = json.loads(fit.stdout[fit.stdout.index("{"):])
+    assert res["points"] == 6 and np.isfinite(res["E"])
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["micro-ladder"])
+    assert set(runs["tags.budget"].dropna()) == {"2e+09", "6e+09"}
+    assert (runs["tags.kind"] == "scaling-fit").sum() == 1

@@ -1,0 +1,272 @@
+"""Fit scaling laws to (N, D, loss) points, as Hoffmann et al. (2022) do.
+
+Approach 2 (IsoFLOP profiles): per compute budget, a parabola of loss in ln N; its minimum gives
+N_opt(C) (and D_opt(C) from the budget's own N-D relation); power laws N_opt ∝ C^a, D_opt ∝ C^b
+through the minima.
+
+Approach 3 (parametric): L(N, D) = E + A / N^α + B / D^β, fitted with the prediction in
+log-sum-exp form, log L̂ = LSE(log A − α ln N, log B − β ln D, log E), and a Huber loss
+(δ = 1e-3) on log L̂ − log L, summed over points (a mean-reduced objective or loose tolerances
+stall L-BFGS near its start), minimised by L-BFGS from the best initialisations of Hoffmann's
+grid (α, β ∈ {0, 0.5, …, 2}, log E ∈ {−1, −0.5, …, 1}, log A, log B ∈ {0, 5, …, 25}).
+Under C = 6ND the compute-optimal allocation is N_opt = G (C/6)^a, D_opt = G⁻¹ (C/6)^b with
+a = β/(α+β), b = α/(α+β), G = (αA / βB)^(1/(α+β)).
+
+Intervals: bootstrap over points (resampled with replacement), 2.5th and 97.5th percentiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp
+
+from trainer.errors import DataError
+
+HUBER_DELTA = 1e-3
+GRID = {
+    "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
+}
+PARAMS = ("E", "A", "B", "alpha", "beta", "a", "b")
+
+
+@dataclass
+class Points:
+    N: np.ndarray
+    D: np.ndarray
+    loss: np.ndarray
+    C: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.N)
+
+    def take(self, idx: np.ndarray) -> Points:
+        return Points(self.N[idx], self.D[idx], self.loss[idx], self.C[idx])
+
+
+def _grid() -> np.ndarray:
+    """Initialisations as rows (e, a, b, alpha, beta)."""
+    g = GRID
+    return np.array(list(itertools.product(g["e"], g["a"], g["b"], g["alpha"], g["beta"])))
+
+
+def _objective(theta: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed Huber loss of log-space residuals and its gradient in (e, a, b, alpha, beta)."""
+    e, a, b, alpha, beta = theta
+    terms = np.stack([a - alpha * lnN, b - beta * lnD, np.full_like(lnN, e)])
+    pred = logsumexp(terms, axis=0)
+    r = pred - lnL
+    small = np.abs(r) <= HUBER_DELTA
+    value = np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum()
+    dr = np.where(small, r, HUBER_DELTA * np.sign(r))
+    w = np.exp(terms - pred)  # softmax weights: d pred / d term
+    grad = np.array([(dr * w[2]).sum(), (dr * w[0]).sum(), (dr * w[1]).sum(),
+                     (dr * w[0] * -lnN).sum(), (dr * w[1] * -lnD).sum()])
+    return float(value), grad
+
+
+def _objective_many(thetas: np.ndarray, lnN, lnD, lnL) -> np.ndarray:
+    """The objective at many parameter rows at once (to rank the initialisation grid)."""
+    e, a, b, alpha, beta = (thetas[:, i : i + 1] for i in range(5))
+    terms = np.stack([a - alpha * lnN, b - beta * lnD, np.broadcast_to(e, (len(thetas), len(lnN)))])
+    r = logsumexp(terms, axis=0) - lnL
+    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(1)
+
+
+def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] = ()) -> dict[str, float]:
+    """L(N, D) = E + A/N^α + B/D^β by L-BFGS from the ``starts`` best grid initialisations."""
+    lnN, lnD, lnL = np.log(pts.N), np.log(pts.D), np.log(pts.loss)
+    grid = _grid()
+    order = np.argsort(_objective_many(grid, lnN, lnD, lnL))[:starts]
+    best = None
+    for x0 in [*grid[order], *extra_starts]:
+        res = minimize(_objective, x0, args=(lnN, lnD, lnL), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
+        if best is None or res.fun < best.fun:
+            best = res
+    e, a, b, alpha, beta = best.x
+    out = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+           "objective": float(best.fun), "theta": best.x.tolist()}
+    s = alpha + beta
+    out["a"], out["b"] = (beta / s, alpha / s) if s > 0 else (float("nan"), float("nan"))
+    return out
+
+
+def law(p: dict[str, float], N, D):
+    return p["E"] + p["A"] / np.asarray(N, float) ** p["alpha"] + p["B"] / np.asarray(D, float) ** p["beta"]
+
+
+def optimal_allocation(p: dict[str, float], C: float) -> dict[str, float]:
+    """N_opt, D_opt and the predicted loss at budget C under C = 6ND."""
+    alpha, beta = p["alpha"], p["beta"]
+    G = (alpha * p["A"] / (beta * p["B"])) ** (1 / (alpha + beta))
+    n = G * (C / 6) ** p["a"]
+    d = (C / 6) ** p["b"] / G
+    return {"N_opt": float(n), "D_opt": float(d), "loss": float(law(p, n, d))}
+
+
+def budgets_of(pts: Points) -> list[np.ndarray]:
+    """Indices of the points of each compute budget (budgets equal within 5 %)."""
+    order = np.argsort(pts.C)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and pts.C[i] <= pts.C[groups[-1][0]] * 1.05:
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return [np.array(g) for g in groups]
+
+
+def fit_approach2(pts: Points) -> dict:
+    """IsoFLOP parabolas and power laws through their minima."""
+    minima = []
+    for idx in budgets_of(pts):
+        if len(np.unique(pts.N[idx])) < 3:
+            continue
+        x, y = np.log(pts.N[idx]), pts.loss[idx]
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        if c2 <= 0:
+            continue  # no minimum: the budget's sizes do not bracket the optimum
+        xs = -c1 / (2 * c2)
+        q1, q0 = np.polyfit(x, np.log(pts.D[idx]), 1)
+        minima.append({"C": float(np.exp(np.log(pts.C[idx]).mean())), "N_opt": float(np.exp(xs)),
+                       "D_opt": float(np.exp(q1 * xs + q0)), "loss": float(c0 + c1 * xs + c2 * xs**2),
+                       "parabola": [float(c2), float(c1), float(c0)],
+                       "bracketed": bool(x.min() <= xs <= x.max())})
+    out: dict = {"budgets": minima}
+    if len(minima) >= 2:
+        lc = np.log([m["C"] for m in minima])
+        a, ka = np.polyfit(lc, np.log([m["N_opt"] for m in minima]), 1)
+        b, kb = np.polyfit(lc, np.log([m["D_opt"] for m in minima]), 1)
+        out.update(a=float(a), b=float(b), log_k_N=float(ka), log_k_D=float(kb))
+    return out
+
+
+def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64) -> dict:
+    """Both approaches, with bootstrap intervals."""
+    if len(pts) < 5:
+        raise DataError(f"{len(pts)} points: a 5-parameter law needs at least 5 (N, D, loss) points")
+    p3 = fit_approach3(pts, starts)
+    p2 = fit_approach2(pts)
+    rng = np.random.default_rng(seed)
+    samples3: dict[str, list[float]] = {k: [] for k in PARAMS}
+    samples2: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(bootstrap):
+        idx = rng.integers(0, len(pts), len(pts))
+        if len(np.unique(idx)) < 5:
+            continue
+        sub = pts.take(idx)
+        # From the full data's optimum and the resample's two best grid points: the resample's
+        # optimum lies near the full one, and a few starts keep 200 resamples to a minute.
+        q = fit_approach3(sub, starts=2, extra_starts=[np.array(p3["theta"])])
+        for k in PARAMS:
+            samples3[k].append(q[k])
+        with warnings.catch_warnings():  # resampled budgets repeat sizes: ill-conditioned polyfits
+            warnings.simplefilter("ignore", np.exceptions.RankWarning)
+            q2 = fit_approach2(sub)
+        if "a" in q2:
+            samples2["a"].append(q2["a"])
+            samples2["b"].append(q2["b"])
+
+    def ci(values: list[float]) -> list[float] | None:
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
+
+    result = {k: float(p3[k]) for k in PARAMS}
+    result["ci"] = {k: ci(v) for k, v in samples3.items()}
+    result["approach3"] = {**{k: float(p3[k]) for k in PARAMS}, "objective": p3["objective"],
+                           "huber_delta": HUBER_DELTA, "ci": result["ci"]}
+    p2["ci"] = {k: ci(v) for k, v in samples2.items()}
+    result["approach2"] = p2
+    result["points"] = len(pts)
+    result["bootstrap"] = bootstrap
+    return result
+
+
+def predict(result: dict, C: float) -> dict:
+    out = {"C": C, "approach3": optimal_allocation(result["approach3"], C)}
+    p2 = result["approach2"]
+    if "a" in p2:
+        out["approach2"] = {"N_opt": float(math.exp(p2["log_k_N"]) * C ** p2["a"]),
+                            "D_opt": float(math.exp(p2["log_k_D"]) * C ** p2["b"])}
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def points_from_csv(path: Path) -> Points:
+    if not path.is_file():
+        raise DataError(f"--csv {path}: no such file")
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    need = {"N", "D", "loss"}
+    if not rows or not need <= rows[0].keys():
+        raise DataError(f"--csv {path}: needs columns N,D,loss (and optionally C); has {sorted(rows[0]) if rows else 'no rows'}")
+    N = np.array([float(r["N"]) for r in rows])
+    D = np.array([float(r["D"]) for r in rows])
+    C = np.array([float(r["C"]) if r.get("C") else 6 * n * d for r, n, d in zip(rows, N, D, strict=True)])
+    return Points(N, D, np.array([float(r["loss"]) for r in rows]), C)
+
+
+def points_from_mlflow(experiment: str, tracking_uri: str | None = None) -> Points:
+    """Finished runs of a ladder's experiment: tags N, D, budget; the last val_loss."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise DataError(f"--experiment {experiment}: no such MLflow experiment at {mlflow.get_tracking_uri()}")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'")
+    need = ["tags.N", "tags.D", "tags.budget", "metrics.val_loss"]
+    if runs.empty or any(c not in runs for c in need):
+        raise DataError(f"--experiment {experiment}: no finished runs with tags N, D, budget and a val_loss")
+    runs = runs.dropna(subset=need)
+    return Points(runs["tags.N"].astype(float).to_numpy(), runs["tags.D"].astype(float).to_numpy(),
+                  runs["metrics.val_loss"].astype(float).to_numpy(), runs["tags.budget"].astype(float).to_numpy())
+
+
+def fit_command(args) -> dict:
+    pts = points_from_mlflow(args.experiment, args.tracking_uri) if args.experiment else points_from_csv(args.csv)
+    result = fit_all(pts, bootstrap=args.bootstrap)
+    result["predictions"] = [predict(result, c) for c in args.predict]
+    a2 = result["approach2"]
+    print(f"{len(pts)} points, {len(a2['budgets'])} IsoFLOP minima")
+    print("Approach 3: L = {E:.3f} + {A:.3g}/N^{alpha:.3f} + {B:.3g}/D^{beta:.3f};  N_opt ∝ C^{a:.3f}, "
+          "D_opt ∝ C^{b:.3f}".format(**result))
+    for k in PARAMS:
+        lo_hi = result["ci"][k]
+        if lo_hi:
+            print(f"  {k:>5} = {result[k]:.4g}  [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]")
+    if "a" in a2:
+        print(f"Approach 2: N_opt ∝ C^{a2['a']:.3f}, D_opt ∝ C^{a2['b']:.3f}")
+    for p in result["predictions"]:
+        q = p["approach3"]
+        print(f"C = {p['C']:.3g}: N_opt {q['N_opt']:.3g}, D_opt {q['D_opt']:.3g}, loss {q['loss']:.4f} (Approach 3)"
+              + (f"; N_opt {p['approach2']['N_opt']:.3g}, D_opt {p['approach2']['D_opt']:.3g} (Approach 2)"
+                 if "approach2" in p else ""))
+    if args.out:
+        from tools.scaling.plot import plot_all
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fit.json").write_text(json.dumps(result, indent=2))
+        files = plot_all(pts, result, args.out)
+        print(f"wrote {args.out}/fit.json and {', '.join(f.name for f in files)}")
+        if args.experiment:
+            import mlflow
+
+            with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(args.experiment).experiment_id,
+                                  run_name=f"{args.experiment}-fit"):
+                mlflow.set_tag("kind", "scaling-fit")
+                mlflow.log_metrics({k: result[k] for k in PARAMS if math.isfinite(result[k])})
+                for f in [args.out / "fit.json", *files]:
+                    mlflow.log_artifact(str(f))
+    return result
