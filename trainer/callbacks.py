@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,10 +118,14 @@ class Checkpoint(Callback):
         self.last_saved = -1
 
     def _save(self, trainer: Trainer) -> None:
-        checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
-                        trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last, trainer.rank_state(),
-                        self.manifest_extra)
+        t0 = time.perf_counter()
+        path = checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
+                               trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last,
+                               trainer.rank_state(), self.manifest_extra)
         self.last_saved = trainer.step
+        if trainer.is_rank0:
+            mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+            print(f"saved {path.name} ({mb:.1f} MB) in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.last_saved = trainer.step

@@ -83,17 +83,18 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims | None = None):
     import deepspeed
 
     opt = build_optimizer(model, cfg)
+    guard = None
+    if cfg.train.nonfinite_patience:
+        from trainer.nonfinite import NonFiniteGuard
+
+        guard = NonFiniteGuard(opt)  # wraps opt.step, so before the scheduler hooks it too
     sched = build_scheduler(opt, cfg)
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg),
         mpu=dims.mpu if dims is not None else None,
     )
     engine.clip_fp32_gradients = functools.partial(clip_fp32_gradients, engine, dims)
-    engine.nonfinite_guard = None
-    if cfg.train.nonfinite_patience:
-        from trainer.nonfinite import NonFiniteGuard
-
-        engine.nonfinite_guard = NonFiniteGuard(opt)
+    engine.nonfinite_guard = guard
     return engine, sched
 
 

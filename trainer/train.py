@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -268,12 +269,13 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
         layout = {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage,
                   **({"dp": p.dp} if p.zero_stage else {})}
         checkpoint.check_compatible(resume_from, cfg.model.model_dump(mode="json"), tok_sha, layout)
+        t0 = time.perf_counter()
         _, client_state = engine.load_checkpoint(str(ckpt_root), tag=resume_from.name)
         trainer.load_client_state(client_state)
         rank_file = checkpoint.rank_state_file(resume_from, dims.rank)
         if rank_file.is_file():
             trainer.load_rank_state(torch.load(rank_file, weights_only=False))
-        _say(f"resumed from {resume_from} at step {trainer.step}")
+        _say(f"resumed from {resume_from} at step {trainer.step} (loaded in {time.perf_counter() - t0:.2f} s)")
 
     n = whole.num_params()
     _say(

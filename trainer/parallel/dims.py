@@ -7,9 +7,8 @@ adjacent and stay inside a node, where their per-layer all-reduces are cheapest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,6 @@ class ParallelDims:
     tp: int
     pp: int
     rank: int
-    _grid: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rank >= self.world_size:
@@ -55,18 +53,16 @@ class ParallelDims:
     def pp_rank(self) -> int:
         return self._coord.pipe
 
-    @property
+    @cached_property
     def grid(self):
         """DeepSpeed's ``PipelineParallelGrid`` over our topology: the process groups.
 
         Built on first use, which is a collective (every rank creates every group, in the same
         order), so call it on all ranks at the same point: ``train`` does, before the model.
         """
-        if not self._grid:
-            from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-            self._grid.append(PipelineParallelGrid(topology=self.topology))
-        return self._grid[0]
+        return PipelineParallelGrid(topology=self.topology)
 
     @property
     def mpu(self):

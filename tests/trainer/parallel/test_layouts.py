@@ -35,6 +35,7 @@ LAYOUTS = {
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
+    "pp2-activation-checkpointing": (2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "dp2xtp2-zero2": (4, ["parallel.tp=2", "parallel.zero_stage=2"]),
     "dp2xpp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
@@ -76,6 +77,18 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
     assert_same_run(ref_rows, rows, ref_evals, evals)
     resolved = yaml.safe_load((tmp_path / layout / "config.yaml").read_text())["parallel"]
     assert resolved["dp"] * resolved["tp"] * resolved["pp"] == nproc
+
+
+def test_tensor_parallel_dropout_survives_activation_recomputation(reference, cache_dir, tmp_path):
+    """Dropout on under tp2: recomputing a block in backward must redraw exactly the masks of
+    its forward, in replicated regions and in each rank's own head-parallel region, so the run
+    with activation checkpointing equals the run without it."""
+    corpus = reference[0]
+    base = [*GPT_ARGS, f"data.source={corpus}", "model.dropout=0.2", "parallel.tp=2"]
+    plain, _ = _train(GPT, base, tmp_path / "plain", cache_dir, 2)
+    ckpt, _ = _train(GPT, [*base, "train.activation_checkpointing=true"], tmp_path / "ckpt", cache_dir, 2)
+    assert [r["loss"] for r in plain] == [r["loss"] for r in ckpt]
+    assert [r["grad_norm"] for r in plain] == [r["grad_norm"] for r in ckpt]
 
 
 def test_encoder_decoder_tensor_parallel_matches_single_process(cache_dir, tmp_path):
