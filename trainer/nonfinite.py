@@ -14,6 +14,8 @@ turns the guard off).
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.distributed as dist
 
@@ -24,7 +26,7 @@ class NonFiniteGuard:
         """Updates skipped so far in this process (since the run or its resume started)."""
         inner = optimizer.step
 
-        def step(*args, **kwargs):
+        def step(opt, *args, **kwargs):
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             dev = grads[0].device if grads else torch.device("cpu")
             finite = torch.ones((), device=dev)
@@ -39,4 +41,5 @@ class NonFiniteGuard:
                 return None
             return inner(*args, **kwargs)
 
-        optimizer.step = step
+        # A bound method, as torch's LR scheduler (which wraps ``step`` in turn) expects.
+        optimizer.step = types.MethodType(step, optimizer)

@@ -37,6 +37,9 @@ GRID = {
     "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
 }
 PARAMS = ("E", "A", "B", "alpha", "beta", "a", "b")
+# Box for L-BFGS-B in (log E, log A, log B, alpha, beta): wide around Hoffmann's grid, and it
+# keeps a degenerate resample (points that do not constrain a term) from overflowing exp().
+BOUNDS = [(-10.0, 10.0), (-10.0, 60.0), (-10.0, 60.0), (0.0, 5.0), (0.0, 5.0)]
 
 
 @dataclass
@@ -89,12 +92,12 @@ def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] 
     order = np.argsort(_objective_many(grid, lnN, lnD, lnL))[:starts]
     best = None
     for x0 in [*grid[order], *extra_starts]:
-        res = minimize(_objective, x0, args=(lnN, lnD, lnL), jac=True, method="L-BFGS-B",
+        res = minimize(_objective, x0, args=(lnN, lnD, lnL), jac=True, method="L-BFGS-B", bounds=BOUNDS,
                        options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
         if best is None or res.fun < best.fun:
             best = res
     e, a, b, alpha, beta = best.x
-    out = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+    out = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": alpha, "beta": beta,
            "objective": float(best.fun), "theta": best.x.tolist()}
     s = alpha + beta
     out["a"], out["b"] = (beta / s, alpha / s) if s > 0 else (float("nan"), float("nan"))
@@ -143,10 +146,12 @@ def fit_approach2(pts: Points) -> dict:
                        "parabola": [float(c2), float(c1), float(c0)],
                        "bracketed": bool(x.min() <= xs <= x.max())})
     out: dict = {"budgets": minima}
-    if len(minima) >= 2:
-        lc = np.log([m["C"] for m in minima])
-        a, ka = np.polyfit(lc, np.log([m["N_opt"] for m in minima]), 1)
-        b, kb = np.polyfit(lc, np.log([m["D_opt"] for m in minima]), 1)
+    # A minimum outside the budget's sizes is an extrapolation of the parabola: not used.
+    inside = [m for m in minima if m["bracketed"]]
+    if len(inside) >= 2:
+        lc = np.log([m["C"] for m in inside])
+        a, ka = np.polyfit(lc, np.log([m["N_opt"] for m in inside]), 1)
+        b, kb = np.polyfit(lc, np.log([m["D_opt"] for m in inside]), 1)
         out.update(a=float(a), b=float(b), log_k_N=float(ka), log_k_D=float(kb))
     return out
 
@@ -239,7 +244,9 @@ def fit_command(args) -> dict:
     result = fit_all(pts, bootstrap=args.bootstrap)
     result["predictions"] = [predict(result, c) for c in args.predict]
     a2 = result["approach2"]
-    print(f"{len(pts)} points, {len(a2['budgets'])} IsoFLOP minima")
+    inside = sum(m["bracketed"] for m in a2["budgets"])
+    print(f"{len(pts)} points, {len(a2['budgets'])} IsoFLOP minima, {inside} of them inside their "
+          "budget's sizes (only those make Approach 2's power laws)")
     print("Approach 3: L = {E:.3f} + {A:.3g}/N^{alpha:.3f} + {B:.3g}/D^{beta:.3f};  N_opt ∝ C^{a:.3f}, "
           "D_opt ∝ C^{b:.3f}".format(**result))
     for k in PARAMS:

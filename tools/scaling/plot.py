@@ -87,26 +87,27 @@ def _residuals(pts: Points, result: dict, path: Path) -> Path:
 
 
 def compare_plot(plans: list[Path], out: Path) -> Path:
-    """Final loss against non-embedding parameters, one series per ladder (as Kaplan et al.'s
-    Transformer vs LSTM figure), with each ladder's best loss per size joined."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for plan in plans:
+    """Final loss against non-embedding parameters for several ladders (as Kaplan et al. 2020
+    compare Transformers and LSTMs): one IsoFLOP curve per (ladder, budget), one colour per
+    ladder, darker for larger budgets."""
+    from trainer.errors import DataError
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, plan in enumerate(plans):
         f = plan / "results.csv"
         if not f.is_file():
-            from trainer.errors import DataError
-
             raise DataError(f"{plan}: no results.csv (run `seqtrain scaling run {plan}` first)")
         rows = list(csv.DictReader(f.open()))
-        n = np.array([float(r["N"]) for r in rows])
-        loss = np.array([float(r["loss"]) for r in rows])
-        label = f"{plan.name} ({rows[0]['family']})" if rows else plan.name
-        pts = ax.scatter(n, loss, alpha=0.5, label=label)
-        best = {x: loss[n == x].min() for x in np.unique(n)}
-        xs = sorted(best)
-        ax.plot(xs, [best[x] for x in xs], color=pts.get_facecolor()[0], lw=1.5)
+        budgets = sorted({float(r["budget"]) for r in rows})
+        cmap = plt.get_cmap(["Blues", "Oranges", "Greens", "Purples"][k % 4])
+        for j, c in enumerate(budgets):
+            sel = sorted((float(r["N"]), float(r["loss"])) for r in rows if float(r["budget"]) == c)
+            color = cmap(0.45 + 0.5 * j / max(1, len(budgets) - 1))
+            ax.plot([n for n, _ in sel], [v for _, v in sel], "o-", color=color,
+                    label=f"{plan.name} ({rows[0]['family']}), C = {c:.2g}")
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss (nats/token)",
-           title="Loss against model size (best over budgets joined)")
-    ax.legend(fontsize=8)
+           title="IsoFLOP curves of two families, same data and tokenizer")
+    ax.legend(fontsize=7)
     return _save(fig, out)
 
 
