@@ -108,6 +108,9 @@ def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: 
         layers=layers, topology=topology, loss_fn=TokenCrossEntropy(),
         partition_method="type:BlockPipe",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        # Only blocks: the first layer's input is token ids, which carry no gradient, and a
+        # (reentrant) checkpoint over it would cut the graph.
+        checkpointable_layers=["BlockPipe"],
     )
 
 

@@ -128,7 +128,7 @@ def test_resharding_between_layouts(reference, cache_dir, tmp_path):
     # Export writes the same whole weights, from any layout.
     run_cli(["export", str(tmp_path / "3d"), "--format", "safetensors", "--out", str(tmp_path / "x")], cache_dir)
     exported = load_file(next((tmp_path / "x").glob("*.safetensors")))
-    assert "wte.weight" in exported and exported.keys() <= whole.keys()
+    assert len(exported) > 10 and exported.keys() <= whole.keys()  # tied weights stored once
     assert all(torch.equal(exported[k], whole[k]) for k in exported)
 
     # Resuming in another layout is refused in one line, pointing at init_from.
