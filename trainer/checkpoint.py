@@ -192,7 +192,7 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a run directory, a checkpoints folder or a checkpoint itself."""
     p = Path(path)
     for candidate in (p, p / "checkpoints"):
-        if (candidate / "config.yaml").is_file() and any(candidate.glob("mp_rank_*_model_states.pt")):
+        if (candidate / "config.yaml").is_file() and any(candidate.glob("*mp_rank_*_model_states.pt")):
             return candidate
         found = latest(candidate)
         if found is not None:
@@ -214,7 +214,7 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
         return consolidate(ckpt, cfg)
     stage = cfg.parallel.zero_stage
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+    files = sorted(ckpt.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
     try:

@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--account")
     sr.add_argument("--time", default="01:00:00", help="Slurm time limit per point")
     sr.add_argument("--gpus-per-node", type=int, default=0)
+    sr.add_argument("--wait", action="store_true", help="slurm: block until the array job ends, then collect")
     sf = ssub.add_parser("fit", help="fit Approach 2 and 3 (Hoffmann et al. 2022) laws, plot them")
     src = sf.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment of a ladder's runs")

@@ -153,17 +153,27 @@ def _load_init(model: torch.nn.Module, path: str, rename=None) -> None:
                 stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         except Exception as e:  # safetensors raises plain errors on corrupt files
             raise DataError(f"train.init_from={path!r}: cannot load ({str(e).splitlines()[0]})") from None
-    names = {n: (rename(n) if rename else n) for n, _ in model.named_parameters(remove_duplicate=False)}
-    missing = sorted({v for v in names.values() if v is not None} - stored.keys())
-    unexpected = sorted(stored.keys() - set(names.values()) - {"lm_head.weight"})
-    if missing or unexpected or any(stored[v].shape != p.shape for n, p in model.named_parameters()
-                                    if (v := names[n]) is not None and v in stored):
+    # A tied weight is one parameter under several names; a file may hold it under any of them.
+    params: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        v = rename(n) if rename else n
+        if v is not None:
+            params.setdefault(id(p), (p, []))[1].append(v)
+    missing, bad_shape, used = [], [], set()
+    for p, names in params.values():
+        src = next((v for v in names if v in stored), None)
+        if src is None:
+            missing.append(names[0])
+        elif stored[src].shape != p.shape:
+            bad_shape.append(f"{src} {tuple(stored[src].shape)} vs {tuple(p.shape)}")
+        used.update(names)
+    unexpected = sorted(stored.keys() - used)
+    if missing or unexpected or bad_shape:
         raise DataError(f"train.init_from={path!r}: weights do not fit model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, or other shapes)")
+                        f"unexpected {unexpected[:3]}, other shapes {bad_shape[:2]})")
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if names[n] is not None:
-                p.copy_(stored[names[n]])
+        for p, names in params.values():
+            p.copy_(stored[next(v for v in names if v in stored)])
     _say(f"initialised from {path}")
 
 

@@ -20,7 +20,7 @@ def scaling(args) -> int:
 
         slurm = {"partition": args.partition, "account": args.account, "time": args.time,
                  "gpus_per_node": args.gpus_per_node}
-        results = run(args.plan, args.executor, args.nproc_per_node, slurm)
+        results = run(args.plan, args.executor, args.nproc_per_node, slurm, wait=args.wait)
         print(f"{len(results)} points finished; results in {args.plan}/results.csv")
     elif args.scaling_command == "fit":
         from tools.scaling.fit import fit_command

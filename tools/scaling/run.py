@@ -65,7 +65,7 @@ def pending(plan_dir: Path) -> list[int]:
 
 
 def run(plan_dir: Path, executor: str = "local", nproc: int = 1, slurm: dict | None = None,
-        log=print) -> list[dict]:
+        wait: bool = False, log=print) -> list[dict]:
     """Train the plan's pending points; returns the results collected so far."""
     plan_dir = plan_dir.resolve()
     collect(plan_dir)
@@ -79,8 +79,14 @@ def run(plan_dir: Path, executor: str = "local", nproc: int = 1, slurm: dict | N
                            run_dir=str(plan_dir / "runs" / "%a"), nproc_per_node=nproc,
                            log_dir=str(plan_dir / "logs"), job_name=plan_dir.name, **(slurm or {}))
             job.validate()
-            log(f"submitted: {job.submit()} (run `seqtrain scaling run {plan_dir}` again when it is "
-                "done: finished points are collected, failed ones resubmitted)")
+            try:
+                out = job.submit(wait=wait)
+            except SeqtrainError as e:
+                if not wait:
+                    raise
+                out = str(e)  # some task failed; the finished ones are collected below
+            log(f"{'finished' if wait else 'submitted'}: {out} (run `seqtrain scaling run {plan_dir}` "
+                "again when it is done: finished points are collected, failed ones resubmitted)")
         return collect(plan_dir)
     for i in todo:
         cfg, run_dir = plan_dir / "points" / f"{i}.yaml", plan_dir / "runs" / str(i)
