@@ -62,15 +62,18 @@ def _grid() -> np.ndarray:
     return np.array(list(itertools.product(g["e"], g["a"], g["b"], g["alpha"], g["beta"])))
 
 
+def _huber(r: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+
+
 def _objective(theta: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray) -> tuple[float, np.ndarray]:
     """Summed Huber loss of log-space residuals and its gradient in (e, a, b, alpha, beta)."""
     e, a, b, alpha, beta = theta
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.full_like(lnN, e)])
     pred = logsumexp(terms, axis=0)
     r = pred - lnL
-    small = np.abs(r) <= HUBER_DELTA
-    value = np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum()
-    dr = np.where(small, r, HUBER_DELTA * np.sign(r))
+    value = _huber(r).sum()
+    dr = np.where(np.abs(r) <= HUBER_DELTA, r, HUBER_DELTA * np.sign(r))
     w = np.exp(terms - pred)  # softmax weights: d pred / d term
     grad = np.array([(dr * w[2]).sum(), (dr * w[0]).sum(), (dr * w[1]).sum(),
                      (dr * w[0] * -lnN).sum(), (dr * w[1] * -lnD).sum()])
@@ -81,8 +84,7 @@ def _objective_many(thetas: np.ndarray, lnN, lnD, lnL) -> np.ndarray:
     """The objective at many parameter rows at once (to rank the initialisation grid)."""
     e, a, b, alpha, beta = (thetas[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.broadcast_to(e, (len(thetas), len(lnN)))])
-    r = logsumexp(terms, axis=0) - lnL
-    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(1)
+    return _huber(logsumexp(terms, axis=0) - lnL).sum(1)
 
 
 def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] = ()) -> dict[str, float]:

@@ -133,7 +133,8 @@ def plan(ladder_path: str | Path, out: Path) -> list[dict]:
     base = load_config(base_path, ladder.overrides)
     if base.model.family != ladder.family:
         raise ConfigError(f"{ladder_path}: family {ladder.family} but base {base_path} is {base.model.family}")
-    shapes = {s: (_model_cfg(base, ladder, s), *_measure(_model_cfg(base, ladder, s))) for s in ladder.scales}
+    cfgs = {s: _model_cfg(base, ladder, s) for s in ladder.scales}
+    shapes = {s: (cfg, *_measure(cfg)) for s, cfg in cfgs.items()}
     seq = base.data.seq_len
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -191,12 +192,10 @@ def _point(ladder: Ladder, cfg: Config, budget: float, s: int, total: int, nonem
     point.tracking.tags = {"ladder": ladder.name, "budget": f"{budget:.6g}", "family": ladder.family,
                            "N": str(nonemb), "N_total": str(total), "D": str(steps * batch * seq),
                            "point": str(index)}
-    yaml_text = point.to_yaml()
-    out_cfg = {"point": index, "budget": budget, "family": ladder.family,
+    return {"point": index, "budget": budget, "family": ladder.family,
                "shape": " ".join(f"{k}={v}" for k, v in shape_overrides(ladder, s).items()),
                "params": total, "nonemb_params": nonemb, "flops_per_token": f,
                "flops_per_token_6n": f6, "tokens": steps * batch * seq,
                "tokens_per_param": round(steps * batch * seq / nonemb, 2), "steps": steps,
                "global_batch_size": batch, "lr": round(lr, 6), "achieved_flops": achieved,
-               "budget_error": round(err, 5), "yaml": yaml_text}
-    return out_cfg
+               "budget_error": round(err, 5), "yaml": point.to_yaml()}

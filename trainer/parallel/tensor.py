@@ -245,7 +245,7 @@ PARALLEL_RNG_REGIONS: dict[str, list[tuple[str, str]]] = {
 
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
                           rng_regions: list[tuple[str, str]] = (),
-                          full_vocab: int | None = None, label_smoothing: float = 0.0) -> nn.Module:
+                          full_vocab: int | None = None) -> nn.Module:
     """Replace the submodules ``plan`` names by their sharded versions, in place."""
     cache: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
     done: dict[int, tuple[nn.Module, nn.Module]] = {}  # a module reachable under two names (shared embeddings) is sharded once
@@ -269,7 +269,7 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
         elif style == "vocab_head":
             new = VocabParallelHead(full, group, cache)
         elif style == "vocab_loss":
-            new = VocabParallelCrossEntropy(full_vocab or 0, group, getattr(full, "label_smoothing", label_smoothing))
+            new = VocabParallelCrossEntropy(full_vocab or 0, group, full.label_smoothing)
         else:
             raise ValueError(f"unknown tensor-parallel style {style!r}; one of {STYLES}")
         new.train(full.training)
