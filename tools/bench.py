@@ -34,6 +34,33 @@ FEATURES: dict[str, list[str]] = {
 }
 
 
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter",
+               "all_gather", "broadcast")
+_comm = {"on": False, "s": 0.0, "calls": 0}
+
+
+def _time_collectives() -> None:
+    """Wrap torch.distributed's collectives so the synchronised phase split can charge their
+    time to communication (patched before DeepSpeed initialises, which keeps references)."""
+    import torch.distributed as dist
+
+    for name in COLLECTIVES:
+        fn = getattr(dist, name)
+
+        def timed(*args, _fn=fn, **kwargs):
+            if not _comm["on"]:
+                return _fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            out = _fn(*args, **kwargs)
+            if kwargs.get("async_op") and out is not None:
+                out.wait()
+            _comm["s"] += time.perf_counter() - t0
+            _comm["calls"] += 1
+            return out
+
+        setattr(dist, name, timed)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # timing boundary (benchmark only)
@@ -57,6 +84,8 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     cfg = load_config(config, [*overrides, "tracking.enabled=false", f"train.steps={steps + warmup}"])
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())
+    if distributed.world_size() > 1:
+        _time_collectives()
     distributed.init_process_group()
     distributed.quiet_deepspeed()
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
@@ -79,6 +108,16 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         def opt_step() -> None:
             micro_count[0] += 1
             if micro_count[0] % t.grad_accum == 0:
+                if dims.world_size > 1:
+                    # Data parallelism by hand: one flat all-reduce of the averaged gradients
+                    # per optimizer step, none on accumulation micro-steps.
+                    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    flat = _flatten_dense_tensors(grads).div_(dims.world_size)
+                    torch.distributed.all_reduce(flat)
+                    for g, r in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                        g.copy_(r)
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step()
@@ -99,12 +138,14 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     def _one_step(step: int, timed: dict[str, float] | None) -> tuple[torch.Tensor, int]:
         loss_sum, tokens = torch.zeros((), device=device), 0
         for micro in range(t.grad_accum):
+            comm_in = dict.fromkeys(PHASES, 0.0)
             t0 = time.perf_counter()
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in source.micro_batch(step, micro, dims.dp_rank).items()}
             if timed is not None:
                 _sync(device)
             t1 = time.perf_counter()
+            c = _comm["s"]
             out = forward(**batch)
             if stateful:
                 train_b.after_forward(micro, out)
@@ -112,16 +153,20 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
             if timed is not None:
                 _sync(device)
             t2 = time.perf_counter()
+            comm_in["forward"], c = _comm["s"] - c, _comm["s"]
             backward(loss * scale)
             if timed is not None:
                 _sync(device)
             t3 = time.perf_counter()
+            comm_in["backward"], c = _comm["s"] - c, _comm["s"]
             opt_step()
+            comm_in["optimizer"] = _comm["s"] - c
             if timed is not None:
                 _sync(device)
                 t4 = time.perf_counter()
                 for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                    timed[name] += dt
+                    timed[name] += dt - comm_in[name]
+                    timed["communication"] += comm_in[name]
             loss_sum += loss.detach()
             tokens += int((batch["labels"] != -100).sum()) if timed is not None else batch["labels"].numel()
         return loss_sum / t.grad_accum, tokens
@@ -140,13 +185,15 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         if (s + 1) % every == 0:
             float(loss)  # the logging cadence's host sync point
     _sync(device)
-    steady = n_tok / (time.perf_counter() - t0)
+    steady = n_tok / (time.perf_counter() - t0)  # this replica's tokens/s (replicas run in lockstep)
     # Phase split: synchronised at every boundary.
-    timed = dict.fromkeys(PHASES, 0.0)
+    timed = dict.fromkeys((*PHASES, "communication"), 0.0)
     last = 0.0
+    _comm.update(on=True, calls=0)
     for s in range(warmup + half, warmup + steps):
         loss, _ = one_step(s, timed)
         last = float(loss)
+    _comm["on"] = False
     n_timed = steps - half
     fpt, fpt_6n = model.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(device, t.precision, t.peak_tflops)
@@ -158,11 +205,12 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "params": model.num_params(),
-        "tokens_per_s": steady,
-        # One process: no collectives, so communication is zero (gradient all-reduce and ZeRO
-        # reduce-scatter would sit inside backward and optimizer under data parallelism).
-        "ms_per_step": {**{k: 1000 * v / n_timed for k, v in timed.items()},
-                        "communication": 0.0 if dims.world_size == 1 else float("nan")},
+        "tokens_per_s": steady * dims.world_size,  # all replicas together
+        "world_size": dims.world_size,
+        # Communication: time inside torch.distributed collectives (none with one process),
+        # taken out of the phase it happened in.
+        "ms_per_step": {k: 1000 * v / n_timed for k, v in timed.items()},
+        "collectives_per_step": _comm["calls"] / n_timed,
         "mfu": steady * fpt / peak,
         "flops_per_token": fpt,
         "flops_per_token_6n": fpt_6n,
@@ -172,8 +220,11 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     }
 
 
-def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tools.bench", "worker", "--variant", variant, config,
+def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int,
+                nproc: int = 1) -> dict[str, Any]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    cmd = [*launcher, "-m", "tools.bench", "worker", "--variant", variant, config,
            "--steps", str(steps), "--warmup", str(warmup), *(a for o in overrides for a in ("--set", o))]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if p.returncode != 0:
@@ -185,7 +236,7 @@ def run_variant(variant: str, config: str, overrides: list[str], steps: int, war
 
 
 def bench(config: str, overrides: list[str], steps: int = 20, warmup: int = 5,
-          features: bool = False, repeat: int = 1) -> dict[str, Any]:
+          features: bool = False, repeat: int = 1, nproc: int = 1) -> dict[str, Any]:
     from trainer.config import load_config
 
     if load_config(config, overrides).train.peak_tflops is None and not torch.cuda.is_available():
@@ -194,12 +245,12 @@ def bench(config: str, overrides: list[str], steps: int = 20, warmup: int = 5,
 
         overrides = [*overrides, f"train.peak_tflops={cpu_matmul_peak() / 1e12:.4f}"]
     results: dict[str, Any] = {"config": config, "overrides": overrides, "steps": steps,
-                               "warmup": warmup, "repeat": repeat}
+                               "warmup": warmup, "repeat": repeat, "nproc": nproc}
     # Shared machines are noisy: interleave the variants and keep each one's best run.
     runs: dict[str, list[dict[str, Any]]] = {"engine": [], "plain": []}
     for _ in range(repeat):
         for variant in runs:
-            runs[variant].append(run_variant(variant, config, overrides, steps, warmup))
+            runs[variant].append(run_variant(variant, config, overrides, steps, warmup, nproc))
     for variant, rs in runs.items():
         results[variant] = max(rs, key=lambda r: r["tokens_per_s"])
         results[variant]["all_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
@@ -208,7 +259,7 @@ def bench(config: str, overrides: list[str], steps: int = 20, warmup: int = 5,
         results["features"] = {}
         for name, extra in FEATURES.items():
             if extra:
-                rs = [run_variant("engine", config, [*overrides, *extra], steps, warmup) for _ in range(repeat)]
+                rs = [run_variant("engine", config, [*overrides, *extra], steps, warmup, nproc) for _ in range(repeat)]
                 results["features"][name] = max(rs, key=lambda r: r["tokens_per_s"])
     return results
 
@@ -226,7 +277,8 @@ def table(results: dict[str, Any]) -> str:
             f"{100 * r['mfu']:.1f}% | {r['peak_memory_mb']:,.0f} |"
         )
     lines.append(f"\nengine overhead vs plain loop: {100 * results['engine_overhead']:+.1f}% "
-                 f"(best of {results['repeat']} interleaved runs each; ms per optimizer step, one process)")
+                 f"(best of {results['repeat']} interleaved runs each; ms per optimizer step, "
+                 f"{results['nproc']} process{'es' if results['nproc'] > 1 else ''})")
     return "\n".join(lines)
 
 
@@ -238,7 +290,12 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
-    print(json.dumps(worker(a.variant, a.config, a.overrides, a.steps, a.warmup)))
+    result = worker(a.variant, a.config, a.overrides, a.steps, a.warmup)
+    from trainer import distributed
+
+    if distributed.rank() == 0:
+        print(json.dumps(result), flush=True)
+    distributed.shutdown()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

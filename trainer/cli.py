@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--features", action="store_true", help="also each speed feature on/off")
     be.add_argument("--repeat", type=int, default=3, help="runs per variant (interleaved; the best is kept)")
     be.add_argument("--json", action="store_true")
+    be.add_argument("--nproc", type=int, default=1,
+                    help="data-parallel processes per variant (torchrun); communication is timed")
     be.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sc = sub.add_parser("scaling", help="scaling-law experiments: plan an IsoFLOP grid, run it, fit a law")
@@ -177,7 +179,8 @@ def run(argv: list[str] | None = None) -> int:
         from trainer.config import load_config
 
         load_config(args.config, args.overrides)  # one-line errors here, not in a worker
-        results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat)
+        results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat,
+                        args.nproc)
         print(json.dumps(results, indent=2) if args.json else table(results))
     elif args.command == "eval":
         return _eval(args)

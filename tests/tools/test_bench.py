@@ -24,3 +24,20 @@ def test_bench_engine_and_plain_loop_agree_and_report_every_phase(tiny_corpus, c
         assert v["flops_per_token"] > v["flops_per_token_6n"] * 0.5
     assert engine["peak_flops"] == plain["peak_flops"]  # one probe shared by both
     assert r["engine_overhead"] == pytest.approx(1 - engine["tokens_per_s"] / plain["tokens_per_s"])
+
+
+@pytest.mark.distributed
+def test_bench_under_data_parallelism_times_communication_once_per_step(tiny_corpus, cache_dir):
+    """dp2 with 4 accumulation micro-steps: both variants reduce gradients once per optimizer
+    step, not once per micro-step, and the time inside collectives is its own phase."""
+    overrides = [*TINY, f"data.source={tiny_corpus}", "train.micro_batch_size=1", "train.global_batch_size=8"]
+    out = run_cli(["bench", PRESET, "--steps", "4", "--warmup", "1", "--repeat", "1", "--nproc", "2", "--json",
+                   *sets(*overrides)], cache_dir)
+    r = json.loads(out.stdout)
+    engine, plain = r["engine"], r["plain"]
+    assert engine["world_size"] == plain["world_size"] == 2
+    assert engine["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-5)
+    assert plain["collectives_per_step"] == 1
+    assert 1 <= engine["collectives_per_step"] < 4  # gradients once, plus the non-finite check
+    for v in (engine, plain):
+        assert v["ms_per_step"]["communication"] > 0
