@@ -159,21 +159,22 @@ def _load_init(model: torch.nn.Module, path: str, rename=None) -> None:
         v = rename(n) if rename else n
         if v is not None:
             params.setdefault(id(p), (p, []))[1].append(v)
-    missing, bad_shape, used = [], [], set()
+    missing, bad_shape, used, sources = [], [], set(), []
     for p, names in params.values():
         src = next((v for v in names if v in stored), None)
         if src is None:
             missing.append(names[0])
         elif stored[src].shape != p.shape:
             bad_shape.append(f"{src} {tuple(stored[src].shape)} vs {tuple(p.shape)}")
+        sources.append((p, src))
         used.update(names)
     unexpected = sorted(stored.keys() - used)
     if missing or unexpected or bad_shape:
         raise DataError(f"train.init_from={path!r}: weights do not fit model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}, other shapes {bad_shape[:2]})")
     with torch.no_grad():
-        for p, names in params.values():
-            p.copy_(stored[next(v for v in names if v in stored)])
+        for p, src in sources:
+            p.copy_(stored[src])
     _say(f"initialised from {path}")
 
 

@@ -17,10 +17,6 @@ import torch
 
 from trainer.errors import CheckpointError
 
-# Style ► dimension of the weight (and bias) shards; None: replicated (rank 0's copy).
-_WEIGHT_DIM = {"colwise": 0, "vocab_embedding": 0, "vocab_head": 0, "rowwise": 1}
-_BIAS_DIM = {"colwise": 0, "rowwise": None}
-
 
 def _load(path: Path) -> dict:
     try:
@@ -51,14 +47,15 @@ def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tenso
 
 
 def _merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
-    from trainer.parallel.tensor import PLANS
+    from trainer.parallel.tensor import PLANS, SHARD_DIMS
 
     plan = PLANS[family]
     merged = {}
     for name, first in states[0].items():
         module, _, kind = name.rpartition(".")
         style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(module, pat)), None)
-        dim = (_WEIGHT_DIM if kind == "weight" else _BIAS_DIM).get(style) if style else None
+        # Not in the plan, or a replicated bias: every rank holds the whole tensor.
+        dim = SHARD_DIMS[style][kind != "weight"] if style else None
         merged[name] = first if dim is None else torch.cat([s[name] for s in states], dim=dim)
     return merged
 

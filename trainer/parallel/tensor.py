@@ -84,14 +84,16 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 # --------------------------------------------------------------------------- layers
 
 
-def _shard(p: torch.Tensor, dim: int, rank: int, n: int, cache: dict) -> nn.Parameter:
-    """This rank's slice of ``p`` along ``dim``, as a parameter tagged tensor-parallel.
+def _shard(p: torch.Tensor, dim: int, group, cache: dict) -> nn.Parameter:
+    """This rank's slice of ``p`` along ``dim`` (split over ``group``), as a parameter tagged
+    tensor-parallel.
 
     ``cache`` maps an original parameter to its shard, so tied weights stay tied.
     """
     if id(p) in cache:
         return cache[id(p)][1]
-    shard = nn.Parameter(p.detach().chunk(n, dim=dim)[rank].clone(), requires_grad=p.requires_grad)
+    part = p.detach().chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
+    shard = nn.Parameter(part.clone(), requires_grad=p.requires_grad)
     # DeepSpeed counts untagged parameters in gradient norms on tensor rank 0 only.
     shard.tensor_model_parallel = True
     shard.partition_dim = dim
@@ -101,6 +103,13 @@ def _shard(p: torch.Tensor, dim: int, rank: int, n: int, cache: dict) -> nn.Para
     return shard
 
 
+SHARD_DIMS: dict[str, tuple[int, int | None]] = {
+    "colwise": (0, 0), "rowwise": (1, None), "vocab_embedding": (0, None), "vocab_head": (0, None),
+}
+"""Style ► dimension along which its weight and its bias are split (None: replicated, or no
+bias). The layers below shard by it; ``consolidate.py`` concatenates by it."""
+
+
 def _replicated(p: torch.Tensor | None) -> nn.Parameter | None:
     return None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
@@ -108,12 +117,13 @@ def _replicated(p: torch.Tensor | None) -> nn.Parameter | None:
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with W and b split by output rows; the output stays sharded."""
 
+    style = "colwise"
+
     def __init__(self, full: nn.Linear, group, cache: dict) -> None:
         super().__init__()
         self.group = group
-        r, n = dist.get_rank(group), dist.get_world_size(group)
-        self.weight = _shard(full.weight, 0, r, n, cache)
-        self.bias = None if full.bias is None else _shard(full.bias, 0, r, n, cache)
+        self.weight = _shard(full.weight, SHARD_DIMS[self.style][0], group, cache)
+        self.bias = None if full.bias is None else _shard(full.bias, SHARD_DIMS[self.style][1], group, cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
@@ -122,11 +132,12 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """``y = Σ_ranks x_r W_rᵀ + b`` with W split by input columns; input sharded, output whole."""
 
+    style = "rowwise"
+
     def __init__(self, full: nn.Linear, group, cache: dict) -> None:
         super().__init__()
         self.group = group
-        r, n = dist.get_rank(group), dist.get_world_size(group)
-        self.weight = _shard(full.weight, 1, r, n, cache)
+        self.weight = _shard(full.weight, SHARD_DIMS[self.style][0], group, cache)
         # The bias is added once, after the sum: replicated, not sharded.
         self.bias = _replicated(full.bias)
 
@@ -139,12 +150,13 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding rows split by vocabulary range; ids outside this rank's range look up zeros,
     and the all-reduce assembles the full vectors."""
 
+    style = "vocab_embedding"
+
     def __init__(self, full: nn.Embedding, group, cache: dict) -> None:
         super().__init__()
         self.group = group
-        r, n = dist.get_rank(group), dist.get_world_size(group)
-        self.weight = _shard(full.weight, 0, r, n, cache)
-        self.start = r * self.weight.shape[0]
+        self.weight = _shard(full.weight, SHARD_DIMS[self.style][0], group, cache)
+        self.start = dist.get_rank(group) * self.weight.shape[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
@@ -160,11 +172,12 @@ class VocabParallelHead(nn.Module):
     the full logits, which decoding and sampling need.
     """
 
+    style = "vocab_head"
+
     def __init__(self, full: nn.Linear, group, cache: dict) -> None:
         super().__init__()
         self.group = group
-        r, n = dist.get_rank(group), dist.get_world_size(group)
-        self.weight = _shard(full.weight, 0, r, n, cache)
+        self.weight = _shard(full.weight, SHARD_DIMS[self.style][0], group, cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(copy_to_tp(x, self.group), self.weight)
@@ -213,7 +226,8 @@ class VocabParallelCrossEntropy(nn.Module):
 
 # --------------------------------------------------------------------------- plans
 
-STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "vocab_loss")
+LAYERS = {c.style: c for c in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead)}
+"""Sharded layer of each style; a plan may also name ``vocab_loss`` (the loss module)."""
 
 PLANS: dict[str, dict[str, str]] = {
     # Leading wildcards: the same plan fits GPT (``h.3.attn.q_proj``) and its pipeline stages
@@ -260,18 +274,12 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
         if id(full) in done:
             setattr(parent, attr, done[id(full)][1])
             continue
-        if style == "colwise":
-            new: nn.Module = ColumnParallelLinear(full, group, cache)
-        elif style == "rowwise":
-            new = RowParallelLinear(full, group, cache)
-        elif style == "vocab_embedding":
-            new = VocabParallelEmbedding(full, group, cache)
-        elif style == "vocab_head":
-            new = VocabParallelHead(full, group, cache)
-        elif style == "vocab_loss":
-            new = VocabParallelCrossEntropy(full_vocab or 0, group, full.label_smoothing)
+        if style == "vocab_loss":
+            new: nn.Module = VocabParallelCrossEntropy(full_vocab or 0, group, full.label_smoothing)
+        elif style in LAYERS:
+            new = LAYERS[style](full, group, cache)
         else:
-            raise ValueError(f"unknown tensor-parallel style {style!r}; one of {STYLES}")
+            raise ValueError(f"unknown tensor-parallel style {style!r}; one of {[*LAYERS, 'vocab_loss']}")
         new.train(full.training)
         done[id(full)] = (full, new)
         setattr(parent, attr, new)
