@@ -10,8 +10,11 @@ do; the ``steady`` tokens/s is measured separately without those syncs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,9 +31,12 @@ FEATURES: dict[str, list[str]] = {
     "compile": ["train.compile=true"],
     "sdpa_math": ["train.sdpa_backend=math"],
     "activation_checkpointing": ["train.activation_checkpointing=true"],
+    "adamw_foreach": ["train.optimizer_impl=foreach"],
     "adamw_loop": ["train.optimizer_impl=loop"],
+    "host_allocator_system": ["train.host_allocator=system"],
     "no_prefetch": ["data.prefetch=false"],
     "sync_every_step": ["train.log_every=1"],
+    "bf16": ["train.precision=bf16"],
 }
 
 
@@ -91,8 +97,13 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
     device = distributed.device()
     train_b, _, _ = _seq2seq_data(cfg, dims, []) if cfg.is_seq2seq else _lm_data(cfg, dims)
-    model = build_model(cfg, device)
     t = cfg.train
+    if device.type == "cpu" and t.host_allocator == "retain":
+        from trainer.host_memory import retain_freed_memory
+
+        retain_freed_memory()  # as the trainer does (the plain loop only when asked for)
+    model = build_model(cfg, device)
+    autocast = contextlib.nullcontext
     if variant == "engine":
         from trainer import engine as engine_mod
 
@@ -103,6 +114,15 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         opt = build_optimizer(model, cfg)
         sched = build_scheduler(opt, cfg)
         forward, backward = model, lambda loss: loss.backward()
+        if t.precision == "bf16":
+            # The plain way to train in bf16: fp32 weights and optimizer, matmuls in bf16 under
+            # autocast (DeepSpeed's bf16 instead keeps bf16 weights with an fp32 master copy).
+            autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        elif t.precision == "fp16":
+            from trainer.errors import SeqtrainError
+
+            raise SeqtrainError("seqtrain bench: the plain loop runs fp32 and bf16, not fp16 "
+                                "(it has no loss scaler); bench train.precision=bf16 instead")
         micro_count = [0]
 
         def opt_step() -> None:
@@ -146,7 +166,8 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
                 _sync(device)
             t1 = time.perf_counter()
             c = _comm["s"]
-            out = forward(**batch)
+            with autocast():
+                out = forward(**batch)
             if stateful:
                 train_b.after_forward(micro, out)
             loss = out[0] if isinstance(out, tuple) else out
@@ -220,8 +241,21 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     }
 
 
+def _with_cpu_peak(config: str, overrides: list[str]) -> list[str]:
+    """One CPU peak per precision for every variant: each worker probing its own would add
+    noise to MFU."""
+    from trainer.config import load_config
+    from trainer.flops import matmul_peak
+
+    t = load_config(config, overrides).train
+    if t.peak_tflops is not None or torch.cuda.is_available():
+        return overrides
+    return [*overrides, f"train.peak_tflops={matmul_peak(precision=t.precision) / 1e12:.4f}"]
+
+
 def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int,
                 nproc: int = 1) -> dict[str, Any]:
+    overrides = _with_cpu_peak(config, overrides)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     cmd = [*launcher, "-m", "tools.bench", "worker", "--variant", variant, config,
@@ -236,49 +270,70 @@ def run_variant(variant: str, config: str, overrides: list[str], steps: int, war
 
 
 def bench(config: str, overrides: list[str], steps: int = 20, warmup: int = 5,
-          features: bool = False, repeat: int = 1, nproc: int = 1) -> dict[str, Any]:
-    from trainer.config import load_config
+          features: bool = False, repeat: int = 1, nproc: int = 1,
+          plain_overrides: list[str] | None = None) -> dict[str, Any]:
+    """The trainer with ``overrides`` against the plain loop with ``overrides`` +
+    ``plain_overrides`` (e.g. the plain loop's best options), and optionally each speed feature.
 
-    if load_config(config, overrides).train.peak_tflops is None and not torch.cuda.is_available():
-        # One CPU peak for every variant: each worker probing its own would add noise to MFU.
-        from trainer.flops import cpu_matmul_peak
-
-        overrides = [*overrides, f"train.peak_tflops={cpu_matmul_peak() / 1e12:.4f}"]
+    Shared machines are noisy: every repeat runs each variant once, in turn (so a slow spell
+    hits all of them), and each variant reports its best run, with the median beside it.
+    """
+    plain_overrides = plain_overrides or []
     results: dict[str, Any] = {"config": config, "overrides": overrides, "steps": steps,
-                               "warmup": warmup, "repeat": repeat, "nproc": nproc}
-    # Shared machines are noisy: interleave the variants and keep each one's best run.
-    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "plain": []}
-    for _ in range(repeat):
-        for variant in runs:
-            runs[variant].append(run_variant(variant, config, overrides, steps, warmup, nproc))
-    for variant, rs in runs.items():
-        results[variant] = max(rs, key=lambda r: r["tokens_per_s"])
-        results[variant]["all_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
-    results["engine_overhead"] = 1 - results["engine"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
+                               "warmup": warmup, "repeat": repeat, "nproc": nproc,
+                               "plain_overrides": plain_overrides}
+    # The plain loop runs without the trainer's host allocator tuning unless --plain-set asks.
+    plain = [*overrides, "train.host_allocator=system", *plain_overrides]
+    variants: dict[str, tuple[str, list[str]]] = {"engine": ("engine", overrides), "plain": ("plain", plain)}
     if features:
-        results["features"] = {}
-        for name, extra in FEATURES.items():
-            if extra:
-                rs = [run_variant("engine", config, [*overrides, *extra], steps, warmup, nproc) for _ in range(repeat)]
-                results["features"][name] = max(rs, key=lambda r: r["tokens_per_s"])
+        variants |= {f"feature:{k}": ("engine", [*overrides, *v]) for k, v in FEATURES.items() if v}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for _ in range(repeat):
+        for name, (variant, ovr) in variants.items():
+            runs[name].append(run_variant(variant, config, ovr, steps, warmup, nproc))
+    base = runs["engine"]
+    for name, rs in runs.items():
+        best = max(rs, key=lambda r: r["tokens_per_s"])
+        best["all_tokens_per_s"] = [r["tokens_per_s"] for r in rs]
+        best["median_tokens_per_s"] = statistics.median(best["all_tokens_per_s"])
+        # Against the trainer's run of the same repeat, taken a minute apart: slow spells of a
+        # shared machine last minutes, so adjacent pairs compare far better than bests do.
+        best["paired_vs_engine"] = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(rs, base, strict=True)]
+        best["paired_vs_engine_median"] = statistics.median(best["paired_vs_engine"])
+        if name.startswith("feature:"):
+            results.setdefault("features", {})[name.removeprefix("feature:")] = best
+        else:
+            results[name] = best
+    e, p = results["engine"], results["plain"]
+    results["engine_overhead"] = 1 - e["tokens_per_s"] / p["tokens_per_s"]
+    # Engine overhead from each repeat's adjacent pair (engine run, then plain run).
+    results["engine_overhead_paired"] = [1 - 1 / x for x in p["paired_vs_engine"]]
+    results["engine_overhead_paired_median"] = statistics.median(results["engine_overhead_paired"])
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("engine", results["engine"]), ("plain loop", results["plain"])]
+    plain = " + ".join(["plain loop", *results.get("plain_overrides", [])])
+    rows = [("engine", results["engine"]), (plain, results["plain"])]
     rows += [(f"engine + {k}", v) for k, v in results.get("features", {}).items()]
-    head = "| variant | tokens/s | data | forward | backward | optimizer | comm | MFU | peak MB |"
-    lines = [head, "|" + " --- |" * 9]
+    head = ("| variant | tokens/s best | median | vs engine (paired median) | data | forward | backward "
+            "| optimizer | comm | MFU | peak MB |")
+    lines = [head, "|" + " --- |" * 11]
     for name, r in rows:
         ms = r["ms_per_step"]
         lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {ms['data']:.1f} | {ms['forward']:.1f} | "
-            f"{ms['backward']:.1f} | {ms['optimizer']:.1f} | {ms['communication']:.1f} | "
+            f"| {name} | {r['tokens_per_s']:,.0f} | {r['median_tokens_per_s']:,.0f} | "
+            f"{100 * (r['paired_vs_engine_median'] - 1):+.1f}% | "
+            f"{ms['data']:.1f} | {ms['forward']:.1f} | {ms['backward']:.1f} | "
+            f"{ms['optimizer']:.1f} | {ms['communication']:.1f} | "
             f"{100 * r['mfu']:.1f}% | {r['peak_memory_mb']:,.0f} |"
         )
-    lines.append(f"\nengine overhead vs plain loop: {100 * results['engine_overhead']:+.1f}% "
-                 f"(best of {results['repeat']} interleaved runs each; ms per optimizer step, "
-                 f"{results['nproc']} process{'es' if results['nproc'] > 1 else ''})")
+    n, paired = results["nproc"], results["engine_overhead_paired"]
+    ahead = sum(x <= 0 for x in paired)
+    lines.append(f"\nengine overhead vs plain loop: {100 * results['engine_overhead']:+.1f}% best against best, "
+                 f"{100 * results['engine_overhead_paired_median']:+.1f}% median of {len(paired)} adjacent pairs "
+                 f"(engine ahead or equal in {ahead}); ms per optimizer step of the best run, "
+                 f"{n} process{'es' if n > 1 else ''}")
     return "\n".join(lines)
 
 

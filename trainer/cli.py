@@ -98,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--steps", type=int, default=20, help="measured steps (after --warmup)")
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--features", action="store_true", help="also each speed feature on/off")
-    be.add_argument("--repeat", type=int, default=3, help="runs per variant (interleaved; the best is kept)")
+    be.add_argument("--repeat", type=int, default=3,
+                    help="runs per variant (interleaved; best and median reported)")
+    be.add_argument("--plain-set", dest="plain_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra options for the plain loop only, e.g. train.compile=true (its best options)")
     be.add_argument("--json", action="store_true")
     be.add_argument("--nproc", type=int, default=1,
                     help="data-parallel processes per variant (torchrun); communication is timed")
@@ -178,9 +181,9 @@ def run(argv: list[str] | None = None) -> int:
         from tools.bench import bench, table
         from trainer.config import load_config
 
-        load_config(args.config, args.overrides)  # one-line errors here, not in a worker
+        load_config(args.config, [*args.overrides, *args.plain_overrides])  # one-line errors here, not in a worker
         results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat,
-                        args.nproc)
+                        args.nproc, args.plain_overrides)
         print(json.dumps(results, indent=2) if args.json else table(results))
     elif args.command == "eval":
         return _eval(args)

@@ -155,8 +155,12 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them."""
     optimizer_impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
-    """AdamW kernel: ``fused`` (one kernel, CUDA), ``foreach`` (multi-tensor), ``loop`` (per
-    parameter); ``auto`` = fused on CUDA, foreach on CPU."""
+    """AdamW kernel: ``fused`` (one kernel per parameter group, CUDA and CPU), ``foreach``
+    (multi-tensor), ``loop`` (per parameter); ``auto`` = fused on CUDA and CPU, else foreach."""
+    host_allocator: Literal["retain", "system"] = "retain"
+    """CPU training only: ``retain`` sets glibc's malloc to keep freed memory for the next
+    step instead of returning it to the kernel (no page faults per step,
+    ``trainer/host_memory.py``); ``system`` leaves the allocator as it is."""
     init_from: str | None = None
     """Start from these weights instead of a fresh init: a ``model.safetensors`` in our layout
     (``seqtrain import-hf``, ``seqtrain export --format safetensors``), or a checkpoint or run

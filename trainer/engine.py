@@ -51,8 +51,10 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     impl = t.optimizer_impl
     if impl == "auto":
-        # Fused (one kernel for all params) on CUDA; the multi-tensor foreach path on CPU.
-        impl = "fused" if next(model.parameters()).is_cuda else "foreach"
+        # Fused (one kernel per dtype/device group) wherever torch has it: CUDA, and CPU since
+        # torch 2.4, where it is ~6x faster than foreach (1.9 vs 12.6 ms for 4.4 M parameters
+        # here, docs/benchmarks.md); foreach elsewhere (MPS, XPU builds without it).
+        impl = "fused" if next(model.parameters()).device.type in ("cuda", "cpu") else "foreach"
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
         fused=impl == "fused", foreach=impl == "foreach",

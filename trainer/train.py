@@ -232,6 +232,10 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     if dims.tp * dims.pp > 1:
         dims.grid  # noqa: B018 (creates the process groups: a collective, same point on every rank)
     device = distributed.device()
+    if device.type == "cpu" and cfg.train.host_allocator == "retain":
+        from trainer.host_memory import retain_freed_memory
+
+        retain_freed_memory()  # before the model and the first batches are allocated
 
     extra_eval: list = []
     if cfg.is_seq2seq:

@@ -13,17 +13,44 @@ PRESET = str(REPO / "configs/gpt/debug.yaml")
 
 def test_bench_engine_and_plain_loop_agree_and_report_every_phase(tiny_corpus, cache_dir):
     overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8"]
-    out = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json", *sets(*overrides)], cache_dir)
+    out = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "2", "--json",
+                   *sets(*overrides), "--plain-set", "train.optimizer_impl=foreach"], cache_dir)
     r = json.loads(out.stdout)
     engine, plain = r["engine"], r["plain"]
-    # Same model, data, optimizer, clipping and schedule: the same losses, engine or not.
+    assert "train.optimizer_impl=foreach" in plain["overrides"]
+    assert "train.optimizer_impl=foreach" not in engine["overrides"]
+    # Same model, data, optimizer arithmetic (fused vs foreach kernel), clipping and schedule:
+    # the same losses, engine or not.
     assert engine["final_loss"] == pytest.approx(plain["final_loss"], abs=1e-5)
+    for v in (engine, plain):
+        assert len(v["all_tokens_per_s"]) == 2 and v["tokens_per_s"] == max(v["all_tokens_per_s"])
+        assert min(v["all_tokens_per_s"]) <= v["median_tokens_per_s"] <= v["tokens_per_s"]
+    assert engine["paired_vs_engine"] == [1.0, 1.0]
+    pairs = [e / p for e, p in zip(engine["all_tokens_per_s"], plain["all_tokens_per_s"], strict=True)]
+    assert r["engine_overhead_paired"] == pytest.approx([1 - x for x in pairs])
     for v in (engine, plain):
         assert v["tokens_per_s"] > 0 and 0 < v["mfu"] < 1 and v["peak_memory_mb"] > 100
         assert set(v["ms_per_step"]) == {"data", "forward", "backward", "optimizer", "communication"}
         assert v["flops_per_token"] > v["flops_per_token_6n"] * 0.5
     assert engine["peak_flops"] == plain["peak_flops"]  # one probe shared by both
     assert r["engine_overhead"] == pytest.approx(1 - engine["tokens_per_s"] / plain["tokens_per_s"])
+
+
+def test_bench_bf16_plain_loop_uses_autocast_and_mfu_uses_a_bf16_peak(tiny_corpus, cache_dir):
+    """bf16: DeepSpeed's bf16 weights in the trainer, autocast in the plain loop; different
+    rounding, the same training within bf16's precision; MFU against a bf16 matmul probe."""
+    overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8", "train.precision=bf16"]
+    out = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json",
+                   *sets(*overrides)], cache_dir)
+    r = json.loads(out.stdout)
+    engine, plain = r["engine"], r["plain"]
+    assert engine["final_loss"] == pytest.approx(plain["final_loss"], rel=0.03)
+    out32 = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json",
+                     *sets(*overrides[:-1])], cache_dir)
+    fp32 = json.loads(out32.stdout)["plain"]
+    assert engine["peak_flops"] == plain["peak_flops"] != fp32["peak_flops"]  # probed in bf16
+    assert fp32["final_loss"] != plain["final_loss"]  # autocast really changed the arithmetic
+    assert plain["final_loss"] == pytest.approx(fp32["final_loss"], rel=0.03)
 
 
 @pytest.mark.distributed

@@ -1,0 +1,56 @@
+"""Host allocator tuning: freed activations are reused, not faulted in again every step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+# Training steps of the debug GPT's shape (2.2 M parameters, 16 x 128 tokens): activations of
+# many sizes allocated and freed every step; minor page faults counted over the last 5 steps.
+PROBE = """
+import resource, sys, torch
+if sys.argv[1] == "retain":
+    from trainer.host_memory import retain_freed_memory
+    assert retain_freed_memory()
+from models.gpt import GPT, GPTConfig
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=2048, n_layer=4, n_head=6, d_model=192, max_seq_len=128))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, 2048, (16, 128))
+def step():
+    model(x, labels=x).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(8):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_retained_memory_is_reused_without_page_faults():
+    # With glibc's adaptive thresholds, 800 to 8,500 faults per step were measured here (3 to
+    # 33 MiB faulted in again every step), though about 1 run in 10 adapts to none: the system
+    # allocator gets up to three tries to show the faults the tuning removes.
+    system = 0.0
+    for _ in range(3):
+        system = max(system, _faults("system"))
+        if system > 500:
+            break
+    assert system > 500, system
+    # Retained: 0.2 per step measured (the same pages reused step after step).
+    retain = _faults("retain")
+    assert retain < 50, (retain, system)
