@@ -112,19 +112,17 @@ def clip_fp32_gradients(engine, dims: ParallelDims | None) -> None:
     """
     params = [p for p in engine.module.parameters() if p.grad is not None]
     tp_rank = dims.tp_rank if dims is not None else 0
-    sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
-    for p in params:
-        if getattr(p, "ds_pipe_replicated", False):
-            continue
-        if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
-            continue
-        sq += p.grad.detach().float().pow(2).sum()
+    counted = [p.grad for p in params
+               if not getattr(p, "ds_pipe_replicated", False)
+               and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    # Multi-tensor kernels (one pass per dtype/device group) rather than a loop per parameter.
+    sq = (torch.nn.utils.get_total_norm(counted).float().pow(2) if counted
+          else torch.zeros((), device=params[0].device))
     if dims is not None and dims.model_group is not None:
         torch.distributed.all_reduce(sq, group=dims.model_group)
     norm = sq.sqrt()
     max_norm = engine.gradient_clipping()
     if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-        for p in params:
-            p.grad.detach().mul_(coef)
+        # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when below 1.
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     engine._global_grad_norm = norm

@@ -180,10 +180,15 @@ def _load_init(model: torch.nn.Module, path: str, rename=None) -> None:
 
 def reference_model(cfg: Config) -> torch.nn.Module:
     """The whole single-device model on the meta device (no memory, no init): for parameter
-    counts and FLOPs when this rank holds only a shard or a stage of it."""
-    from accelerate import init_empty_weights
+    counts and FLOPs when this rank holds only a shard or a stage of it, and for the scaling
+    planner.
 
-    with init_empty_weights():
+    Built under ``torch.device("meta")``, not accelerate's ``init_empty_weights``: that one
+    re-registers every parameter as it is assigned, which unties tied weights (the GPT's head
+    and embedding), so tied models counted their embedding twice, as non-embedding parameters
+    and FLOPs too.
+    """
+    with torch.device("meta"):
         return models.build(cfg.model, seed=cfg.train.seed)
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from trainer.cli import main
@@ -129,3 +130,27 @@ def test_vocabulary_must_split_over_tensor_ranks():
                                           r"set parallel.vocab_multiple=128"):
         cfg.check_vocab()
     load_config(PRESET, ["parallel.tp=2", "model.vocab_size=302"]).resolve(2).check_vocab()
+
+
+@pytest.mark.parametrize("preset", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+                                          if "scaling" not in p.parts))
+def test_every_preset_validates_and_resolves(preset):
+    cfg = load_config(str(REPO / preset), [])
+    cfg.resolve(1)
+    assert cfg.name and cfg.train.steps > 0
+
+
+def test_gpt2_preset_has_the_shape_of_transformers_gpt2_small():
+    """The GPU preset is GPT-2 small: the same parameter count as ``transformers``' GPT-2 with
+    the padded vocabulary (124,475,904 = 124,439,808 + 47 padded rows × 768), both built on
+    the meta device (no memory, no init)."""
+    import transformers
+
+    from trainer.train import reference_model
+
+    cfg = load_config(str(REPO / "configs/gpt/gpt2-124m.yaml"), ["model.vocab_size=50304"])
+    ours = reference_model(cfg).num_params()
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50304, n_positions=1024))
+    assert ours == sum(p.numel() for p in hf.parameters()) == 124_475_904
+    assert cfg.train.precision == "bf16" and cfg.train.compile and cfg.data.seq_len == 1024

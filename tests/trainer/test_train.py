@@ -119,3 +119,26 @@ def test_demo_entry_point_end_to_end(cache_dir, tmp_path):
     rows, _ = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert (run_dir / "checkpoints" / "step_00000006").is_dir()
+
+
+@pytest.mark.parametrize("preset,tie", [("gpt/debug.yaml", True), ("gpt/debug.yaml", False),
+                                        ("encdec/debug.yaml", True), ("rnn/lstm-lm-debug.yaml", True)])
+def test_meta_reference_model_counts_what_the_real_model_has(preset, tie):
+    """The meta-device model (FLOPs and counts of tp/pp runs, the scaling planner) keeps tied
+    weights tied: its parameter count and FLOPs equal the materialised model's."""
+    from models import build
+    from trainer.config import load_config
+    from trainer.train import reference_model
+
+    cfg = load_config(str(REPO / "configs" / preset), [])
+    for key in ("vocab_size", "src_vocab_size", "tgt_vocab_size"):
+        if hasattr(cfg.model, key) and getattr(cfg.model, key) is None:
+            setattr(cfg.model, key, 512)
+    if cfg.model.family == "gpt":
+        cfg.model.tie_embeddings = tie
+    meta, real = reference_model(cfg), build(cfg.model, seed=0)
+    assert next(meta.parameters()).is_meta
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 (tied tensors once)
+    assert count(meta) == count(real)
+    if hasattr(real, "flops_per_token"):
+        assert meta.flops_per_token(cfg.data.seq_len) == real.flops_per_token(cfg.data.seq_len)
