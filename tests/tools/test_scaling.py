@@ -143,4 +143,34 @@ def test_planner_hits_its_budgets_and_micro_ladder_runs_plan_to_fit(tmp_path, ca
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["micro-ladder"])
     assert set(runs["tags.budget"].dropna()) == {"2e+09", "6e+09"}
+    plan_ids = {yaml.safe_load((plan_dir / "points" / f"{r['point']}.yaml").read_text())["tracking"]["tags"]["plan"]
+                for r in rows}
+    assert len(plan_ids) == 1 and set(runs["tags.plan"].dropna()) == plan_ids
     assert (runs["tags.kind"] == "scaling-fit").sum() == 1
+
+
+def test_plan_id_is_the_plans_identity(tmp_path, cache_dir, tiny_corpus):
+    """Planning the same ladder twice gives the same id; another ladder (here another learning
+    rate rule) another one."""
+    ladder = tmp_path / "ladder.yaml"
+    text = MICRO.format(base=REPO / "configs/gpt/debug.yaml", corpus=tiny_corpus, db=tmp_path / "m.db")
+    ids = []
+    for i, t in enumerate([text, text, text + "lr_ref: 1.0e-3\n"]):
+        ladder.write_text(t)
+        run_cli(["scaling", "plan", str(ladder), "--out", str(tmp_path / f"p{i}")], cache_dir)
+        ids.append(yaml.safe_load((tmp_path / f"p{i}" / "points" / "0.yaml").read_text())["tracking"]["tags"]["plan"])
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_fit_from_mlflow_takes_the_newest_plan_only(capsys):
+    import pandas as pd
+
+    from tools.scaling.fit import newest_plan
+
+    runs = pd.DataFrame({"tags.plan": [None, "old", "old", "new", "new"],
+                         "start_time": pd.to_datetime([1, 2, 3, 5, 4], unit="s"), "tags.N": [1, 2, 3, 4, 5]})
+    kept = newest_plan(runs, "lad")
+    assert list(kept["tags.N"]) == [4, 5]
+    assert "fitting plan new (2 runs); 3 runs of 2 older plan(s) left out" in capsys.readouterr().err
+    untagged = runs.drop(columns="tags.plan")
+    assert newest_plan(untagged, "lad") is untagged  # runs from before plan ids: all of them

@@ -21,6 +21,7 @@ import csv
 import itertools
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,21 @@ def points_from_csv(path: Path) -> Points:
     return Points(N, D, np.array([float(r["loss"]) for r in rows]), C)
 
 
+def newest_plan(runs, experiment: str):
+    """The runs of the experiment's newest plan (the one whose latest run started last): a
+    re-planned ladder logs to the same experiment, and mixing two plans' points would fit
+    neither. Runs from before plans were tagged count as one plan."""
+    if "tags.plan" not in runs:
+        return runs
+    plan = runs["tags.plan"].fillna("(untagged)")
+    newest = plan[runs["start_time"].idxmax()]
+    older = plan[plan != newest]
+    if len(older):
+        print(f"--experiment {experiment}: fitting plan {newest} ({(plan == newest).sum()} runs); "
+              f"{len(older)} runs of {older.nunique()} older plan(s) left out", file=sys.stderr)
+    return runs[plan == newest]
+
+
 def points_from_mlflow(experiment: str, tracking_uri: str | None = None) -> Points:
     """Finished runs of a ladder's experiment: tags N, D, budget; the last val_loss."""
     import mlflow
@@ -236,7 +252,7 @@ def points_from_mlflow(experiment: str, tracking_uri: str | None = None) -> Poin
     need = ["tags.N", "tags.D", "tags.budget", "metrics.val_loss"]
     if runs.empty or any(c not in runs for c in need):
         raise DataError(f"--experiment {experiment}: no finished runs with tags N, D, budget and a val_loss")
-    runs = runs.dropna(subset=need)
+    runs = newest_plan(runs.dropna(subset=need), experiment)
     return Points(runs["tags.N"].astype(float).to_numpy(), runs["tags.D"].astype(float).to_numpy(),
                   runs["metrics.val_loss"].astype(float).to_numpy(), runs["tags.budget"].astype(float).to_numpy())
 

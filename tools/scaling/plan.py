@@ -21,6 +21,8 @@ warm-up 5 % of the steps, cosine to lr / 10.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -153,8 +155,13 @@ def plan(ladder_path: str | Path, out: Path) -> list[dict]:
         for s in picks:
             cfg, total, nonemb, f, f6 = shapes[s]
             rows.append(_point(ladder, cfg, budget, s, total, nonemb, f, f6, seq, len(rows)))
+    # A plan's identity is its points: runs of a re-planned ladder (other shapes, tokens or
+    # accounting) carry another id in the same MLflow experiment, and `fit` keeps them apart.
+    plan_id = hashlib.sha256(json.dumps([{k: r[k] for k in CSV_FIELDS} for r in rows]).encode()).hexdigest()[:12]
     for row in rows:
-        (out / "points" / f"{row['point']}.yaml").write_text(row["yaml"])
+        point = row["config"]
+        point.tracking.tags["plan"] = plan_id
+        (out / "points" / f"{row['point']}.yaml").write_text(point.to_yaml())
     with (out / "plan.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -198,4 +205,4 @@ def _point(ladder: Ladder, cfg: Config, budget: float, s: int, total: int, nonem
                "flops_per_token_6n": f6, "tokens": steps * batch * seq,
                "tokens_per_param": round(steps * batch * seq / nonemb, 2), "steps": steps,
                "global_batch_size": batch, "lr": round(lr, 6), "achieved_flops": achieved,
-               "budget_error": round(err, 5), "yaml": point.to_yaml()}
+               "budget_error": round(err, 5), "config": point}

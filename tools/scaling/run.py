@@ -3,7 +3,7 @@
 Resumable: a finished point (its ``result.json`` written) is skipped; an interrupted one resumes
 from its own checkpoints (every point's run directory is ``PLAN/runs/{i}``, and ``seqtrain
 train`` resumes there by itself). Each point logs to the ladder's MLflow experiment with tags
-budget, N, D and family; ``PLAN/results.csv`` collects N, D and the final validation loss.
+budget, N, D, family and plan id; ``PLAN/results.csv`` collects N, D and the final validation loss.
 """
 
 from __future__ import annotations
