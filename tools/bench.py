@@ -79,7 +79,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    from trainer import distributed
+    from trainer import distributed, host_memory
     from trainer.config import load_config
     from trainer.data.prefetch import Prefetcher
     from trainer.engine import build_optimizer, build_scheduler
@@ -96,12 +96,9 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
     distributed.quiet_deepspeed()
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
     device = distributed.device()
+    host_memory.configure(cfg.train.host_allocator, device)  # as the trainer does (the plain loop: only when asked)
     train_b, _, _ = _seq2seq_data(cfg, dims, []) if cfg.is_seq2seq else _lm_data(cfg, dims)
     t = cfg.train
-    if device.type == "cpu" and t.host_allocator == "retain":
-        from trainer.host_memory import retain_freed_memory
-
-        retain_freed_memory()  # as the trainer does (the plain loop only when asked for)
     model = build_model(cfg, device)
     autocast = contextlib.nullcontext
     if variant == "engine":

@@ -16,11 +16,20 @@ import ctypes
 import ctypes.util
 import sys
 
+import torch
+
 # mallopt parameters (glibc <malloc.h>).
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit (4 MiB * sizeof(long))
+
+
+def configure(setting: str, device: torch.device) -> bool:
+    """Apply ``train.host_allocator`` for a process training on ``device``: only CPU training
+    retains (on a GPU the host allocates little per step). Call it before the model and the
+    first batches are allocated. True where memory is now retained."""
+    return device.type == "cpu" and setting == "retain" and retain_freed_memory()
 
 
 def retain_freed_memory() -> bool:

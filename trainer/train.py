@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import models
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, host_memory
 from trainer.callbacks import Checkpoint, Evaluate, MetricsFile, ProgressBar, ScheduledSampling
 from trainer.config import Config
 from trainer.data import WindowDataset, prepare
@@ -237,10 +237,7 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     if dims.tp * dims.pp > 1:
         dims.grid  # noqa: B018 (creates the process groups: a collective, same point on every rank)
     device = distributed.device()
-    if device.type == "cpu" and cfg.train.host_allocator == "retain":
-        from trainer.host_memory import retain_freed_memory
-
-        retain_freed_memory()  # before the model and the first batches are allocated
+    host_memory.configure(cfg.train.host_allocator, device)
 
     extra_eval: list = []
     if cfg.is_seq2seq:

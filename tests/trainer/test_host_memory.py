@@ -58,3 +58,12 @@ def test_retained_memory_is_reused_without_page_faults():
         if retain < 50:
             break
     assert retain < 50, (retain, system)
+
+
+def test_only_cpu_training_with_retain_touches_the_allocator():
+    import torch
+
+    from trainer.host_memory import configure
+
+    assert not configure("system", torch.device("cpu"))
+    assert not configure("retain", torch.device("meta"))  # any non-CPU device: left alone
