@@ -27,8 +27,6 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "rnn_lm": (RNNLMConfig, RNNLM),
     "rnn_seq2seq": (Seq2SeqRNNConfig, Seq2SeqRNN),
 }
-SEQ2SEQ_FAMILIES = ("encdec", "rnn_seq2seq")
-"""Families trained on (source, target) pairs; the others are language models."""
 
 
 def build(cfg, seed: int = 0) -> nn.Module:
@@ -36,5 +34,5 @@ def build(cfg, seed: int = 0) -> nn.Module:
     return FAMILIES[cfg.family][1](cfg, seed=seed)
 
 
-__all__ = ["FAMILIES", "SEQ2SEQ_FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
+__all__ = ["FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
            "Seq2SeqRNNConfig", "ModelConfig", "build"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.launch import torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny GPT that trains in seconds on 2 CPU cores; every test run builds on these overrides.
@@ -58,8 +60,7 @@ def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, check: bo
             torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``seqtrain ARGS`` in a fresh process (``torchrun --nproc_per_node`` when nproc > 1)."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *torchrun_args, "-m", "trainer", *args]
+        cmd = [*torchrun(nproc), *torchrun_args, "-m", "trainer", *args]
     else:
         cmd = [sys.executable, "-m", "trainer", *args]
     p = subprocess.run(cmd, cwd=cwd or REPO, env={**cli_env(cache_dir), **(env or {})}, capture_output=True,

@@ -22,6 +22,7 @@ from trainer import checkpoint
 from trainer.config import Config, load_config
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
+from trainer.families import spec
 
 LN2 = math.log(2)
 
@@ -35,7 +36,7 @@ def lm_metrics(model: torch.nn.Module, tok, ids: np.ndarray, seq_len: int, batch
     the state carried from window to window (as in training with truncated BPTT).
     """
     ids = np.asarray(ids[: (max_tokens + 1) if max_tokens else None], dtype=np.int64)
-    is_rnn = getattr(model.cfg, "family", "") == "rnn_lm"
+    is_rnn = spec(model.cfg.family).carries_state
     if is_rnn:
         stream = (len(ids) - 1) // batch
         n_win = max(0, stream - 1) // seq_len
@@ -103,7 +104,7 @@ def _pairs(cfg: Config, data: str | None, limit: int) -> list[tuple[str, str]]:
 def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: str | None = None,
                         beam: int = 1, limit: int = 500, max_tokens: int | None = 200_000,
                         samples: int = 3) -> dict[str, Any]:
-    from trainer.generate import load_for_inference
+    from trainer.inference import encode_sources, load_for_inference, translate_ids
     from trainer.metrics import text_metrics
 
     ckpt = checkpoint.resolve(path)
@@ -115,13 +116,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
         pairs = _pairs(cfg, data, limit)
         eos = tgt_tok.token_to_id(EOS)
-        hyps: list[str] = []
-        for k in range(0, len(pairs), 64):
-            chunk = pairs[k: k + 64]
-            ids = [torch.tensor(src_tok.encode(s, add_special_tokens=False).ids or [eos]) for s, _ in chunk]
-            batch = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=cfg.model.pad_id)
-            outs = model.translate(batch, eos, eos, max_len=cfg.data.seq_len, beam=beam)
-            hyps += [tgt_tok.decode(o) for o in outs]
+        src = encode_sources(src_tok, [s for s, _ in pairs], eos)
+        hyps = [tgt_tok.decode(o) for o in translate_ids(model, src, cfg.model.pad_id, eos, cfg.data.seq_len, beam)]
         out.update(text_metrics(hyps, [t for _, t in pairs], cfg.eval.bleu_tokenize))
         out["pairs"] = len(pairs)
         out["samples"] = [{"source": s, "reference": t, "output": h}
@@ -178,24 +174,21 @@ def plot_curve(results: list[dict[str, Any]], path: Path) -> Path:
 
 def _log_mlflow(run_dir: Path, results: list[dict[str, Any]], png: Path) -> None:
     """Metrics ``eval/<name>`` at each checkpoint's step, into the training run when it has one."""
+    import mlflow
     import yaml
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    tracking = cfg.get("tracking", {})
-    if not tracking.get("enabled", True):
-        return
-    import mlflow
+    from trainer.config import TrackingConfig
+    from trainer.tracking import open_run
 
-    if tracking.get("uri"):
-        mlflow.set_tracking_uri(tracking["uri"])
-    id_file = run_dir / "mlflow_run_id"
-    if id_file.is_file():
-        ctx = mlflow.start_run(run_id=id_file.read_text().strip())
-    else:
-        mlflow.set_experiment(tracking.get("experiment", "seqtrain"))
-        ctx = mlflow.start_run(run_name=f"eval-{run_dir.name}", tags={"run_dir": str(run_dir.resolve())})
-    with ctx:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    tracking = TrackingConfig.model_validate(cfg.get("tracking", {}))
+    if not tracking.enabled:
+        return
+    open_run(run_dir, tracking, f"eval-{run_dir.name}", record=False)
+    try:
         for r in results:
             mlflow.log_metrics({f"eval/{k}": float(v) for k, v in r.items()
                                 if isinstance(v, int | float) and k != "step"}, step=r["step"])
         mlflow.log_artifact(str(png), "eval")
+    finally:
+        mlflow.end_run()

@@ -72,11 +72,11 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> dict[str, float]:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from trainer.data.tokenizer import EOS, PAD, UNK
-    from trainer.generate import load_for_inference
+    from trainer.inference import load_for_inference
 
     model, tok, _, cfg = load_for_inference(ckpt_path)
     c = cfg.model
-    if c.family != "gpt":
+    if c.family != "gpt":  # by name, on purpose: the GPT-2 format holds our GPT and nothing else
         raise SeqtrainError(
             f"{ckpt_path}: a {c.family} checkpoint; --format hf exports GPT models (see the README "
             "for the encoder-decoder); --format safetensors exports any family"
@@ -125,7 +125,7 @@ def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
     """Full fp32 weights of any family and layout (ZeRO-3 included) as one safetensors file."""
     from safetensors.torch import save_model
 
-    from trainer.generate import load_for_inference
+    from trainer.inference import load_for_inference
 
     model, _, _, _ = load_for_inference(ckpt_path)
     out = Path(out)

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    def on_load(self, trainer: Trainer) -> None:
+        """Before ``on_train_start`` of any callback: restore state (the checkpoint callback
+        resumes here, so every train-start hook sees the restored step)."""
+
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_step_start(self, trainer: Trainer) -> None: ...
     def on_step_end(self, trainer: Trainer) -> None: ...
@@ -106,26 +110,48 @@ class ScheduledSampling(Callback):
     """Sets the RNN decoder's scheduled-sampling probability ε from the step (a linear rise)."""
 
     def on_step_start(self, trainer: Trainer) -> None:
-        trainer.engine.module.sampling_prob = trainer.cfg.train.scheduled_sampling.eps(trainer.step)
+        trainer.module.model.sampling_prob = trainer.cfg.train.scheduled_sampling.eps(trainer.step)
 
 
 class Checkpoint(Callback):
-    """Save every ``checkpoint.every`` steps and at the end (a collective)."""
+    """Resume from the newest intact checkpoint before training starts; save every
+    ``checkpoint.every`` steps and at the end. Both are collectives, and both go through
+    ``trainer/checkpoint.py``. Saves see the state after every earlier callback's step-end
+    hook (a stop signal at step s, an evaluation), so it comes late in the list."""
 
-    def __init__(self, ckpt_root: Path, manifest_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, ckpt_root: Path, tokenizer_sha256: str) -> None:
         self.root = ckpt_root
-        self.manifest_extra = manifest_extra or {}
+        self.tokenizer_sha256 = tokenizer_sha256
         self.last_saved = -1
+
+    def _say(self, trainer: Trainer, msg: str) -> None:
+        if trainer.is_rank0:
+            print(msg, flush=True)
+
+    def _resume(self, trainer: Trainer) -> None:
+        t0 = time.perf_counter()
+        restored = checkpoint.load(trainer.module, self.root, trainer.cfg, self.tokenizer_sha256,
+                                   warn=lambda m: self._say(trainer, m))
+        if restored is None:
+            return
+        trainer.load_state_dict(restored.client_state)
+        if restored.rank_state is not None:
+            trainer.load_rank_state(restored.rank_state)
+        self._say(trainer, f"resumed from {restored.path} at step {trainer.step} "
+                           f"(loaded in {time.perf_counter() - t0:.2f} s)")
 
     def _save(self, trainer: Trainer) -> None:
         t0 = time.perf_counter()
-        path = checkpoint.save(trainer.engine, self.root, trainer.step, trainer.client_state(),
+        path = checkpoint.save(trainer.module, self.root, trainer.step, trainer.state_dict(),
                                trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last,
-                               trainer.rank_state(), self.manifest_extra)
+                               trainer.rank_state(), {"tokenizer_sha256": self.tokenizer_sha256})
         self.last_saved = trainer.step
         if trainer.is_rank0:
             mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
             print(f"saved {path.name} ({mb:.1f} MB) in {time.perf_counter() - t0:.2f} s", flush=True)
+
+    def on_load(self, trainer: Trainer) -> None:
+        self._resume(trainer)
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.last_saved = trainer.step

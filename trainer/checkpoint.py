@@ -1,4 +1,6 @@
-"""Checkpoints: DeepSpeed's shards written atomically, a ``latest`` pointer, retention, loading.
+"""Checkpoints, the one module that knows their format: saving and resuming (driven by the
+``Checkpoint`` callback), manifests, layout checks, per-rank states, and reading weights back
+(``train.init_from``, ``generate``, ``eval``, ``export``).
 
 Layout of ``<run_dir>/checkpoints/``::
 
@@ -6,6 +8,10 @@ Layout of ``<run_dir>/checkpoints/``::
                               + manifest.json: every file's size and sha256)
     latest                    text file naming the newest complete checkpoint
     .tmp/                     where a checkpoint is written before it is renamed into place
+
+Inside a checkpoint, the train module's engine writes its own files (DeepSpeed: model states,
+optimizer shards, and the loop's ``client_state``: step, tokens, skipped updates, RNG states);
+``rank_state_{rank}.pt`` holds what differs per rank (carried recurrent states).
 
 A checkpoint directory is only ever renamed into place once every rank has written its files,
 and ``latest`` is replaced atomically after that, so a crash at any moment leaves the previous
@@ -20,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -99,7 +105,7 @@ def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
     return None
 
 
-def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
+def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
          keep_last: int | None = None, rank_state: dict[str, Any] | None = None,
          manifest_extra: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
@@ -113,7 +119,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    module.save_checkpoint(staging, tag, client_state)
     if rank_state is not None:
         torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
     # Every rank's shard must be on disk before rank 0 publishes the directory.
@@ -139,6 +145,36 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
     for old in tags[:-keep_last]:
         if old != protect:
             shutil.rmtree(ckpt_root / old, ignore_errors=True)
+
+
+class Restored(NamedTuple):
+    path: Path
+    """The checkpoint directory resumed from."""
+    client_state: dict[str, Any]
+    """The loop's state as saved (step, tokens, skipped updates, RNG states)."""
+    rank_state: dict[str, Any] | None
+    """This rank's own state (carried recurrent states), if it saved one."""
+
+
+def load(module, ckpt_root: Path, cfg, tokenizer_sha256: str, warn=print) -> Restored | None:
+    """Collective: resume ``module`` (weights, optimizer, scheduler) from the newest intact
+    checkpoint under ``ckpt_root``, after checking it has this run's model shape, tokenizer and
+    layout. None when there is nothing to resume."""
+    ckpt = latest_valid(ckpt_root, warn=warn)
+    if ckpt is None:
+        return None
+    check_compatible(ckpt, cfg.model.model_dump(mode="json"), tokenizer_sha256, layout_of(cfg))
+    client_state = module.load_checkpoint(ckpt_root, ckpt.name)
+    f = rank_state_file(ckpt, distributed.rank())
+    rank_state = torch.load(f, weights_only=False) if f.is_file() else None
+    return Restored(ckpt, client_state, rank_state)
+
+
+def layout_of(cfg) -> dict[str, int]:
+    """What a resumed run must share with the checkpoint: DeepSpeed reloads its own shards only
+    into the layout that wrote them (dp only matters where ZeRO partitions by it)."""
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, **({"dp": p.dp} if p.zero_stage else {})}
 
 
 NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}
@@ -204,11 +240,7 @@ def resolve(path: str | Path) -> Path:
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU)."""
-    import yaml
-
-    from trainer.config import Config
-
-    cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    cfg = saved_config(ckpt)
     if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from trainer.parallel.consolidate import consolidate
 
@@ -228,3 +260,95 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ckpt}: unreadable checkpoint ({msg})") from None
     return {k: v.float() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _read_weights(source: str | Path, label: str) -> dict[str, torch.Tensor]:
+    """Whole weights from a checkpoint or run directory (any layout, consolidated) or a
+    ``.safetensors`` file."""
+    from safetensors import safe_open
+
+    path = Path(source)
+    if path.is_dir():
+        return load_model_state(resolve(path))
+    if not path.is_file():
+        raise CheckpointError(f"{label}: no such file or checkpoint directory")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as e:  # safetensors raises plain errors on corrupt files
+        raise CheckpointError(f"{label}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def load_weights(model: torch.nn.Module, source: str | Path | dict[str, torch.Tensor],
+                 rename=None, label: str | None = None) -> None:
+    """Copy whole single-device weights into ``model``: the one weight loader (``init_from``,
+    inference, evaluation, export).
+
+    ``source``: a checkpoint or run directory of any layout, a safetensors file, or a state
+    dict. ``rename`` maps the model's parameter names to the source's single-device names
+    (``None`` from it: a parameter not stored, e.g. a pipeline's second copy of a tied weight).
+    A tied weight is one parameter under several names; the source may hold it under any of them.
+    """
+    label = label or str(source)
+    stored = source if isinstance(source, dict) else _read_weights(source, label)
+    params: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        v = rename(n) if rename else n
+        if v is not None:
+            params.setdefault(id(p), (p, []))[1].append(v)
+    missing, bad_shape, used, sources = [], [], set(), []
+    for p, names in params.values():
+        src = next((v for v in names if v in stored), None)
+        if src is None:
+            missing.append(names[0])
+        elif stored[src].shape != p.shape:
+            bad_shape.append(f"{src} {tuple(stored[src].shape)} vs {tuple(p.shape)}")
+        sources.append((p, src))
+        used.update(names)
+    unexpected = sorted(stored.keys() - used)
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(f"{label}: weights do not fit model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {bad_shape[:2]})")
+    with torch.no_grad():
+        for p, src in sources:
+            p.copy_(stored[src])
+
+
+def saved_config(ckpt: Path):
+    """The ``Config`` a checkpoint was trained with."""
+    import yaml
+
+    from trainer.config import Config
+
+    return Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, Any, Path]:
+    """(single-device model with the checkpoint's weights, its config, the checkpoint
+    directory) from a run directory, checkpoints folder or checkpoint of any layout."""
+    import models
+
+    ckpt = resolve(path)
+    cfg = saved_config(ckpt)
+    model = models.build(cfg.model)
+    load_weights(model, load_model_state(ckpt), label=str(ckpt))
+    return model, cfg, ckpt
+
+
+def run_tokenizers(ckpt: Path):
+    """(source, target) tokenizers of the run a checkpoint belongs to (the same one twice for a
+    language model or a shared vocabulary)."""
+    from tokenizers import Tokenizer
+
+    run_dir = ckpt.parent.parent
+
+    def side(name: str):
+        for f in ("tokenizer.json", f"{name}_tokenizer.json"):
+            if (run_dir / f).is_file():
+                return Tokenizer.from_file(str(run_dir / f))
+        raise CheckpointError(f"no tokenizer.json in the run directory {run_dir}")
+
+    return side("src"), side("tgt")

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models import FAMILIES, SEQ2SEQ_FAMILIES, GPTConfig, ModelConfig
-from trainer.errors import ConfigError
+from models import FAMILIES, GPTConfig, ModelConfig
+from trainer import families
+from trainer.errors import ConfigError, DataError
 
 
 class _Section(BaseModel):
@@ -252,23 +253,29 @@ class Config(_Section):
     """Experiment tracking."""
 
     @property
+    def family(self) -> families.FamilySpec:
+        """What the trainer knows about this model family (``trainer/families.py``)."""
+        return families.spec(self.model.family)
+
+    @property
     def is_seq2seq(self) -> bool:
-        return self.model.family in SEQ2SEQ_FAMILIES
+        return self.family.pairs
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        fam = self.model.family
+        fam, spec = self.model.family, self.family
         max_len = getattr(self.model, "max_seq_len", None)
         if max_len is not None and self.data.seq_len > max_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={max_len}")
-        if self.data.tbptt and fam != "rnn_lm":
-            raise ValueError(f"data.tbptt is for model.family=rnn_lm, not {fam}")
+        if self.data.tbptt and not spec.carries_state:
+            raise ValueError(f"data.tbptt is for model.family={_one_of('carries_state')}, not {fam}")
         ss = self.train.scheduled_sampling
-        if (ss.eps_start or ss.eps_end) and fam != "rnn_seq2seq":
-            raise ValueError(f"train.scheduled_sampling is for model.family=rnn_seq2seq, not {fam}")
-        if self.data.target_source and fam not in SEQ2SEQ_FAMILIES:
+        if (ss.eps_start or ss.eps_end) and not spec.scheduled_sampling:
+            raise ValueError(f"train.scheduled_sampling is for model.family="
+                             f"{_one_of('scheduled_sampling')}, not {fam}")
+        if self.data.target_source and not spec.pairs:
             raise ValueError(f"data.target_source is for sequence-to-sequence families, not {fam}")
-        if fam in SEQ2SEQ_FAMILIES and self.data.source == "stdlib":
+        if spec.pairs and self.data.source == "stdlib":
             raise ValueError(
                 f"model.family={fam} needs (source, target) pairs: set data.source to 'dates' (the "
                 "embedded task), a .tsv or .jsonl file, or a source file with data.target_source"
@@ -321,43 +328,66 @@ class Config(_Section):
 
     def _check_layout(self) -> None:
         """Refuse, in one line, parallel combinations the model or DeepSpeed cannot run."""
-        p, m = self.parallel, self.model
-        if p.tp > 1 and m.family not in ("gpt", "encdec"):
+        p, m, spec = self.parallel, self.model, self.family
+        if p.tp > 1 and spec.tp_plan is None:
             raise ConfigError(
-                f"parallel.tp={p.tp}: tensor parallelism is available for model.family gpt and "
-                f"encdec, not {m.family}; use data parallelism (and ZeRO) for recurrent models"
+                f"parallel.tp={p.tp}: tensor parallelism is available for model.family "
+                f"{_one_of('tp_plan', ' and ')}, not {m.family}; use data parallelism (and ZeRO) "
+                "for this family"
             )
         if p.pp > 1:
-            if m.family != "gpt":
-                raise ConfigError(
-                    f"parallel.pp={p.pp}: pipeline parallelism is available for model.family gpt "
-                    f"only, not {m.family}; use parallel.tp (encdec) or data parallelism"
-                )
-            if p.zero_stage > 1:
-                raise ConfigError(
-                    f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
-                    "pipeline engine supports ZeRO stage 0 or 1 only"
-                )
-            if m.n_layer < p.pp:
-                raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every "
-                                  "stage needs at least one block")
-            if self.train.compile:
-                raise ConfigError(f"parallel.pp={p.pp} does not combine with train.compile yet; "
-                                  "compile without pipeline parallelism")
+            self._check_pipeline()
         if p.tp > 1:
             heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
             for key, n in heads.items():
                 if n % p.tp:
                     raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}")
 
+    def _check_pipeline(self) -> None:
+        p, m = self.parallel, self.model
+        if not self.family.pipeline:
+            raise ConfigError(
+                f"parallel.pp={p.pp}: pipeline parallelism is available for model.family "
+                f"{_one_of('pipeline')} only, not {m.family}; use parallel.tp or data parallelism"
+            )
+        if p.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
+                "pipeline engine supports ZeRO stage 0 or 1 only"
+            )
+        if m.n_layer < p.pp:
+            raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}: every "
+                              "stage needs at least one block")
+        if self.train.compile:
+            raise ConfigError(f"parallel.pp={p.pp} does not combine with train.compile yet; "
+                              "compile without pipeline parallelism")
+
+    def with_vocab(self, sizes: dict[str, int], where: Path, pad_id: int | None = None) -> Config:
+        """A copy finished from the prepared data: ``null`` vocabulary sizes filled from the
+        tokenizers (``sizes``: side ► size, rounded up to ``parallel.vocab_multiple``), every
+        size checked against them and against the tensor-parallel degree, and the padding id of
+        pair families. The one place a config changes after validation."""
+        out = self.model_copy(deep=True)
+        if pad_id is not None:
+            out.model.pad_id = pad_id
+        mult = self.parallel.vocab_multiple
+        for key, side in self.family.vocab.items():
+            have, need = getattr(out.model, key), sizes[side]
+            if have is None:
+                setattr(out.model, key, -(-need // mult) * mult)
+            elif have < need:
+                raise DataError(
+                    f"tokenizer at {where} has {need} tokens but model.{key}={have}; "
+                    f"raise model.{key} or set it to null"
+                )
+        out.check_vocab()
+        return out
+
     def check_vocab(self) -> None:
         """Vocabulary sizes (resolved from the tokenizer) against the tensor-parallel degree."""
-        tp, m = self.parallel.tp, self.model
-        if tp == 1:
-            return
-        keys = ("vocab_size",) if m.family == "gpt" else ("src_vocab_size", "tgt_vocab_size")
-        for key in keys:
-            n = getattr(m, key)
+        tp = self.parallel.tp
+        for key in self.family.vocab if tp > 1 else ():
+            n = getattr(self.model, key)
             if n % tp:
                 raise ConfigError(
                     f"model.{key}={n} is not divisible by parallel.tp={tp}; set "
@@ -366,6 +396,10 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _one_of(attr: str, sep: str = " or ") -> str:
+    return sep.join(families.having(attr))
 
 
 # --------------------------------------------------------------------------- loading

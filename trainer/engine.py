@@ -1,8 +1,8 @@
-"""DeepSpeed engine: our config ► a DeepSpeed config, AdamW, LR schedule, ``deepspeed.initialize``."""
+"""DeepSpeed engine: our config ► a DeepSpeed config, AdamW, LR schedule, ``deepspeed.initialize``
+► a train module (``trainer/train_module.py``)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -52,8 +52,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     impl = t.optimizer_impl
     if impl == "auto":
         # Fused (one kernel per dtype/device group) wherever torch has it: CUDA, and CPU since
-        # torch 2.4, where it is ~6x faster than foreach (1.9 vs 12.6 ms for 4.4 M parameters
-        # here, docs/benchmarks.md); foreach elsewhere (MPS, XPU builds without it).
+        # torch 2.4, where it beats foreach by a wide margin (docs/benchmarks.md); foreach
+        # elsewhere (MPS, XPU builds without it).
         impl = "fused" if next(model.parameters()).device.type in ("cuda", "cpu") else "foreach"
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
@@ -75,14 +75,18 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
 
 
-def initialize(model: nn.Module, cfg: Config, dims: ParallelDims | None = None):
-    """``deepspeed.initialize`` (always the last wrapper applied): returns (engine, scheduler).
+def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.device,
+               flops_per_token: float = 0.0, peak_flops: float = 1.0):
+    """``deepspeed.initialize`` (always the last wrapper applied), wrapped in the train module
+    of its kind.
 
     A ``PipelineModule`` gives a pipeline engine, which builds its groups from the module's
     topology (passing ``mpu`` too is refused); tensor parallelism alone passes our grid as
     ``mpu`` so DeepSpeed reduces gradients over data-parallel ranks only.
     """
     import deepspeed
+
+    from trainer.train_module import EngineModule, PipelineModule
 
     opt = build_optimizer(model, cfg)
     guard = None
@@ -92,37 +96,7 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims | None = None):
         guard = NonFiniteGuard(opt)  # wraps opt.step, so before the scheduler hooks it too
     sched = build_scheduler(opt, cfg)
     engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg),
-        mpu=dims.mpu if dims is not None else None,
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg), mpu=dims.mpu,
     )
-    engine.clip_fp32_gradients = functools.partial(clip_fp32_gradients, engine, dims)
-    engine.nonfinite_guard = guard
-    return engine, sched
-
-
-def clip_fp32_gradients(engine, dims: ParallelDims | None) -> None:
-    """Clip the global gradient norm and keep it, on the plain fp32 path (no ZeRO, no fp16/bf16).
-
-    DeepSpeed's own ``clip_grad_norm_`` drops the norm it computes, and under a pipeline counts
-    replicated parameters only on stage 0's ranks. Here every parameter counts once: a
-    tensor-parallel shard on each tensor rank, a replicated one on tensor rank 0, a tied
-    embedding on the first stage that holds it (DeepSpeed marks the others' copies
-    ``ds_pipe_replicated``); the squares are summed over the model-parallel group (pipe × tensor).
-    Gradients are already averaged over data-parallel ranks here.
-    """
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    tp_rank = dims.tp_rank if dims is not None else 0
-    counted = [p.grad for p in params
-               if not getattr(p, "ds_pipe_replicated", False)
-               and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-    # Multi-tensor kernels (one pass per dtype/device group) rather than a loop per parameter.
-    sq = (torch.nn.utils.get_total_norm(counted).float().pow(2) if counted
-          else torch.zeros((), device=params[0].device))
-    if dims is not None and dims.model_group is not None:
-        torch.distributed.all_reduce(sq, group=dims.model_group)
-    norm = sq.sqrt()
-    max_norm = engine.gradient_clipping()
-    if max_norm > 0:
-        # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when below 1.
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    engine._global_grad_norm = norm
+    kind = PipelineModule if dims.pp > 1 else EngineModule
+    return kind(engine, sched, dims, device, guard, flops_per_token, peak_flops)

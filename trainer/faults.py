@@ -76,7 +76,7 @@ class FaultInjection(Callback):
                 return out * float("nan")
 
             # The root module: the loss (or, under a pipeline, each stage's output) turns NaN.
-            trainer.engine.module.register_forward_hook(hook)
+            trainer.module.model.register_forward_hook(hook)
 
     def _fires(self, f: Fault, trainer: Trainer, step: int) -> bool:
         """Whether ``f`` fires at ``step`` on this rank (once per run directory)."""

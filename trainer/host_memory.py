@@ -2,11 +2,10 @@
 
 glibc's malloc hands every large block (above a threshold that adapts up to 32 MiB) to
 ``mmap`` and gives freed memory at the heap's top back to the kernel. A training step allocates
-and frees the same activations every step, so each step faults the same pages in again: about
-5,600 page faults and 10 ms of kernel time per step for the debug GPT on this machine (4 % of
-the step). Raising the mmap threshold to its maximum and the trim threshold out of reach makes
-the allocator reuse those pages instead: 0 to 140 faults per step, the same peak RSS within
-2 %. The same idea as the tcmalloc/jemalloc ``LD_PRELOAD`` of PyTorch's CPU launcher
+and frees the same activations every step, so each step faults the same pages in again
+(thousands of page faults per step, docs/benchmarks.md). Raising the mmap threshold to its
+maximum and the trim threshold out of reach makes the allocator reuse those pages instead, at
+the same peak RSS. The same idea as the tcmalloc/jemalloc ``LD_PRELOAD`` of PyTorch's CPU launcher
 (``torch.backends.xeon.run_cpu``), without a second allocator to install.
 """
 

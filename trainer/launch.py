@@ -103,18 +103,34 @@ class SlurmJob:
         return p.stdout.strip()
 
 
-def torchrun_command(config: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str = "127.0.0.1", master_port: int = 29500,
-                     overrides: list[str] = (), run_dir: str | None = None,
-                     max_restarts: int = 0, python: str = sys.executable) -> list[str]:
-    """The torchrun command for one node: standalone on one node, static rendezvous on several."""
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
-           f"--max_restarts={max_restarts}"]
+def torchrun(nproc_per_node: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
+             master_port: int = 29500, max_restarts: int | None = None,
+             python: str = sys.executable) -> list[str]:
+    """torchrun's arguments for one node, up to the module to run: standalone rendezvous on
+    one node, static (``master_addr:master_port``) on several."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
+    if max_restarts is not None:
+        cmd.append(f"--max_restarts={max_restarts}")
     if nnodes == 1:
         cmd.append("--standalone")
     else:
         cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                 f"--master_port={master_port}"]
+    return cmd
+
+
+def python_launcher(nproc: int) -> list[str]:
+    """How to start a module with ``nproc`` processes on this node: the interpreter itself for
+    one, torchrun for several."""
+    return torchrun(nproc) if nproc > 1 else [sys.executable]
+
+
+def torchrun_command(config: str, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int = 29500,
+                     overrides: list[str] = (), run_dir: str | None = None,
+                     max_restarts: int = 0, python: str = sys.executable) -> list[str]:
+    """The ``seqtrain train`` torchrun command for one node."""
+    cmd = torchrun(nproc_per_node, nnodes, node_rank, master_addr, master_port, max_restarts, python)
     cmd += ["-m", "trainer", "train", config, *(a for o in overrides for a in ("--set", o))]
     if run_dir:
         cmd += ["--run-dir", run_dir]

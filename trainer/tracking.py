@@ -29,6 +29,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None = None,
+             record: bool = True):
+    """Start (or continue) the MLflow run of a run directory: the one recorded in its
+    ``mlflow_run_id``, else a new run in ``tracking.experiment`` (recorded there if ``record``).
+    ``tracking``: the run's ``TrackingConfig``. Returns (active run, whether it is new)."""
+    import mlflow
+
+    if tracking.uri:
+        mlflow.set_tracking_uri(tracking.uri)
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        return mlflow.start_run(run_id=id_file.read_text().strip()), False
+    mlflow.set_experiment(tracking.experiment)
+    run = mlflow.start_run(run_name=run_name, tags={"run_dir": str(run_dir.resolve()), **(tags or {})})
+    if record:
+        id_file.write_text(run.info.run_id)
+    return run, True
+
+
 class MLflowTracker(Callback):
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -39,20 +58,11 @@ class MLflowTracker(Callback):
             return
         import mlflow
 
-        t = trainer.cfg.tracking
-        if t.uri:
-            mlflow.set_tracking_uri(t.uri)
-        mlflow.set_experiment(t.experiment)
-        id_file = self.run_dir / RUN_ID_FILE
-        if id_file.is_file():
-            # A resumed run continues the same MLflow run.
-            mlflow.start_run(run_id=id_file.read_text().strip())
-        else:
-            run = mlflow.start_run(run_name=trainer.cfg.name)
-            id_file.write_text(run.info.run_id)
+        # A resumed run continues the same MLflow run.
+        _, new = open_run(self.run_dir, trainer.cfg.tracking, trainer.cfg.name, trainer.cfg.tracking.tags)
+        if new:
             mlflow.log_params(flatten(trainer.cfg.model_dump(mode="json")))
             mlflow.log_text(trainer.cfg.to_yaml(), "config.yaml")
-            mlflow.set_tags({"run_dir": str(self.run_dir.resolve()), **t.tags})
         self.active = True
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

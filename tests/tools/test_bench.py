@@ -68,3 +68,20 @@ def test_bench_under_data_parallelism_times_communication_once_per_step(tiny_cor
     assert 1 <= engine["collectives_per_step"] < 4  # gradients once, plus the non-finite check
     for v in (engine, plain):
         assert v["ms_per_step"]["communication"] > 0
+
+
+@pytest.mark.distributed
+def test_bench_honours_tensor_parallelism_with_the_trainers_own_builders(tiny_corpus, cache_dir):
+    """tp2 over 2 processes: the bench builds the run as ``seqtrain train`` does (the tensor-
+    parallel model, the same data), so its losses equal one process's; the plain loop, which
+    is data-parallel only, is left out rather than run on a layout it cannot do."""
+    overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8"]
+    args = ["bench", PRESET, "--steps", "4", "--warmup", "1", "--repeat", "1", "--json"]
+    one = json.loads(run_cli([*args, *sets(*overrides)], cache_dir).stdout)["engine"]
+    r = json.loads(run_cli([*args, "--nproc", "2", *sets(*overrides, "parallel.tp=2")], cache_dir).stdout)
+    tp = r["engine"]
+    assert r["plain"] is None and "engine_overhead" not in r
+    assert tp["layout"] == {"dp": 1, "tp": 2, "pp": 1, "zero_stage": 0} and tp["world_size"] == 2
+    assert tp["final_loss"] == pytest.approx(one["final_loss"], abs=1e-5)
+    assert tp["params"] == one["params"] and tp["flops_per_token"] == one["flops_per_token"]
+    assert tp["ms_per_step"]["communication"] > 0  # the tensor-parallel all-reduces

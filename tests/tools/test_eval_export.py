@@ -33,7 +33,7 @@ def gpt_run(cache_dir, tmp_path_factory):
 def test_export_hf_loads_with_equal_logits_and_generates(gpt_run, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.generate import load_for_inference
+    from trainer.inference import load_for_inference
 
     root, _, _ = gpt_run
     out = tmp_path / "hf"
@@ -99,7 +99,7 @@ def test_lm_metrics_relations_and_known_values(gpt_run, tmp_path):
     model scores ln(vocab)."""
     from models import GPTConfig, build
     from tools.evaluate import evaluate_checkpoint, lm_metrics
-    from trainer.generate import load_for_inference
+    from trainer.inference import load_for_inference
 
     root, _, _ = gpt_run
     text = "the bird draws a red box.\nour teacher finds the old tree.\n" * 30

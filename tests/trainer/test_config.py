@@ -146,7 +146,7 @@ def test_gpt2_preset_has_the_shape_of_transformers_gpt2_small():
     the meta device (no memory, no init)."""
     import transformers
 
-    from trainer.train import reference_model
+    from trainer.build import reference_model
 
     cfg = load_config(str(REPO / "configs/gpt/gpt2-124m.yaml"), ["model.vocab_size=50304"])
     ours = reference_model(cfg).num_params()

@@ -103,6 +103,8 @@ def load_ladder(path: str | Path) -> tuple[Ladder, Path]:
 
 
 def shape_overrides(ladder: Ladder, s: int) -> dict[str, int]:
+    """Model fields of scale ``s``. A family check by name, on purpose: each ladder family has
+    its own shape rule and ladder fields (heads and aspect ratio, or width steps)."""
     if ladder.family == "gpt":
         d = ladder.head_dim * s
         return {"n_layer": max(1, round(d / ladder.aspect)), "d_model": d, "n_head": s, "d_ff": 4 * d}
@@ -122,7 +124,7 @@ def _model_cfg(base: Config, ladder: Ladder, s: int) -> Config:
 
 def _measure(cfg: Config) -> tuple[int, int, float, float]:
     """(total params, non-embedding params, exact FLOPs/token, 6N FLOPs/token) of a shape."""
-    from trainer.train import reference_model
+    from trainer.build import reference_model
 
     m = reference_model(cfg)
     exact, six_n = m.flops_per_token(cfg.data.seq_len)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from trainer.errors import SeqtrainError
+from trainer.launch import SlurmJob, python_launcher
 
 RESULT_FIELDS = ["point", "budget", "N", "N_total", "D", "C", "flops_per_token", "loss", "train_loss", "family"]
 
@@ -72,8 +72,6 @@ def run(plan_dir: Path, executor: str = "local", nproc: int = 1, slurm: dict | N
     todo = pending(plan_dir)
     log(f"{len(todo)} of {len(_plan_rows(plan_dir))} points to train: {todo}")
     if executor == "slurm":
-        from trainer.launch import SlurmJob
-
         if todo:
             job = SlurmJob(config=str(plan_dir / "points" / "%a.yaml"), array=",".join(map(str, todo)),
                            run_dir=str(plan_dir / "runs" / "%a"), nproc_per_node=nproc,
@@ -90,10 +88,8 @@ def run(plan_dir: Path, executor: str = "local", nproc: int = 1, slurm: dict | N
         return collect(plan_dir)
     for i in todo:
         cfg, run_dir = plan_dir / "points" / f"{i}.yaml", plan_dir / "runs" / str(i)
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
         log(f"point {i}: training ({cfg})")
-        p = subprocess.run([*launcher, "-m", "trainer", "train", str(cfg), "--run-dir", str(run_dir)])
+        p = subprocess.run([*python_launcher(nproc), "-m", "trainer", "train", str(cfg), "--run-dir", str(run_dir)])
         if p.returncode != 0:
             raise SeqtrainError(f"point {i} failed (exit {p.returncode}); its log is above, its run "
                                 f"directory {run_dir}; run the same command to resume")

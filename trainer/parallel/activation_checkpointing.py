@@ -1,8 +1,8 @@
 """Activation checkpointing applied to a single-device model from outside.
 
-The repeated blocks of each family (GPT ``h``, encoder-decoder ``encoder``/``decoder``) keep
-their parameter names: only their ``forward`` is wrapped, so checkpoints and TP plans see the
-same model with or without it.
+The repeated blocks each family's spec names (``FamilySpec.blocks``: GPT ``h``, encoder-decoder
+``encoder``/``decoder``) keep their parameter names: only their ``forward`` is wrapped, so
+checkpoints and TP plans see the same model with or without it.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import functools
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-BLOCK_LISTS = ("h", "encoder", "decoder")
-"""Attribute names of ``nn.ModuleList`` s of repeated blocks."""
 
-
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Wrap every block's forward in ``torch.utils.checkpoint``; returns how many were wrapped."""
+def apply_activation_checkpointing(model: nn.Module, block_lists: tuple[str, ...]) -> int:
+    """Wrap the forward of every block in the ``nn.ModuleList`` attributes ``block_lists`` in
+    ``torch.utils.checkpoint``; returns how many were wrapped."""
     n = 0
-    for attr in BLOCK_LISTS:
+    for attr in block_lists:
         blocks = getattr(model, attr, None)
         if not isinstance(blocks, nn.ModuleList):
             continue

@@ -47,9 +47,10 @@ def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tenso
 
 
 def _merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
-    from trainer.parallel.tensor import PLANS, SHARD_DIMS
+    from trainer.families import spec
+    from trainer.parallel.tensor import SHARD_DIMS
 
-    plan = PLANS[family]
+    plan = spec(family).tp_plan
     merged = {}
     for name, first in states[0].items():
         module, _, kind = name.rpartition(".")

@@ -55,9 +55,9 @@ class Positions(nn.Module):
 class BlockPipe(Block):
     """One Transformer block; between stages only the hidden states travel (no KV cache)."""
 
-    def __init__(self, cfg: GPTConfig, index: int, seed: int) -> None:
+    def __init__(self, cfg: GPTConfig, prefix: str, seed: int) -> None:
         super().__init__(cfg)
-        _init(self, f"h.{index}.", cfg, seed)
+        _init(self, prefix, cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
@@ -101,8 +101,8 @@ def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: 
     else:
         first = LayerSpec(TokenEmbedding, cfg, seed, False)
         last = LayerSpec(Head, cfg, seed)
-    layers = [first, LayerSpec(Positions, cfg, seed),
-              *(LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.n_layer)),
+    blocks = layer_prefixes(cfg)[2:-2]
+    layers = [first, LayerSpec(Positions, cfg, seed), *(LayerSpec(BlockPipe, cfg, p, seed) for p in blocks),
               LayerSpec(FinalNorm, cfg, seed), last]
     return PipelineModule(
         layers=layers, topology=topology, loss_fn=TokenCrossEntropy(),
@@ -114,12 +114,16 @@ def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: 
     )
 
 
+def layer_prefixes(cfg: GPTConfig) -> list[str]:
+    """The ``GPT`` name prefix of each pipeline layer's parameters, by layer index: embedding,
+    positions, the blocks, final norm, head (the one list both initialisation and
+    ``single_device_name`` follow)."""
+    return ["", "", *(f"h.{i}." for i in range(cfg.n_layer)), "", ""]
+
+
 def single_device_name(name: str, cfg: GPTConfig) -> str | None:
     """``GPT`` parameter name of a pipeline parameter name (``None``: a duplicate tied copy)."""
     parts = name.split(".")
     if parts[0] == "tied_modules":  # tied_modules.embed.wte.weight / .lm_head.weight
         return None if parts[2] == "lm_head" else ".".join(parts[2:])
-    idx, rest = int(parts[0]), ".".join(parts[1:])
-    if idx >= 2 and idx < 2 + cfg.n_layer:
-        return f"h.{idx - 2}.{rest}"
-    return rest
+    return layer_prefixes(cfg)[int(parts[0])] + ".".join(parts[1:])

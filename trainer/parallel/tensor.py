@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.deepspeed_private import mark_tensor_parallel
+
 # --------------------------------------------------------------------------- regions
 
 
@@ -94,11 +96,7 @@ def _shard(p: torch.Tensor, dim: int, group, cache: dict) -> nn.Parameter:
         return cache[id(p)][1]
     part = p.detach().chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
     shard = nn.Parameter(part.clone(), requires_grad=p.requires_grad)
-    # DeepSpeed counts untagged parameters in gradient norms on tensor rank 0 only.
-    shard.tensor_model_parallel = True
-    shard.partition_dim = dim
-    if getattr(p, "ds_pipe_replicated", False):  # a pipeline's second copy of a tied weight
-        shard.ds_pipe_replicated = True
+    mark_tensor_parallel(shard, p, dim)
     cache[id(p)] = (p, shard)  # holding p keeps its id from being reused
     return shard
 
@@ -227,34 +225,9 @@ class VocabParallelCrossEntropy(nn.Module):
 # --------------------------------------------------------------------------- plans
 
 LAYERS = {c.style: c for c in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead)}
-"""Sharded layer of each style; a plan may also name ``vocab_loss`` (the loss module)."""
-
-PLANS: dict[str, dict[str, str]] = {
-    # Leading wildcards: the same plan fits GPT (``h.3.attn.q_proj``) and its pipeline stages
-    # (``5.attn.q_proj``, ``tied_modules.embed.wte``).
-    "gpt": {
-        "*wte": "vocab_embedding",
-        "*attn.q_proj": "colwise", "*attn.k_proj": "colwise", "*attn.v_proj": "colwise",
-        "*attn.c_proj": "rowwise",
-        "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
-        "*lm_head": "vocab_head", "loss_fn": "vocab_loss",
-    },
-    "encdec": {
-        "src_embed": "vocab_embedding", "tgt_embed": "vocab_embedding",
-        "*.*.*_attn.q_proj": "colwise", "*.*.*_attn.k_proj": "colwise", "*.*.*_attn.v_proj": "colwise",
-        "*.*.*_attn.o_proj": "rowwise",
-        "*.*.ff.fc1": "colwise", "*.*.ff.fc2": "rowwise",
-        "out": "vocab_head", "loss_fn": "vocab_loss",
-    },
-}
-"""Per family: submodule name pattern (``fnmatch``) ► style."""
-
-# Where activations are sharded (from a module's entry to its row-parallel child): dropout there
-# draws its own random numbers per tensor rank. (start pattern, row-parallel child name).
-PARALLEL_RNG_REGIONS: dict[str, list[tuple[str, str]]] = {
-    "gpt": [("*attn", "c_proj")],
-    "encdec": [("*.*.*_attn", "o_proj"), ("*.*.ff", "fc2")],
-}
+"""Sharded layer of each style; a plan may also name ``vocab_loss`` (the loss module). The
+plans themselves (submodule pattern ► style) are data in each family's spec
+(``trainer/families.py``)."""
 
 
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,

@@ -14,7 +14,8 @@ from models import build
 from models.encdec import EncDecConfig
 from models.gpt import GPTConfig
 from trainer.distributed import free_port
-from trainer.parallel.tensor import PARALLEL_RNG_REGIONS, PLANS, apply_tensor_parallel
+from trainer.families import FAMILIES
+from trainer.parallel.tensor import apply_tensor_parallel
 
 pytestmark = pytest.mark.distributed
 
@@ -60,8 +61,8 @@ def _check_family(family: str, rank: int, world: int) -> None:
         batch["src_ids"][1, 7:] = cfg.pad_id
         full_vocab = 64
     full = build(cfg, seed=3)
-    tp = apply_tensor_parallel(copy.deepcopy(full), PLANS[family], dist.group.WORLD,
-                               PARALLEL_RNG_REGIONS[family], full_vocab)
+    spec = FAMILIES[family]
+    tp = apply_tensor_parallel(copy.deepcopy(full), spec.tp_plan, dist.group.WORLD, spec.tp_rng_regions, full_vocab)
     loss_ref = full(**batch)
     loss = tp(**batch)
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
@@ -89,8 +90,8 @@ def _dropout(rank: int, world: int) -> None:
     then the replicated parameters' gradients agree exactly across ranks."""
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=64, dropout=0.3)
-    model = apply_tensor_parallel(build(cfg, seed=3), PLANS["gpt"], dist.group.WORLD,
-                                  PARALLEL_RNG_REGIONS["gpt"], 64)
+    model = apply_tensor_parallel(build(cfg, seed=3), FAMILIES["gpt"].tp_plan, dist.group.WORLD,
+                                  FAMILIES["gpt"].tp_rng_regions, 64)
     torch.manual_seed(11)  # the same stream on both ranks, as training seeds it
     x = torch.randint(0, 64, (2, 16))
     model(x, x).backward()

@@ -1,0 +1,78 @@
+"""Every DeepSpeed internal that ``trainer/deepspeed_private.py`` relies on, checked against the
+installed DeepSpeed: an upgrade that moves one fails here, by name, instead of silently
+changing clipping, gradient norms or the logged counters."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+deepspeed = pytest.importorskip("deepspeed")
+
+
+def _source(obj) -> str:
+    return inspect.getsource(obj)
+
+
+def test_engine_clips_fp32_gradients_through_the_method_we_replace():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    step = _source(DeepSpeedEngine._take_model_step)
+    assert "self.clip_fp32_gradients()" in step, "DeepSpeedEngine._take_model_step no longer calls clip_fp32_gradients"
+    assert "self.gradient_clipping() > 0" in step
+    assert callable(DeepSpeedEngine.clip_fp32_gradients)
+
+
+def test_the_pipeline_engine_steps_through_the_same_path():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    assert issubclass(PipelineEngine, DeepSpeedEngine)
+    assert "_take_model_step" in _source(PipelineEngine._exec_optimizer_step)
+    assert "_take_model_step" not in PipelineEngine.__dict__  # inherited, so our clipping applies
+
+
+def test_global_grad_norm_is_read_from_the_attribute_we_write():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert "return self._global_grad_norm" in _source(DeepSpeedEngine.get_global_grad_norm)
+    init = _source(DeepSpeedEngine.__init__)
+    assert "self._global_grad_norm = None" in init and "self.skipped_steps = 0" in init
+    assert "self.skipped_steps += 1" in _source(DeepSpeedEngine._take_model_step)
+
+
+def test_fp16_optimizers_expose_their_loss_scale():
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    assert isinstance(FP16_Optimizer.__dict__["loss_scale"], property)
+    for zero in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3):
+        assert isinstance(zero.__dict__["cur_scale"], property), zero.__name__
+
+
+def test_parameter_marks_have_the_names_deepspeed_reads():
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.pipe import module
+
+    from trainer import deepspeed_private as ds_private
+
+    assert PIPE_REPLICATED == ds_private.PIPE_REPLICATED
+    # The second holder of a tied weight marks its copy (our gradient norm skips it).
+    assert f"p.{ds_private.PIPE_REPLICATED} = True" in _source(module.PipelineModule._index_tied_modules)
+    assert f"'{ds_private.TENSOR_PARALLEL}'" in _source(utils)
+
+
+def test_our_replacement_keeps_the_norm_it_computes():
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.deepspeed_private import replace_fp32_clipping
+
+    engine = SimpleNamespace(_global_grad_norm=None)
+    replace_fp32_clipping(engine, lambda: torch.tensor(2.5))
+    engine.clip_fp32_gradients()  # as _take_model_step calls it
+    assert float(engine._global_grad_norm) == 2.5

@@ -1,0 +1,48 @@
+"""``seqtrain generate CKPT``: sample from a language model or translate with a
+sequence-to-sequence model (a checkpoint of any layout, on one device)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trainer.errors import SeqtrainError
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="sample from a language model or translate with a "
+                       "sequence-to-sequence model (checkpoint or run directory)")
+    g.add_argument("checkpoint", help="run directory, checkpoints folder or checkpoint")
+    g.add_argument("--prompt", default="", help="language models: text to continue")
+    g.add_argument("--source", action="append", default=[],
+                   help="sequence-to-sequence: a source sentence (repeatable)")
+    g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines")
+    g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from trainer.inference import generate_text, translate
+
+    if args.source or args.input:
+        sources = list(args.source)
+        if args.input:
+            if not args.input.is_file():
+                raise SeqtrainError(f"--input {args.input}: no such file")
+            sources += [line for line in args.input.read_text().splitlines() if line.strip()]
+        outs = translate(args.checkpoint, sources, args.beam, args.length_penalty)
+        for src, out in zip(sources, outs, strict=True):
+            print(f"{src}\t{out}")
+        return 0
+    samples = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                            args.top_k, args.top_p, args.seed, args.num_samples)
+    for i, s in enumerate(samples):
+        print(f"----- sample {i} -----\n{s}")
+    return 0

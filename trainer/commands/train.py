@@ -1,0 +1,38 @@
+"""``seqtrain train CONFIG``: train a model from a YAML preset (resumes its run directory)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.commands._args import add_overrides
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML preset")
+    p.add_argument("config", help="YAML preset, e.g. configs/gpt/debug.yaml")
+    add_overrides(p)
+    p.add_argument("--run-dir", type=Path, help="run directory (default runs/<name>)")
+    p.set_defaults(run=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from trainer import distributed
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = train(cfg, args.run_dir or Path("runs") / cfg.name)
+    distributed.shutdown()
+    code = 3 if trainer.diverged else 0  # a failed job for the scheduler, unlike a clean stop
+    if distributed.world_size() > 1:
+        # Everything is saved, logged and the process group destroyed. Native threads of the
+        # distributed stack can still abort a rank during interpreter teardown ("terminate
+        # called without an active exception"), which would turn a finished job into a failed
+        # one for torchrun and Slurm: leave now, without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

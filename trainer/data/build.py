@@ -1,0 +1,105 @@
+"""``build_data``: the prepared corpus as batches for the loop, and the config finished from it.
+
+Data is prepared on one rank per node while the others wait (then read the cache), so every
+rank calls ``build_data`` at the same point. The returned ``Data.cfg`` is the run's config with
+the vocabulary sizes (and padding id) taken from the tokenizers: the only config the model and
+the run directory see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from trainer import distributed
+from trainer.config import Config
+from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
+from trainer.data.shards import prepare
+from trainer.errors import DataError
+from trainer.parallel import ParallelDims
+
+
+class Data(NamedTuple):
+    cfg: Config
+    """The run's config with vocabulary sizes (and ``pad_id``) filled in and checked."""
+    train: Any
+    """Training batches: ``micro_batch(step, micro, dp_rank)``, ``epoch_of(step)``; stateful
+    ones (truncated BPTT) also ``after_forward``, ``state_dict`` and ``load_state_dict``."""
+    val: Any
+    """Validation batches: ``eval_batches(dp_rank, dp, n)``."""
+    tokenizer_files: list[Path]
+    """Tokenizer files copied into the run directory (and hashed into checkpoint manifests)."""
+    evaluators: list[Callable[[Any], dict[str, float]]]
+    """Extra evaluations run with the validation loss (``trainer/evaluators.py``): each takes the
+    trainer and returns metrics."""
+
+
+def _say(msg: str) -> None:
+    if distributed.rank() == 0:
+        print(msg, flush=True)
+
+
+def _on_local_rank0_first(fn):
+    """Run ``fn`` on local rank 0 (which builds caches), then on the others (cache hits)."""
+    if distributed.local_rank() == 0:
+        out = fn(_say)
+    distributed.barrier()
+    if distributed.local_rank() != 0:
+        out = fn(lambda _: None)
+    return out
+
+
+def build_data(cfg: Config, dims: ParallelDims) -> Data:
+    """Tokenize (or read the cache), check there is enough data, and batch it."""
+    return (_pair_data if cfg.family.pairs else _lm_data)(cfg, dims)
+
+
+def _check_length(cfg: Config, split: str, ds: WindowDataset, rows: int) -> None:
+    seq, tbptt = cfg.data.seq_len, cfg.data.tbptt
+    need = (seq + 1) * rows if tbptt else seq + 1
+    if len(ds.tokens) < need:
+        raise DataError(
+            f"{split} split of {cfg.data.source!r} has {len(ds.tokens)} tokens, fewer than one "
+            f"window of data.seq_len={seq}{' per stream' if tbptt else ''}; use more "
+            "data or a shorter seq_len"
+        )
+
+
+def _lm_data(cfg: Config, dims: ParallelDims) -> Data:
+    prep = _on_local_rank0_first(lambda log: prepare(cfg.data, log=log))
+    cfg = cfg.with_vocab({"src": prep.vocab_size}, prep.dir)
+    seq, t = cfg.data.seq_len, cfg.train
+    train = WindowDataset(prep.split_path("train"), prep.dtype, seq)
+    val = WindowDataset(prep.split_path("val"), prep.dtype, seq)
+    _check_length(cfg, "train", train, t.micro_batch_size * (t.grad_accum if cfg.data.tbptt else 1) * dims.dp)
+    _check_length(cfg, "val", val, t.micro_batch_size * dims.dp)
+    files = [prep.dir / "tokenizer.json"]
+    if cfg.data.tbptt:
+        b = StreamBatches(train, val, t.micro_batch_size, t.grad_accum, dims.dp)
+        return Data(cfg, b, b, files, [])
+    return Data(cfg, LMBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed),
+                LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed), files, [])
+
+
+def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
+    from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
+
+    t = cfg.train
+    prep = _on_local_rank0_first(lambda log: prepare_pairs(cfg.data, t.seed, log=log))
+    cfg = cfg.with_vocab(prep.meta["vocab_size"], prep.dir, pad_id=prep.meta["pad_id"])
+    eos, pad = prep.meta["eos_id"], cfg.model.pad_id
+    train_split, val_split = prep.split("train"), prep.split("val")
+    buckets, dropped = make_buckets(train_split, cfg.data.seq_len, t.micro_batch_size, cfg.data.max_tokens, t.seed)
+    if dropped:
+        _say(f"skipped {dropped} training pairs longer than data.seq_len={cfg.data.seq_len}")
+    val_buckets, _ = make_buckets(val_split, cfg.data.seq_len, t.micro_batch_size, cfg.data.max_tokens, t.seed)
+    # BOS of the decoder is the EOS token (as GPT-2 does): no extra symbol to learn.
+    train_b = PairBatches(train_split, buckets, t.grad_accum, dims.dp, pad, eos, eos, t.seed)
+    val_b = PairBatches(val_split, val_buckets, 1, dims.dp, pad, eos, eos, t.seed, shuffle=False)
+    evaluators = []
+    if cfg.eval.decode_samples:
+        from trainer.evaluators import DecodeValidation
+
+        evaluators.append(DecodeValidation(cfg, prep.tokenizer("tgt"), val_split, eos))
+    return Data(cfg, train_b, val_b, prep.tokenizer_files(), evaluators)

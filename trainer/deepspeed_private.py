@@ -1,0 +1,67 @@
+"""Every use of DeepSpeed internals (private or undocumented attributes), in one place.
+
+DeepSpeed is pinned to a tested range (``pyproject.toml``); ``tests/trainer/test_deepspeed_private.py``
+checks each item below against the installed DeepSpeed and fails loudly, naming it, when an
+upgrade moves or renames one. Keep this list and that test in step.
+
+| what | where DeepSpeed uses it | why we touch it |
+| --- | --- | --- |
+| ``DeepSpeedEngine.clip_fp32_gradients`` | called by ``_take_model_step`` on the fp32 path (no ZeRO, fp16, bf16) when ``gradient_clipping`` > 0 | our clipping counts pipeline-tied and tensor-parallel parameters once, and keeps the norm |
+| ``DeepSpeedEngine._global_grad_norm`` | returned by ``get_global_grad_norm()`` | where our clipping leaves the norm it computed |
+| ``DeepSpeedEngine.skipped_steps`` | counts updates the engine skipped (fp16 overflow, ZeRO's check) | logged, and part of the divergence check |
+| ``optimizer.cur_scale`` (ZeRO) / ``optimizer.loss_scale`` (FP16_Optimizer) | the dynamic fp16 loss scale | logged as ``loss_scale`` |
+| ``param.ds_pipe_replicated`` | set by ``PipelineModule`` on the second copy of a tied weight | counted once in the gradient norm |
+| ``param.tensor_model_parallel`` | read by ``deepspeed.runtime.utils`` norms | marks shards, counted on every tensor rank |
+
+Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,
+``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint.py``
+and ``trainer/parallel/consolidate.py`` read them, and the consolidation tests of every layout
+(``tests/trainer/parallel/test_layouts.py``, ZeRO-3 export) fail if they change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PIPE_REPLICATED = "ds_pipe_replicated"
+TENSOR_PARALLEL = "tensor_model_parallel"
+
+
+def replace_fp32_clipping(engine, clip: Callable[[], torch.Tensor]) -> None:
+    """Make the engine call ``clip()`` where it would clip fp32 gradients itself, and report the
+    norm ``clip`` returns from ``get_global_grad_norm()``."""
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = clip()
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
+
+
+def skipped_steps(engine) -> int:
+    """Updates the engine itself skipped (host counter)."""
+    return int(engine.skipped_steps)
+
+
+def loss_scale(optimizer) -> float | None:
+    """The fp16 dynamic loss scale of DeepSpeed's wrapped optimizer, if it has one."""
+    scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+    return None if scale is None else float(scale)
+
+
+def is_pipe_replicated(p: torch.Tensor) -> bool:
+    return bool(getattr(p, PIPE_REPLICATED, False))
+
+
+def is_tensor_parallel(p: torch.Tensor) -> bool:
+    return bool(getattr(p, TENSOR_PARALLEL, False))
+
+
+def mark_tensor_parallel(shard: torch.Tensor, like: torch.Tensor, dim: int) -> None:
+    """Tag a tensor-parallel shard (DeepSpeed counts untagged parameters in gradient norms on
+    tensor rank 0 only); keep the pipeline's replica mark of the tensor it came from."""
+    setattr(shard, TENSOR_PARALLEL, True)
+    shard.partition_dim = dim
+    if is_pipe_replicated(like):
+        setattr(shard, PIPE_REPLICATED, True)

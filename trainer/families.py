@@ -1,0 +1,107 @@
+"""What the trainer knows about each model family, in one registry.
+
+A ``FamilySpec`` gathers everything that differs between families outside the model code:
+which vocabulary fields the tokenizers fill, what data it trains on, the tensor-parallel plan
+and its random-number regions, the blocks activation checkpointing wraps, which parallelism it
+supports and the callbacks it adds to the loop. The rest of the trainer asks the spec instead of
+testing ``model.family``; adding a family means adding a spec here and a model in ``models/``.
+
+Model code stays single-device (``models/`` imports no ``torch.distributed``): the plans below
+are data, applied from outside by ``trainer/parallel/tensor.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from torch import nn
+
+import models
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    """``model.family`` value."""
+    config: type[BaseModel]
+    """The model's config class (a member of ``models.ModelConfig``)."""
+    model: type[nn.Module]
+    """The single-device model class."""
+    vocab: dict[str, str]
+    """Model config field ► tokenizer side (``src``/``tgt``) whose size fills it when null."""
+    pairs: bool = False
+    """Trains on (source, target) pairs (``trainer/data/seq2seq.py``), else on a token stream."""
+    carries_state: bool = False
+    """Recurrent language model: returns ``(loss or logits, state)``, may train with truncated
+    BPTT (``data.tbptt``) and is evaluated over contiguous streams."""
+    scheduled_sampling: bool = False
+    """Decoder that can feed its own predictions (``train.scheduled_sampling``)."""
+    tp_plan: dict[str, str] | None = None
+    """Tensor parallelism: submodule name pattern (``fnmatch``) ► style; ``None``: unsupported."""
+    tp_rng_regions: tuple[tuple[str, str], ...] = ()
+    """Where activations are sharded under tensor parallelism, from a module's entry to its
+    row-parallel child (start pattern, child name): dropout there draws per tensor rank."""
+    head_vocab: str = "vocab_size"
+    """Vocabulary field of the output head (the full size for the vocab-parallel loss)."""
+    blocks: tuple[str, ...] = ()
+    """Attributes holding ``nn.ModuleList`` s of repeated blocks (activation checkpointing)."""
+    pipeline: bool = False
+    """Can be split into DeepSpeed pipeline stages (``trainer/parallel/pipeline.py``)."""
+    callbacks: tuple[Callable[[], object], ...] = field(default_factory=tuple)
+    """Factories of family-specific loop callbacks."""
+
+
+def _scheduled_sampling():
+    from trainer.callbacks import ScheduledSampling
+
+    return ScheduledSampling()
+
+
+_GPT_PLAN = {
+    # Leading wildcards: the same plan fits GPT (``h.3.attn.q_proj``) and its pipeline stages
+    # (``5.attn.q_proj``, ``tied_modules.embed.wte``).
+    "*wte": "vocab_embedding",
+    "*attn.q_proj": "colwise", "*attn.k_proj": "colwise", "*attn.v_proj": "colwise",
+    "*attn.c_proj": "rowwise",
+    "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
+    "*lm_head": "vocab_head", "loss_fn": "vocab_loss",
+}
+_ENCDEC_PLAN = {
+    "src_embed": "vocab_embedding", "tgt_embed": "vocab_embedding",
+    "*.*.*_attn.q_proj": "colwise", "*.*.*_attn.k_proj": "colwise", "*.*.*_attn.v_proj": "colwise",
+    "*.*.*_attn.o_proj": "rowwise",
+    "*.*.ff.fc1": "colwise", "*.*.ff.fc2": "rowwise",
+    "out": "vocab_head", "loss_fn": "vocab_loss",
+}
+
+FAMILIES: dict[str, FamilySpec] = {
+    "gpt": FamilySpec(
+        "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
+        tp_plan=_GPT_PLAN, tp_rng_regions=(("*attn", "c_proj"),), blocks=("h",), pipeline=True,
+    ),
+    "encdec": FamilySpec(
+        "encdec", *models.FAMILIES["encdec"], vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"},
+        pairs=True, tp_plan=_ENCDEC_PLAN, tp_rng_regions=(("*.*.*_attn", "o_proj"), ("*.*.ff", "fc2")),
+        head_vocab="tgt_vocab_size", blocks=("encoder", "decoder"),
+    ),
+    "rnn_lm": FamilySpec(
+        "rnn_lm", *models.FAMILIES["rnn_lm"], vocab={"vocab_size": "src"}, carries_state=True,
+    ),
+    "rnn_seq2seq": FamilySpec(
+        "rnn_seq2seq", *models.FAMILIES["rnn_seq2seq"],
+        vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"}, pairs=True,
+        scheduled_sampling=True, head_vocab="tgt_vocab_size", callbacks=(_scheduled_sampling,),
+    ),
+}
+assert FAMILIES.keys() == models.FAMILIES.keys(), "every model family needs a spec"
+
+
+def spec(family: str) -> FamilySpec:
+    return FAMILIES[family]
+
+
+def having(attr: str) -> list[str]:
+    """Names of the families whose spec sets ``attr`` (for error messages)."""
+    return [n for n, s in FAMILIES.items() if getattr(s, attr)]

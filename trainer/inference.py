@@ -1,0 +1,71 @@
+"""Inference on one device from a checkpoint of any layout: sample from a language model,
+translate with a sequence-to-sequence model. ``seqtrain generate`` and ``eval`` use it, and so
+does the decoding evaluation during training (``translate_ids``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from trainer import checkpoint
+from trainer.config import Config
+from trainer.data.tokenizer import EOS
+from trainer.errors import SeqtrainError
+
+
+def load_for_inference(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Tokenizer, Tokenizer, Config]:
+    """(model in eval mode, source tokenizer, target tokenizer, config) of a checkpoint."""
+    model, cfg, ckpt = checkpoint.load_model(path)
+    src, tgt = checkpoint.run_tokenizers(ckpt)
+    return model.to(device).eval(), src, tgt, cfg
+
+
+@torch.no_grad()
+def translate_ids(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int, eos: int,
+                  max_len: int, beam: int = 1, length_penalty: float = 1.0,
+                  device: torch.device | str = "cpu", batch: int = 64) -> list[list[int]]:
+    """Greedy (beam 1) or beam-search target ids for source id sequences, ``batch`` at a time
+    (padded to the longest of each batch). The decoder starts from EOS, as in training."""
+    outs: list[list[int]] = []
+    for k in range(0, len(sources), batch):
+        x = torch.nn.utils.rnn.pad_sequence(sources[k: k + batch], batch_first=True, padding_value=pad_id)
+        outs += model.translate(x.to(device), eos, eos, max_len=max_len, beam=beam,
+                                length_penalty=length_penalty)
+    return outs
+
+
+def encode_sources(tok: Tokenizer, texts: list[str], eos: int) -> list[torch.Tensor]:
+    """Source token ids (an empty sentence becomes a lone EOS: the encoder needs one token)."""
+    return [torch.tensor(tok.encode(s, add_special_tokens=False).ids or [eos]) for s in texts]
+
+
+def generate_text(
+    path: str | Path, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+    top_k: int | None = 50, top_p: float | None = None, seed: int = 0, num_samples: int = 1,
+) -> list[str]:
+    """Samples from a language model (GPT or RNN), prompt included."""
+    model, tok, _, cfg = load_for_inference(path)
+    if cfg.is_seq2seq:
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model: give --source text to translate")
+    eos = tok.token_to_id(EOS)
+    # An empty prompt starts at a document boundary, as training documents do.
+    ids = [eos] + tok.encode(prompt, add_special_tokens=False).ids
+    x = torch.tensor([ids] * num_samples)
+    g = torch.Generator().manual_seed(seed)
+    out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(eos,), generator=g)
+    # Decode prompt and continuation together: BPE merges may span the boundary.
+    return [tok.decode([i for i in row.tolist()[1:] if i != eos]) for row in out]
+
+
+def translate(path: str | Path, sources: list[str], beam: int = 1, length_penalty: float = 1.0,
+              max_len: int = 128) -> list[str]:
+    """Greedy (beam 1) or beam-search outputs of a sequence-to-sequence model."""
+    model, src_tok, tgt_tok, cfg = load_for_inference(path)
+    if not cfg.is_seq2seq:
+        raise SeqtrainError(f"{path} is a {cfg.model.family} language model: give --prompt instead")
+    eos = tgt_tok.token_to_id(EOS)
+    outs = translate_ids(model, encode_sources(src_tok, sources, eos), cfg.model.pad_id, eos, max_len,
+                         beam, length_penalty, batch=len(sources) or 1)
+    return [tgt_tok.decode(o) for o in outs]
