@@ -5,7 +5,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # On a machine without CUDA, the pinned CPU wheel is installed first (an open range would pull a
-# multi-GB CUDA build). A GPU machine keeps whatever torch the resolver picks for it.
+# multi-GB CUDA build). A GPU machine keeps whatever torch the resolver picks for it. Every
+# other package installs at the version CI ran (constraints.txt).
 TORCH_CPU ?= torch==2.13.0
 RUN_DIR ?= runs/gpt-debug
 DEMO_ARGS ?=
@@ -15,12 +16,12 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 	    $(PY) -m pip install -q "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
