@@ -142,9 +142,15 @@ class Checkpoint(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         t0 = time.perf_counter()
-        path = checkpoint.save(trainer.module, self.root, trainer.step, trainer.state_dict(),
-                               trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last,
-                               trainer.rank_state(), {"tokenizer_sha256": self.tokenizer_sha256})
+        try:
+            path = checkpoint.save(trainer.module, self.root, trainer.step, trainer.state_dict(),
+                                   trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last,
+                                   trainer.rank_state(), {"tokenizer_sha256": self.tokenizer_sha256})
+        except checkpoint.SaveFailed as e:
+            if trainer.cfg.checkpoint.on_error != "continue":
+                raise
+            self._say(trainer, f"warning: {e}; training goes on (checkpoint.on_error=continue)")
+            return
         self.last_saved = trainer.step
         if trainer.is_rank0:
             mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20

@@ -105,10 +105,18 @@ def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
     return None
 
 
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be written (a full disk, a lost mount): the staging directory is
+    gone, ``latest`` still names the last good checkpoint. The CLI exits with this code."""
+
+    exit_code = 4
+
+
 def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
          keep_last: int | None = None, rank_state: dict[str, Any] | None = None,
          manifest_extra: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory.
+    """Collective: every rank calls it. Returns the checkpoint directory, or raises
+    ``SaveFailed`` on every rank when any rank could not write its part.
 
     ``client_state`` is the same on every rank (DeepSpeed stores rank 0's); ``rank_state``
     differs per rank (e.g. carried RNN states) and goes to a file per rank.
@@ -119,13 +127,18 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    module.save_checkpoint(staging, tag, client_state)
-    if rank_state is not None:
-        torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
-    # Every rank's shard must be on disk before rank 0 publishes the directory.
-    distributed.barrier()
+
+    def shards() -> None:
+        module.save_checkpoint(staging, tag, client_state)
+        if rank_state is not None:
+            torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
+
+    # Every rank's shard must be on disk before rank 0 publishes the directory: agreeing on
+    # success is the barrier.
+    _agree(_attempt(shards), ckpt_root, tag)
     final = ckpt_root / tag
-    if distributed.rank() == 0:
+
+    def publish() -> None:
         (staging / tag / "config.yaml").write_text(config_yaml)
         write_manifest(staging / tag, step, manifest_extra or {})
         if final.exists():
@@ -134,8 +147,41 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         _atomic_write(ckpt_root / LATEST, tag + "\n")
         if keep_last:
             _prune(ckpt_root, keep_last, protect=tag)
-    distributed.barrier()
+
+    _agree(_attempt(publish) if distributed.rank() == 0 else None, ckpt_root, tag)
     return final
+
+
+def _attempt(fn) -> Exception | None:
+    try:
+        fn()
+    except Exception as e:  # OSError, or torch's RuntimeError "file write failed" on ENOSPC
+        return e
+    return None
+
+
+def _dir_mb(d: Path) -> float:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20 if d.is_dir() else 0.0
+
+
+def _agree(error: Exception | None, ckpt_root: Path, tag: str) -> None:
+    """Collective: if any rank failed, remove the staging directory and raise ``SaveFailed``
+    on every rank, naming where, about how much a checkpoint needs and how much is free."""
+    if not distributed.any_rank(error is not None):
+        return
+    staged = ckpt_root / ".tmp" / tag
+    previous = latest(ckpt_root)
+    need = max(_dir_mb(previous) if previous else 0.0, _dir_mb(staged))
+    distributed.barrier()  # every rank has stopped writing before the directory goes
+    if distributed.rank() == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+    distributed.barrier()
+    free = shutil.disk_usage(ckpt_root).free / 2**20
+    why = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "on another rank"
+    raise SaveFailed(
+        f"could not save {tag} in {ckpt_root} ({why}): a checkpoint needs about {need:.1f} MB, "
+        f"{free:.1f} MB are free there; latest stays {previous.name if previous else 'none'}"
+    )
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
@@ -164,9 +210,10 @@ def load(module, ckpt_root: Path, cfg, tokenizer_sha256: str, warn=print) -> Res
     if ckpt is None:
         return None
     check_compatible(ckpt, cfg.model.model_dump(mode="json"), tokenizer_sha256, layout_of(cfg))
+    refuse_unsafe_files(ckpt)  # DeepSpeed's loader unpickles without restrictions
     client_state = module.load_checkpoint(ckpt_root, ckpt.name)
     f = rank_state_file(ckpt, distributed.rank())
-    rank_state = torch.load(f, weights_only=False) if f.is_file() else None
+    rank_state = safe_load(f) if f.is_file() else None
     return Restored(ckpt, client_state, rank_state)
 
 
@@ -249,17 +296,75 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     files = sorted(ckpt.glob("*mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
-    try:
-        if stage >= 1:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        refuse_unsafe_files(ckpt)  # DeepSpeed's consolidation unpickles without restrictions
+        try:
             # Master weights live in the (sharded) optimizer state: consolidate them.
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({msg})") from None
+        except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
+            raise _unreadable(files[0], e) from None
+    state = safe_load(files[0])["module"]
     return {k: v.float() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- safe loading
+
+# Beyond tensors and plain containers, checkpoint files hold numpy arrays (RNG states) and,
+# in ZeRO optimizer files, three small DeepSpeed classes. Nothing else may be imported by a
+# pickle we open: a shared checkpoint must not be able to run code on the machine that reads it.
+ALLOWED_GLOBALS = (
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+    "numpy.dtype", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"{path.parent}: unreadable checkpoint file {path.name} ({msg})")
+
+
+def refuse_unsafe(path: Path) -> None:
+    """Refuse, in one line, a pickle that would import anything outside ``ALLOWED_GLOBALS``
+    (read from the pickle's opcodes; nothing is loaded or run). For files that a loader we do
+    not control opens (DeepSpeed's resume and ZeRO consolidation)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # not a torch zip file: truncated or not a checkpoint
+        raise _unreadable(path, e) from None
+    bad = [g for g in found if g not in ALLOWED_GLOBALS]
+    if bad:
+        raise CheckpointError(
+            f"{path}: refused: the file would import {', '.join(bad[:3])} when loaded; a "
+            "checkpoint holds tensors and numbers, so it may run code: not opened"
+        )
+
+
+def refuse_unsafe_files(ckpt: Path) -> None:
+    for f in sorted(ckpt.rglob("*.pt")):
+        refuse_unsafe(f)
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` of one of our or DeepSpeed's files with ``weights_only=True`` (no code
+    runs while unpickling) and the allow-list above; one-line errors."""
+    try:
+        refuse_unsafe(path)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
+        raise _unreadable(path, e) from None
 
 
 # --------------------------------------------------------------------------- weights

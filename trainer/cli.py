@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         code = run(argv)
     except SeqtrainError as e:
         print(f"seqtrain: error: {e}", file=sys.stderr)
-        code = 2
+        code = e.exit_code
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -198,6 +198,10 @@ class CheckpointConfig(_Section):
     """Save every this many steps (0: only at the end)."""
     keep_last: int | None = Field(None, ge=1)
     """Keep only this many newest checkpoints (``null``: keep all)."""
+    on_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (a full disk): ``stop`` the run with exit code 4, or ``continue``
+    training and try again at the next save. Either way the failed save leaves nothing behind
+    and ``latest`` keeps naming the last good checkpoint."""
 
 
 class EvalConfig(_Section):

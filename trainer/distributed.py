@@ -79,6 +79,15 @@ def _init_restarted(backend: str, attempt: str) -> None:
                             rank=rank(), world_size=world_size())
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: whether ``flag`` is true on any rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -4,8 +4,11 @@
 class SeqtrainError(Exception):
     """A problem with the user's input (config, data, checkpoint) rather than a bug.
 
-    The CLI catches it and prints ``seqtrain: error: <message>`` with exit code 2, no traceback.
+    The CLI catches it and prints ``seqtrain: error: <message>`` with ``exit_code`` (2 unless a
+    subclass says otherwise), no traceback.
     """
+
+    exit_code = 2
 
 
 class ConfigError(SeqtrainError):

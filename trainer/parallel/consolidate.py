@@ -15,15 +15,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoint import safe_load
 from trainer.errors import CheckpointError
-
-
-def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.parent}: unreadable checkpoint file {path.name} ({msg})") from None
 
 
 def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tensor]:
@@ -36,7 +29,7 @@ def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tenso
         raise CheckpointError(f"{ckpt}: no pipeline layer files for tensor rank {t}")
     for f in files:
         idx = int(re.match(r"layer_(\d+)-", f.name).group(1))
-        for k, v in _load(f).items():
+        for k, v in safe_load(f).items():
             # Layer 0 is the token embedding (a tied module when the head shares it).
             name = k if idx == 0 else single_device_name(f"{idx}.{k}", model_cfg)
             if name is not None:
@@ -76,5 +69,5 @@ def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
             f = ckpt / f"mp_rank_{t:02d}_model_states.pt"
             if not f.is_file():
                 raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")
-            states.append(_load(f)["module"])
+            states.append(safe_load(f)["module"])
     return {k: v.float() for k, v in _merge_tensor_parallel(states, cfg.model.family).items()}
