@@ -256,3 +256,32 @@ def test_invalid_utf8_policy(tmp_path):
     with pytest.raises(DataError):
         prepare(cfg, log=lambda _: None)
     assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == []  # nothing half-written
+
+
+def test_a_single_document_always_trains_whatever_its_name_hashes_to(tmp_path):
+    """One text file is the most common corpus: whether its name hashes to validation must not
+    matter (at val_fraction 0.45 about half of all names do)."""
+    from trainer.data.corpus import name_key
+
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(100))
+    names = [f"corpus{i}.txt" for i in range(24)]
+    assert any(name_key(n, "split") < 0.45 for n in names)  # some of them do hash to validation
+    for n in names:
+        (tmp_path / n).write_text(text)
+        cfg = data_cfg(tmp_path / n, tmp_path / "cache", val_fraction=0.45, kind="char", vocab_size=64)
+        prep = prepare(cfg, log=lambda _: None)
+        assert prep.meta["val_from_train_tail"], n
+        train = np.fromfile(prep.split_path("train"), dtype=prep.dtype).tolist()
+        val = np.fromfile(prep.split_path("val"), dtype=prep.dtype).tolist()
+        assert len(train) > len(val) > 0 and prep.tokenizer.decode(train + val) == text, n
+
+
+def test_an_unreachable_hub_dataset_is_one_line_with_the_offline_hint(cache_dir, tmp_path):
+    from tests.conftest import REPO, run_cli
+
+    p = run_cli(["data", "prepare", str(REPO / "configs/gpt/debug.yaml"), "--set", "data.source=hf:nobody-xyz/no-such-set"],
+                cache_dir, check=False, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert "data.source='hf:nobody-xyz/no-such-set': cannot reach the dataset" in lines[0]
+    assert "offline node" in lines[0]

@@ -146,6 +146,13 @@ def _hf_dataset(cfg: DataConfig):
         )
     except FileNotFoundError as e:
         raise DataError(f"data.source={cfg.source!r}: {e}") from None
+    except ConnectionError as e:  # no network, or HF_HUB_OFFLINE with nothing cached
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"data.source={cfg.source!r}: cannot reach the dataset ({first}); on an offline node, "
+            "load it once where the Hub is reachable (then set HF_DATASETS_OFFLINE=1 to read the "
+            "datasets cache) or point data.source at local files"
+        ) from None
 
 
 class Corpus:
@@ -197,8 +204,8 @@ class Corpus:
             yield name, text
 
     def texts(self, split: str) -> Iterator[str]:
-        """Texts of one split (``train`` or ``val``)."""
+        """Texts of one split (``train`` or ``val``), or of every document (``all``)."""
         want_val = split == "val"
         for name, text in self.documents():
-            if (name_key(name, "split") < self.cfg.val_fraction) == want_val:
+            if split == "all" or (name_key(name, "split") < self.cfg.val_fraction) == want_val:
                 yield text

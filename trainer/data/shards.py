@@ -135,11 +135,16 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
     try:
         t0 = time.perf_counter()
+        # Too few documents for a document-level split (one text file, or every document
+        # hashing to validation): train on everything and hold out the tail instead, as
+        # nanoGPT does for Shakespeare. Whether a file trains never depends on its name.
+        by_document = next(corpus.texts("train"), None) is not None
+        splits = ("train", "val") if by_document else ("all",)
         if cfg.tokenizer.path:
             tok = load_tokenizer(cfg.tokenizer.path)
         else:
             log(f"training a {cfg.tokenizer.vocab_size}-token {cfg.tokenizer.kind} tokenizer on {cfg.source}")
-            tok = train_tokenizer(cfg.tokenizer.kind, corpus.texts("train"), cfg.tokenizer.vocab_size)
+            tok = train_tokenizer(cfg.tokenizer.kind, corpus.texts(splits[0]), cfg.tokenizer.vocab_size)
         t_tok = time.perf_counter() - t0
         tok.save(str(tmp / "tokenizer.json"))
         dtype = token_dtype(tok.get_vocab_size())
@@ -154,14 +159,13 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
             "splits": {},
         }
         t1 = time.perf_counter()
-        for split in ("train", "val"):
-            n_tokens, n_bytes = encode_to_file(tok, corpus.texts(split), tmp / f"{split}.bin", dtype)
-            meta["splits"][split] = {"bytes": n_bytes, "tokens": n_tokens}
+        for split in splits:
+            name = "train" if split == "all" else split
+            n_tokens, n_bytes = encode_to_file(tok, corpus.texts(split), tmp / f"{name}.bin", dtype)
+            meta["splits"][name] = {"bytes": n_bytes, "tokens": n_tokens}
         if meta["splits"]["train"]["tokens"] == 0:
-            raise DataError(f"data.source={cfg.source!r}: no training text (every document went to validation)")
-        if meta["splits"]["val"]["tokens"] == 0:
-            # Too few documents for a document-level split (e.g. one big text file): hold out
-            # the tail of the training stream instead, as nanoGPT does for Shakespeare.
+            raise DataError(f"data.source={cfg.source!r}: no text to train on")
+        if meta["splits"].get("val", {}).get("tokens", 0) == 0:
             meta["splits"] = _hold_out_tail(tmp, dtype, cfg.val_fraction, meta["splits"]["train"])
             meta["val_from_train_tail"] = True
         t_enc = time.perf_counter() - t1
