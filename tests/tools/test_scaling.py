@@ -67,7 +67,8 @@ def test_fit_cli_from_csv_writes_json_and_plots(tmp_path, cache_dir):
         w.writerows(zip(pts.N, pts.D, pts.loss, strict=True))
     p = run_cli(["scaling", "fit", "--csv", str(f), "--json", "--bootstrap", "10", "--predict", "5.76e23",
                  "--out", str(tmp_path / "fit")], cache_dir)
-    res = json.loads(p.stdout[p.stdout.index("{"):])
+    res = json.loads(p.stdout)  # nothing but JSON on stdout; the summary went to stderr
+    assert "IsoFLOP minima" in p.stderr and "Approach 3: L =" in p.stderr
     assert {"E", "A", "B", "alpha", "beta", "a", "b", "ci", "approach2", "predictions"} <= res.keys()
     # Chinchilla's budget: its law puts N_opt near 40B parameters and D_opt near 2T tokens.
     q = res["predictions"][0]["approach3"]
@@ -174,3 +175,14 @@ def test_fit_from_mlflow_takes_the_newest_plan_only(capsys):
     assert "fitting plan new (2 runs); 3 runs of 2 older plan(s) left out" in capsys.readouterr().err
     untagged = runs.drop(columns="tags.plan")
     assert newest_plan(untagged, "lad") is untagged  # runs from before plan ids: all of them
+
+
+def test_isoflop_plot_stays_legible_with_many_budgets():
+    """28 budgets: one colour bar of log10 C, no 28-entry legend over the data."""
+    from tools.scaling.plot import isoflop_figure
+
+    pts = isoflop_points(LAWS[0], noise=0.003, budgets=tuple(np.logspace(17, 21, 28)))
+    fig = isoflop_figure(pts, {"approach2": fit_approach2(pts)})
+    main, bar = fig.axes
+    assert main.get_legend() is None and bar.get_ylabel() == "compute budget log10 C (FLOPs)"
+    assert len(main.collections) >= 28

@@ -21,21 +21,30 @@ def plot_all(pts: Points, result: dict, out: Path) -> list[Path]:
 
 
 def _isoflop(pts: Points, result: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    return _save(isoflop_figure(pts, result), path)
+
+
+def isoflop_figure(pts: Points, result: dict):
+    """One colour per budget on a colour bar of log10 C (legible with dozens of budgets); the
+    fitted parabolas and their Approach 2 minima (★)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     minima = {round(np.log10(m["C"]), 3): m for m in result["approach2"]["budgets"]}
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets_of(pts))))
-    for color, idx in zip(colors, budgets_of(pts), strict=True):
-        c = float(np.exp(np.log(pts.C[idx]).mean()))
-        ax.scatter(pts.N[idx], pts.loss[idx], color=color, label=f"C = {c:.2g}")
-        m = minima.get(round(np.log10(c), 3))
+    budgets = budgets_of(pts)
+    log_c = [float(np.log(pts.C[idx]).mean() / np.log(10)) for idx in budgets]
+    norm = matplotlib.colors.Normalize(min(log_c), max(max(log_c), min(log_c) + 1e-9))
+    for lc, idx in zip(log_c, budgets, strict=True):
+        color = plt.cm.viridis(norm(lc))
+        ax.scatter(pts.N[idx], pts.loss[idx], color=color, s=18)
+        m = minima.get(round(lc, 3))
         if m:
             x = np.linspace(np.log(pts.N[idx]).min() - 0.2, np.log(pts.N[idx]).max() + 0.2, 100)
             ax.plot(np.exp(x), np.polyval(m["parabola"], x), color=color, lw=1)
             ax.scatter([m["N_opt"]], [m["loss"]], color=color, marker="*", s=160, edgecolor="k", zorder=3)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax,
+                 label="compute budget log10 C (FLOPs)")
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss (nats/token)",
-           title="IsoFLOP profiles (Approach 2 minima ★)")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+           title=f"IsoFLOP profiles, {len(budgets)} budgets (Approach 2 minima ★)")
+    return fig
 
 
 def _frontier(result: dict, path: Path) -> Path:
@@ -103,10 +112,11 @@ def compare_plot(plans: list[Path], out: Path) -> Path:
         for j, c in enumerate(budgets):
             sel = sorted((float(r["N"]), float(r["loss"])) for r in rows if float(r["budget"]) == c)
             color = cmap(0.45 + 0.5 * j / max(1, len(budgets) - 1))
-            ax.plot([n for n, _ in sel], [v for _, v in sel], "o-", color=color,
-                    label=f"{plan.name} ({rows[0]['family']}), C = {c:.2g}")
+            # One legend entry per ladder, however many budgets it has.
+            label = f"{plan.name} ({rows[0]['family']}), C {budgets[0]:.2g} to {budgets[-1]:.2g}" if j == len(budgets) - 1 else None
+            ax.plot([n for n, _ in sel], [v for _, v in sel], "o-", color=color, label=label)
     ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="validation loss (nats/token)",
-           title="IsoFLOP curves of two families, same data and tokenizer")
+           title="IsoFLOP curves per ladder (darker: larger budget)")
     ax.legend(fontsize=7)
     return _save(fig, out)
 

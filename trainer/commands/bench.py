@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.commands._args import add_overrides
+from trainer.commands._args import add_overrides, json_only
 
 
 def register(sub) -> None:
@@ -31,7 +31,8 @@ def main(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     load_config(args.config, [*args.overrides, *args.plain_overrides])  # one-line errors here, not in a worker
-    results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat,
-                    args.nproc, args.plain_overrides)
+    with json_only(args.json):
+        results = bench(args.config, args.overrides, args.steps, args.warmup, args.features, args.repeat,
+                        args.nproc, args.plain_overrides)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0

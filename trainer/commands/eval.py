@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.commands._args import json_only
+
 
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint, or every checkpoint of a run directory")
@@ -27,10 +29,11 @@ def main(args: argparse.Namespace) -> int:
     kw = dict(data=args.data, text_file=args.text_file, beam=args.beam, limit=args.limit,
               max_tokens=args.max_tokens)
     target = Path(args.checkpoint)
-    if (target / "checkpoints").is_dir():
-        results = evaluate_run(target, **kw)
-    else:
-        results = [evaluate_checkpoint(checkpoint.resolve(target), **kw)]
+    with json_only(args.json):
+        if (target / "checkpoints").is_dir():
+            results = evaluate_run(target, **kw)
+        else:
+            results = [evaluate_checkpoint(checkpoint.resolve(target), **kw)]
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
         return 0

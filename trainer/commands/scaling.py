@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.commands._args import json_only
+
 
 def register(sub) -> None:
     sc = sub.add_parser("scaling", help="scaling-law experiments: plan an IsoFLOP grid, run it, fit a law")
@@ -71,7 +73,8 @@ def _run(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from tools.scaling.fit import fit_command
 
-    result = fit_command(args)
+    with json_only(args.json):
+        result = fit_command(args)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
