@@ -1,12 +1,15 @@
 """MLflow tracking (rank 0 only): parameters, per-step metrics, the resolved config.
 
 With no ``tracking.uri`` MLflow uses its local default store (``mlflow.db`` in the working
-directory): ``mlflow ui`` started there shows the runs. On a cluster point ``tracking.uri`` at a
-tracking server; many concurrent jobs should not share one SQLite file on a network disk.
+directory): ``mlflow ui`` started there shows the runs. Runs that start together on one machine
+take turns creating that store (a lock file beside it). On a cluster point ``tracking.uri`` at
+a tracking server; many concurrent jobs should not share one SQLite file on a network disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def store_lock():
+    """Serialise the first touches of a local SQLite store between processes: runs started
+    together (a Slurm array, a sweep) would otherwise all try to create its tables at once and
+    crash in MLflow's migrations. A lock file beside the database; no-op for servers."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None = None,
              record: bool = True):
     """Start (or continue) the MLflow run of a run directory: the one recorded in its
@@ -39,10 +60,11 @@ def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None
     if tracking.uri:
         mlflow.set_tracking_uri(tracking.uri)
     id_file = run_dir / RUN_ID_FILE
-    if id_file.is_file():
-        return mlflow.start_run(run_id=id_file.read_text().strip()), False
-    mlflow.set_experiment(tracking.experiment)
-    run = mlflow.start_run(run_name=run_name, tags={"run_dir": str(run_dir.resolve()), **(tags or {})})
+    with store_lock():
+        if id_file.is_file():
+            return mlflow.start_run(run_id=id_file.read_text().strip()), False
+        mlflow.set_experiment(tracking.experiment)
+        run = mlflow.start_run(run_name=run_name, tags={"run_dir": str(run_dir.resolve()), **(tags or {})})
     if record:
         id_file.write_text(run.info.run_id)
     return run, True
