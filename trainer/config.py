@@ -162,6 +162,11 @@ class TrainConfig(_Section):
     """CPU training only: ``retain`` sets glibc's malloc to keep freed memory for the next
     step instead of returning it to the kernel (no page faults per step,
     ``trainer/host_memory.py``); ``system`` leaves the allocator as it is."""
+    hang_timeout_s: float = Field(1800.0, ge=0)
+    """Seconds a rank may go without finishing a step (or its hooks) before the hang watchdog
+    writes every rank's Python stacks to ``run_dir/hang/``, names the stuck rank and ends the
+    job with exit code 5 (``trainer/watchdog.py``); 0 turns it off. Keep it above the longest
+    step, evaluation or checkpoint save."""
     init_from: str | None = None
     """Start from these weights instead of a fresh init: a ``model.safetensors`` in our layout
     (``seqtrain import-hf``, ``seqtrain export --format safetensors``), or a checkpoint or run

@@ -6,7 +6,9 @@ A comma-separated list of ``ACTION@STEP[:rRANK]`` (rank 0 when omitted; ``:r*`` 
   (exercises the save-and-stop path that Slurm preemption takes);
 - ``kill@5:r1``: rank 1 dies with SIGKILL after step 5 (a node failure; no cleanup runs);
 - ``nan@5`` / ``nan@5-9``: the model's output is NaN in step 5 (steps 5 to 9) on that rank, so
-  loss and gradients are non-finite (exercises the skip-and-stop guard of ``trainer/nonfinite.py``).
+  loss and gradients are non-finite (exercises the skip-and-stop guard of ``trainer/nonfinite.py``);
+- ``hang@5:r1``: rank 1 stops making progress before step 5 (sleeps for ever; the others then
+  wait in the step's collectives), which the hang watchdog (``trainer/watchdog.py``) must catch.
 
 Each fault fires once per run directory (a marker file there records it), so a restarted job
 that passes step 5 again keeps going.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 ENV = "SEQTRAIN_FAULT"
-ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None}
+ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None, "hang": None}
 _SPEC = re.compile(r"^(?P<action>\w+)@(?P<step>\d+)(?:-(?P<end>\d+))?(?::r(?P<rank>\d+|\*))?$")
 
 
@@ -90,6 +93,9 @@ class FaultInjection(Callback):
 
     def on_step_start(self, trainer: Trainer) -> None:
         self._poison = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "nan")
+        if any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "hang"):
+            while True:  # a stuck rank: only the watchdog (another thread) ends this process
+                time.sleep(3600)
 
     @classmethod
     def from_env(cls, run_dir: Path) -> FaultInjection | None:
@@ -99,5 +105,5 @@ class FaultInjection(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         self._poison = False
         for f in self.faults:
-            if f.action != "nan" and self._fires(f, trainer, trainer.step):
+            if ACTIONS[f.action] is not None and self._fires(f, trainer, trainer.step):
                 os.kill(os.getpid(), ACTIONS[f.action])

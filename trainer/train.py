@@ -39,6 +39,12 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str) -> list[Callbac
         from trainer.tracking import MLflowTracker
 
         cbs.append(MLflowTracker(run_dir))
+    if cfg.train.hang_timeout_s:
+        from trainer.watchdog import HangWatchdog
+
+        # Last: its step-start hook marks the start of the step's work, its step-end hook the
+        # end of every other hook.
+        cbs.append(HangWatchdog(run_dir, cfg.train.hang_timeout_s, distributed.rank(), distributed.world_size()))
     return cbs
 
 
