@@ -12,7 +12,7 @@ RUN_DIR ?= runs/gpt-debug
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test soak lint venv clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,11 @@ demo: $(STAMP)
 	$(VENV)/bin/seqtrain generate $(RUN_DIR) --prompt "def " --max-new-tokens 120
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not soak" $(PYTEST_ARGS)
+
+# Long fault-injection runs (minutes): the chaos run of tools/chaos.py.
+soak: $(STAMP)
+	$(PY) -m pytest -m soak $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
