@@ -50,6 +50,25 @@ def store_lock():
         yield
 
 
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if missing. Runs that start together may race to
+    create it: the loser takes the winner's. (Not ``mlflow.set_experiment``: when it loses that
+    race it returns the experiment without making it active, and the run lands in ``Default``.)"""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None = None,
              record: bool = True):
     """Start (or continue) the MLflow run of a run directory: the one recorded in its
@@ -63,8 +82,8 @@ def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None
     with store_lock():
         if id_file.is_file():
             return mlflow.start_run(run_id=id_file.read_text().strip()), False
-        mlflow.set_experiment(tracking.experiment)
-        run = mlflow.start_run(run_name=run_name, tags={"run_dir": str(run_dir.resolve()), **(tags or {})})
+        run = mlflow.start_run(experiment_id=experiment_id(tracking.experiment), run_name=run_name,
+                               tags={"run_dir": str(run_dir.resolve()), **(tags or {})})
     if record:
         id_file.write_text(run.info.run_id)
     return run, True

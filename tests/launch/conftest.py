@@ -35,3 +35,13 @@ def slurm():
     assert up.returncode == 0, up.stdout + up.stderr
     yield
     subprocess.run(["bash", str(HERE / "local_slurm.sh"), "down"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """A PostgreSQL server on localhost with an empty ``mlflow`` database; its URI."""
+    _root_or_skip("a local PostgreSQL")
+    up = subprocess.run(["bash", str(HERE / "local_postgres.sh"), "up"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield up.stdout.strip().splitlines()[-1]
+    subprocess.run(["bash", str(HERE / "local_postgres.sh"), "down"], capture_output=True)

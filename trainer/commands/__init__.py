@@ -1,7 +1,18 @@
 """One module per ``seqtrain`` command: ``register(subparsers)`` adds its parser and
 ``main(args) -> exit code`` runs it. ``trainer/cli.py`` assembles them."""
 
-from trainer.commands import bench, data, eval, export, generate, import_hf, launch, scaling, train
+from trainer.commands import (
+    bench,
+    data,
+    eval,
+    export,
+    generate,
+    import_hf,
+    launch,
+    scaling,
+    tracking,
+    train,
+)
 
-COMMANDS = (train, generate, launch, eval, export, import_hf, bench, scaling, data)
+COMMANDS = (train, generate, launch, eval, export, import_hf, bench, scaling, tracking, data)
 """In the order ``seqtrain --help`` lists them."""
