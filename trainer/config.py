@@ -141,7 +141,8 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; fp16 uses dynamic loss scaling and needs a GPU."""
     log_every: int = Field(10, ge=1)
-    """Log metrics every this many steps (the only host sync point of the loop)."""
+    """Log metrics every this many steps: where the loss and token counts are read back from
+    the device (besides, the non-finite guard and the stop-signal check read one scalar a step)."""
     nonfinite_patience: int = Field(5, ge=0)
     """Skip any update whose gradients hold NaN/inf (the step still counts and is logged); stop
     the run, with a checkpoint of the last good weights, after this many skipped in a row.
