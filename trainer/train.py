@@ -12,7 +12,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from trainer import distributed
+from trainer import distributed, memory
 from trainer.build import build_data, build_model, build_module, setup, whole_model
 from trainer.callbacks import Callback, Checkpoint, Evaluate, MetricsFile, ProgressBar
 from trainer.config import Config
@@ -26,8 +26,8 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str) -> list[Callback]:
-    """The loop's callbacks, in the order their hooks run."""
+def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Callback, ...] = ()) -> list[Callback]:
+    """The loop's callbacks, in the order their hooks run (``extra`` after the standard ones)."""
     cbs: list[Callback] = [*(make() for make in cfg.family.callbacks)]
     faults = FaultInjection.from_env(run_dir)
     if faults is not None:
@@ -39,6 +39,7 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str) -> list[Callbac
         from trainer.tracking import MLflowTracker
 
         cbs.append(MLflowTracker(run_dir))
+    cbs += extra
     if cfg.train.hang_timeout_s:
         from trainer.watchdog import HangWatchdog
 
@@ -60,13 +61,16 @@ def _write_run_dir(cfg: Config, run_dir: Path, tokenizer_files: list[Path], rank
 
 def train(cfg: Config, run_dir: Path) -> Trainer:
     cfg, dims, device = setup(cfg)
+    baseline_mb = memory.current_mb(device)  # imports and process group; no data, no model
+    memory.reset_peak(device)
     data = build_data(cfg, dims)
     cfg = data.cfg
     tok_sha = _write_run_dir(cfg, run_dir, data.tokenizer_files, dims.rank)
     model = build_model(cfg, dims, device)
     n = whole_model(cfg, model, dims).num_params()
     module = build_module(cfg, model, dims, device)
-    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha))
+    report = memory.MemoryReport(run_dir, device, baseline_mb, memory.peak_mb(device))
+    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)))
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "
@@ -79,5 +83,6 @@ def train(cfg: Config, run_dir: Path) -> Trainer:
     elif trainer.stop_reason:
         _say(f"stopped at step {trainer.step} ({trainer.stop_reason}); checkpoint saved, run the "
              "same command to resume")
-    _say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, checkpoints/)")
+    _say(f"run directory: {run_dir}  (config.yaml, metrics.jsonl, memory.json, checkpoints/); "
+         f"peak memory {report.max_train_peak_mb:,.0f} MB per rank ({'device' if device.type == 'cuda' else 'host RSS'})")
     return trainer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -18,7 +19,7 @@ PRESET = str(REPO / "configs/gpt/debug.yaml")
 def test_single_process_run_learns_and_fills_the_run_directory(tiny_corpus, cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_cli(["train", PRESET, "--run-dir", str(run_dir), *sets(
+    p = run_cli(["train", PRESET, "--run-dir", str(run_dir), *sets(
         *TINY, f"data.source={tiny_corpus}", "train.steps=60", "train.global_batch_size=8",
         "eval.every=30", "checkpoint.every=30", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=t",
     )], cache_dir)
@@ -40,6 +41,11 @@ def test_single_process_run_learns_and_fills_the_run_directory(tiny_corpus, cach
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp", "latest", "step_00000030", "step_00000060"]
     assert (ckpts / "latest").read_text().strip() == "step_00000060"
     assert not any((ckpts / ".tmp").iterdir())
+    # Memory accounting: host RSS phases; imports alone (torch, DeepSpeed) hold over 100 MB.
+    (mem,) = json.loads((run_dir / "memory.json").read_text())
+    assert mem["rank"] == 0 and mem["device"] == "cpu (resident set)"
+    assert 100 < mem["baseline_mb"] <= mem["init_peak_mb"] and mem["train_peak_mb"] > 100
+    assert f"peak memory {mem['train_peak_mb']:,.0f} MB per rank (host RSS)" in p.stdout
 
     import mlflow
 
@@ -82,6 +88,7 @@ def test_two_process_zero2_matches_one_process(tiny_corpus, cache_dir, tmp_path)
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
     assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it trained, so parity is not trivial
+    assert [m["rank"] for m in json.loads((tmp_path / "two" / "memory.json").read_text())] == [0, 1]
     # The ZeRO-2 shards of two ranks consolidate to the single-process weights.
     from trainer.checkpoint import load_model_state, resolve
 
