@@ -251,12 +251,12 @@ def _with_cpu_peak(config: str, overrides: list[str]) -> list[str]:
     """One CPU peak per precision for every variant: each worker probing its own would add
     noise to MFU."""
     from trainer.config import load_config
-    from trainer.flops import matmul_peak
+    from trainer.flops import measured_peak
 
     t = load_config(config, overrides).train
     if t.peak_tflops is not None or torch.cuda.is_available():
         return overrides
-    return [*overrides, f"train.peak_tflops={matmul_peak(precision=t.precision) / 1e12:.4f}"]
+    return [*overrides, f"train.peak_tflops={measured_peak(torch.device('cpu'), t.precision) / 1e12:.4f}"]
 
 
 def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int,

@@ -110,8 +110,8 @@ def build_module(cfg: Config, model: torch.nn.Module, dims: ParallelDims, device
     """DeepSpeed over ``model`` (always the last wrapper), as a train module that knows the
     model's FLOPs per token and the device's peak (MFU)."""
     from trainer import engine
-    from trainer.flops import peak_flops
+    from trainer.flops import PeakFlops
 
     flops_per_token, _ = whole_model(cfg, model, dims).flops_per_token(cfg.data.seq_len)
-    peak = peak_flops(device, cfg.train.precision, cfg.train.peak_tflops)
+    peak = PeakFlops(device, cfg.train.precision, cfg.train.peak_tflops)
     return engine.initialize(model, cfg, dims, device, flops_per_token, peak)

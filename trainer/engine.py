@@ -76,7 +76,7 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
 
 
 def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.device,
-               flops_per_token: float = 0.0, peak_flops: float = 1.0):
+               flops_per_token: float = 0.0, peak=None):
     """``deepspeed.initialize`` (always the last wrapper applied), wrapped in the train module
     of its kind.
 
@@ -99,4 +99,4 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg), mpu=dims.mpu,
     )
     kind = PipelineModule if dims.pp > 1 else EngineModule
-    return kind(engine, sched, dims, device, guard, flops_per_token, peak_flops)
+    return kind(engine, sched, dims, device, guard, flops_per_token, peak)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import platform
+import sys
 import time
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -42,14 +48,80 @@ def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: 
     return 2 * n**3 / best
 
 
+def _known_gpu_peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, fp32) in GPU_PEAKS_TFLOPS.items():
+        if key in name:
+            return (half if precision in ("bf16", "fp16") else fp32) * 1e12
+    return None
+
+
+def _machine_key(device: torch.device, precision: str) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in
+                  (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []) if line.startswith("model name")]
+        what = models[0] if models else platform.processor() or platform.machine()
+    return f"{what}|{torch.get_num_threads()} threads|{precision}|torch {torch.__version__}"
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("SEQTRAIN_CACHE") or "~/.cache/seqtrain").expanduser() / "peak_flops.json"
+
+
+def measured_peak(device: torch.device, precision: str, fresh: bool = False) -> float:
+    """The best matmul rate this machine has shown in this precision: a probe now (``fresh``:
+    not this process's earlier one), or a higher figure cached from earlier runs. A probe that
+    shares the cores with another job reads low; keeping the best keeps MFU honest."""
+    probe = matmul_peak.__wrapped__(device, precision, reps=10) if fresh else matmul_peak(device, precision)
+    f, key = _cache_file(), _machine_key(device, precision)
+    try:
+        cached = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    best = max(probe, float(cached.get(key, 0.0)))
+    if best > cached.get(key, 0.0):
+        with contextlib.suppress(OSError):  # a read-only home: the figure is only not kept
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f".{f.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({**cached, key: best}, indent=1))
+            os.replace(tmp, f)
+    return best
+
+
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> float:
     """Peak FLOP/s of one device for MFU: the config's override, a known GPU's data-sheet
-    figure, else a probe (CPUs, unknown GPUs: a measured figure beats a made-up one)."""
+    figure, else a measurement (CPUs, unknown GPUs: a measured figure beats a made-up one)."""
     if override_tflops is not None:
         return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (half, fp32) in GPU_PEAKS_TFLOPS.items():
-            if key in name:
-                return (half if precision in ("bf16", "fp16") else fp32) * 1e12
-    return matmul_peak(device, precision)
+    return _known_gpu_peak(device, precision) or measured_peak(device, precision)
+
+
+class PeakFlops:
+    """One device's peak for MFU, never below what training itself achieves: a measured peak
+    is measured again when training beats it (the start-up probe may have run beside another
+    job), and a figure still below the achieved rate gives way to it, with a warning once. MFU
+    is therefore never above 100 %."""
+
+    def __init__(self, device: torch.device, precision: str, override_tflops: float | None = None) -> None:
+        self.device, self.precision = device, precision
+        self.value = peak_flops(device, precision, override_tflops)
+        self.measured = override_tflops is None and _known_gpu_peak(device, precision) is None
+        self.warned = False
+
+    def mfu(self, achieved_flops: float) -> float:
+        """Model FLOPs utilisation of one device achieving ``achieved_flops`` FLOP/s."""
+        if achieved_flops > self.value and self.measured:
+            self.value = max(self.value, measured_peak(self.device, self.precision, fresh=True))
+        if achieved_flops > self.value:
+            if not self.warned:
+                print(f"warning: training reaches {achieved_flops / 1e12:.3g} TFLOP/s per device, above the "
+                      f"peak figure {self.value / 1e12:.3g}; MFU now uses the achieved rate "
+                      "(set train.peak_tflops to the device's real peak)", file=sys.stderr, flush=True)
+                self.warned = True
+            self.value = achieved_flops
+        return achieved_flops / self.value

@@ -159,7 +159,7 @@ class Trainer:
             "loss": mean_loss,
             "lr": lr,
             "tokens_per_s": tok_s,
-            "mfu": tok_s / self.dims.world_size * self.module.flops_per_token / self.module.peak_flops,
+            "mfu": self.module.mfu(tok_s / self.dims.world_size),
             "tokens": self.tokens_seen,
             "epoch": self.data.train.epoch_of(self.step),
             **self.module.step_metrics(),

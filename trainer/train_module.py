@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from trainer import deepspeed_private as ds_private
+from trainer.flops import PeakFlops
 from trainer.parallel import ParallelDims
 
 Batch = dict[str, Any]
@@ -47,14 +48,23 @@ class EngineModule:
     """DeepSpeed's engine: ZeRO 0-3, with tensor parallelism through the engine's ``mpu``."""
 
     def __init__(self, engine, scheduler, dims: ParallelDims, device: torch.device, guard=None,
-                 flops_per_token: float = 0.0, peak_flops: float = 1.0) -> None:
+                 flops_per_token: float = 0.0, peak: PeakFlops | None = None) -> None:
         self.engine, self.scheduler, self.dims, self.device = engine, scheduler, dims, device
         self.guard = guard  # trainer/nonfinite.py, or None when train.nonfinite_patience is 0
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        """Training FLOPs per token of the whole model, and one device's peak: for MFU."""
+        self.flops_per_token = flops_per_token
+        """Training FLOPs per token of the whole model (for MFU)."""
+        self.peak = peak
         self._skipped_before = 0  # skipped updates of the run before this process resumed it
         if engine.gradient_clipping() > 0:
             ds_private.replace_fp32_clipping(engine, self._clip_fp32_gradients)
+
+    def mfu(self, tokens_per_s_per_device: float) -> float:
+        """Model FLOPs utilisation of one device (never above 1: ``trainer/flops.py``)."""
+        return self.peak.mfu(tokens_per_s_per_device * self.flops_per_token) if self.peak else 0.0
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak.value if self.peak else 0.0
 
     @property
     def model(self) -> nn.Module:

@@ -53,6 +53,9 @@ class FakeModule:
     def lr(self) -> float:
         return 0.1 * (self.steps + 1)
 
+    def mfu(self, tokens_per_s_per_device):
+        return tokens_per_s_per_device * self.flops_per_token / self.peak_flops
+
     def step_metrics(self):
         return {"grad_norm": 1.5, "skipped_steps": self.skipped_steps}
 
