@@ -22,6 +22,7 @@ import torch
 from trainer.callbacks import Callback
 from trainer.config import Config
 from trainer.data.build import Data
+from trainer.startup import Stopwatch
 
 
 def sdpa_context(backend: str):
@@ -37,10 +38,13 @@ def sdpa_context(backend: str):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, module, data: Data, callbacks: list[Callback]) -> None:
+    def __init__(self, cfg: Config, module, data: Data, callbacks: list[Callback],
+                 clock: Stopwatch | None = None) -> None:
         """``module``: a train module; ``data``: the batches (``trainer.data.build``);
-        ``callbacks``: hooks run in list order."""
+        ``callbacks``: hooks run in list order; ``clock``: the start-up laps so far (the first
+        logged row and a log line get the time to the first step)."""
         self.cfg, self.module, self.data, self.callbacks = cfg, module, data, callbacks
+        self.clock = clock
         self.dims, self.device = module.dims, module.device
         self.step = 0
         self.tokens_seen = 0
@@ -49,6 +53,8 @@ class Trainer:
         self._skipped_seen = 0
         self._consecutive_skips = 0
         self.prefetcher = None
+        self.startup: dict[str, float] = {}
+        """Start-up laps for the next logged row (only the first)."""
 
     @property
     def is_rank0(self) -> bool:
@@ -165,11 +171,26 @@ class Trainer:
             **self.module.step_metrics(),
         }
 
+    def _lap(self, name: str) -> None:
+        if self.clock is not None:
+            self.clock.lap(name)
+
+    def _first_step_done(self) -> None:
+        """After the first step of this process: its start-up into the log and the first row."""
+        if self.clock is None:
+            return
+        self._lap("first_step")
+        if self.is_rank0:
+            print(self.clock.line(), flush=True)
+        self.startup, self.clock = self.clock.metrics(), None
+
     def fit(self) -> None:
         for cb in self.callbacks:
             cb.on_load(self)
+        self._lap("resume")
         for cb in self.callbacks:
             cb.on_train_start(self)
+        self._lap("callbacks")  # tracking (MLflow) set-up, mostly
         # Stateful batches (truncated BPTT) need the previous output: no reading ahead there.
         if self.cfg.data.prefetch and not hasattr(self.data.train, "after_forward"):
             from trainer.data.prefetch import Prefetcher
@@ -186,10 +207,14 @@ class Trainer:
             tokens_window += tokens
             self.step += 1
             self._check_divergence()
+            if self.clock is not None:
+                float(loss)  # the first step's end, once: a host sync
+                self._first_step_done()
             if self.step % every == 0 or self.step == steps:
                 row = self._train_row(loss, tokens_window, lr, since=t_last)
                 t_last, tokens_window = time.perf_counter(), torch.zeros_like(tokens_window)
-                self.log(row)
+                self.log({**row, **self.startup})
+                self.startup = {}
             for cb in self.callbacks:
                 cb.on_step_end(self)
         if self.prefetcher is not None:

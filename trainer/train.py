@@ -19,6 +19,7 @@ from trainer.config import Config
 from trainer.faults import FaultInjection
 from trainer.loop import Trainer
 from trainer.preemption import StopOnSignal
+from trainer.startup import Stopwatch
 
 
 def _say(msg: str) -> None:
@@ -59,18 +60,23 @@ def _write_run_dir(cfg: Config, run_dir: Path, tokenizer_files: list[Path], rank
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tokenizer_files))).hexdigest()
 
 
-def train(cfg: Config, run_dir: Path) -> Trainer:
+def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer:
+    clock = clock or Stopwatch()
     cfg, dims, device = setup(cfg)
+    clock.lap("setup")  # DeepSpeed's import, the process group
     baseline_mb = memory.current_mb(device)  # imports and process group; no data, no model
     memory.reset_peak(device)
     data = build_data(cfg, dims)
     cfg = data.cfg
     tok_sha = _write_run_dir(cfg, run_dir, data.tokenizer_files, dims.rank)
+    clock.lap("data")
     model = build_model(cfg, dims, device)
     n = whole_model(cfg, model, dims).num_params()
+    clock.lap("model")
     module = build_module(cfg, model, dims, device)
+    clock.lap("engine")
     report = memory.MemoryReport(run_dir, device, baseline_mb, memory.peak_mb(device))
-    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)))
+    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)), clock)
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "

@@ -46,6 +46,14 @@ def test_single_process_run_learns_and_fills_the_run_directory(tiny_corpus, cach
     assert mem["rank"] == 0 and mem["device"] == "cpu (resident set)"
     assert 100 < mem["baseline_mb"] <= mem["init_peak_mb"] and mem["train_peak_mb"] > 100
     assert f"peak memory {mem['train_peak_mb']:,.0f} MB per rank (host RSS)" in p.stdout
+    # Start-up: the first row holds the time to the first step and its parts, which add up.
+    first = rows[0]
+    parts = {k: v for k, v in first.items() if k.startswith("startup_")}
+    assert set(parts) == {f"startup_{k}_s" for k in ("imports", "config", "setup", "data", "model", "engine",
+                                                      "resume", "callbacks", "first_step")}
+    assert 0 < first["time_to_first_step_s"] == pytest.approx(sum(parts.values()), abs=0.05)
+    assert not any(k.startswith("startup_") for r in rows[1:] for k in r)
+    assert f"first step {first['time_to_first_step_s']:.2f} s after the process started (imports" in p.stdout
 
     import mlflow
 

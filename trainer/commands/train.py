@@ -19,12 +19,17 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from trainer.startup import Stopwatch
+
+    clock = Stopwatch()
     from trainer import distributed
     from trainer.config import load_config
     from trainer.train import train
 
+    clock.lap("imports")
     cfg = load_config(args.config, args.overrides)
-    trainer = train(cfg, args.run_dir or Path("runs") / cfg.name)
+    clock.lap("config")
+    trainer = train(cfg, args.run_dir or Path("runs") / cfg.name, clock)
     distributed.shutdown()
     code = 3 if trainer.diverged else 0  # a failed job for the scheduler, unlike a clean stop
     if distributed.world_size() > 1:
