@@ -154,3 +154,36 @@ def test_gpt2_preset_has_the_shape_of_transformers_gpt2_small():
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50304, n_positions=1024))
     assert ours == sum(p.numel() for p in hf.parameters()) == 124_475_904
     assert cfg.train.precision == "bf16" and cfg.train.compile and cfg.data.seq_len == 1024
+
+
+@pytest.mark.parametrize("preset, shape, published", [
+    ("gpt2-355m", dict(n_layer=24, n_head=16, n_embd=1024), 354_823_168),   # GPT-2 medium
+    ("gpt2-774m", dict(n_layer=36, n_head=20, n_embd=1280), 774_030_080),   # GPT-2 large
+    ("gpt2-1.5b", dict(n_layer=48, n_head=25, n_embd=1600), 1_557_611_200),  # GPT-2 XL
+])
+def test_larger_gpt2_presets_count_what_transformers_counts(preset, shape, published):
+    """Each preset has the shape of its GPT-2: our meta-device count equals ``transformers``'
+    GPT-2 with the same padded vocabulary, and with GPT-2's own 50,257 rows the published
+    count (the sizes OpenAI released)."""
+    import transformers
+
+    from trainer.build import reference_model
+
+    for vocab in (50304, 50257):
+        cfg = load_config(str(REPO / f"configs/gpt/{preset}.yaml"), [f"model.vocab_size={vocab}"])
+        ours = reference_model(cfg).num_params()
+        with torch.device("meta"):
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_positions=1024, **shape))
+        assert ours == sum(p.numel() for p in hf.parameters())
+    assert ours == published
+
+
+def test_7b_preset_counts_its_closed_form():
+    """12·L·d² + 13·L·d per block (q, k, v, out, two MLP matrices, their biases, two norms),
+    embeddings (V + P)·d tied with the head, a final norm: 6.66 B; ZeRO-3 shards it."""
+    from trainer.build import reference_model
+
+    cfg = load_config(str(REPO / "configs/gpt/gpt-7b.yaml"), ["model.vocab_size=50304"])
+    L, d, V, P = 32, 4096, 50304, 2048
+    assert reference_model(cfg).num_params() == L * (12 * d * d + 13 * d) + (V + P) * d + 2 * d == 6_658_596_864
+    assert cfg.parallel.zero_stage == 3 and cfg.train.activation_checkpointing
