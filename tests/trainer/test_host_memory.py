@@ -45,16 +45,17 @@ def test_retained_memory_is_reused_without_page_faults():
     # With glibc's adaptive thresholds, 800 to 8,500 faults per step were measured here (3 to
     # 33 MiB faulted in again every step), though about 1 run in 10 adapts to none; retained,
     # 0.2 per step (the same pages reused), up to ~200 on a machine busy with other work (page
-    # faults that are not the allocator's). Each side gets up to three tries: the system
-    # allocator to show the faults, the tuning to show they are gone.
+    # faults that are not the allocator's; this VM's kernel also runs proactive reclaim,
+    # kdamond, which pages idle memory out now and then). Each side gets up to five tries: the
+    # system allocator to show the faults, the tuning to show they are gone.
     system = retain = 0.0
-    for _ in range(3):
+    for _ in range(5):
         system = max(system, _faults("system"))
         if system > 500:
             break
     assert system > 500, system
-    for _ in range(3):
-        retain = _faults("retain")
+    for _ in range(5):
+        retain = min(retain or float("inf"), _faults("retain"))
         if retain < 50:
             break
     assert retain < 50, (retain, system)
