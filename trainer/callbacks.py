@@ -153,8 +153,7 @@ class Checkpoint(Callback):
             return
         self.last_saved = trainer.step
         if trainer.is_rank0:
-            mb = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-            print(f"saved {path.name} ({mb:.1f} MB) in {time.perf_counter() - t0:.2f} s", flush=True)
+            print(f"saved {path.name} ({checkpoint.dir_mb(path):.1f} MB) in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def on_load(self, trainer: Trainer) -> None:
         self._resume(trainer)

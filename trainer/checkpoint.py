@@ -160,7 +160,8 @@ def _attempt(fn) -> Exception | None:
     return None
 
 
-def _dir_mb(d: Path) -> float:
+def dir_mb(d: Path) -> float:
+    """Size of a directory's files, in MiB (0 if it does not exist)."""
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20 if d.is_dir() else 0.0
 
 
@@ -171,7 +172,7 @@ def _agree(error: Exception | None, ckpt_root: Path, tag: str) -> None:
         return
     staged = ckpt_root / ".tmp" / tag
     previous = latest(ckpt_root)
-    need = max(_dir_mb(previous) if previous else 0.0, _dir_mb(staged))
+    need = max(dir_mb(previous) if previous else 0.0, dir_mb(staged))
     distributed.barrier()  # every rank has stopped writing before the directory goes
     if distributed.rank() == 0:
         shutil.rmtree(staged, ignore_errors=True)

@@ -73,7 +73,10 @@ def main(args: argparse.Namespace) -> int:
             run_dir=args.run_dir, log_dir=args.log_dir, signal_seconds=args.signal_seconds,
             max_restarts=args.max_restarts,
         )
-        print(job.render(), end="") if args.dry_run else print(job.submit(wait=args.wait))
+        if args.dry_run:
+            print(job.render(), end="")
+        else:
+            print(job.submit(wait=args.wait))
         return 0
     cmd = torchrun_command(args.config, args.nproc_per_node, args.nnodes, args.node_rank,
                            args.master_addr, args.master_port, args.overrides, args.run_dir,
