@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import functools
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -259,6 +260,16 @@ def _with_cpu_peak(config: str, overrides: list[str]) -> list[str]:
     return [*overrides, f"train.peak_tflops={measured_peak(torch.device('cpu'), t.precision) / 1e12:.4f}"]
 
 
+def failure_line(stderr: str) -> str:
+    """The line that says why a worker failed: the last exception or ``seqtrain: error`` line,
+    not torchrun's failure summary around it."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^(seqtrain: error|[\w.]*(Error|Exception|Interrupt)\b)", ln) and "ChildFailedError" not in ln:
+            return ln
+    return next((ln for ln in reversed(lines) if ln.strip("=-") != ""), "(no output)")
+
+
 def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int,
                 nproc: int = 1) -> dict[str, Any]:
     from trainer.launch import python_launcher
@@ -270,8 +281,8 @@ def run_variant(variant: str, config: str, overrides: list[str], steps: int, war
     if p.returncode != 0:
         from trainer.errors import SeqtrainError
 
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SeqtrainError(f"bench worker ({variant} {' '.join(overrides)}) failed: {tail}")
+        raise SeqtrainError(f"bench worker ({variant} {' '.join(overrides)}) exited {p.returncode}: "
+                            f"{failure_line(p.stderr)}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
