@@ -9,10 +9,12 @@ any layout: the weights are consolidated on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from trainer.config import Config, load_config
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
 from trainer.families import spec
+
+if TYPE_CHECKING:
+    from tools.harness import Harness
 
 LN2 = math.log(2)
 
@@ -89,66 +94,152 @@ def _lm_tokens(run_dir: Path, cfg: Config, tok, text_file: str | None, data: str
     return np.fromfile(prep.split_path("val"), dtype=prep.dtype).astype(np.int64)
 
 
-def _pairs(cfg: Config, data: str | None, limit: int) -> list[tuple[str, str]]:
-    from trainer.data.corpus import name_key
-    from trainer.data.seq2seq import read_pairs
+def _pairs(cfg: Config, data: str | None, split: str, limit: int) -> list[tuple[str, str]]:
+    """Pairs to translate: a ``.tsv``/``.jsonl`` file, or ``split`` of a config's data (``--data``)
+    or of the run's own (official files where the config names them, else its hash slices)."""
+    from trainer.data.seq2seq import read_pair_file, read_splits
 
     if data and Path(data).suffix in (".tsv", ".jsonl"):
-        return read_pairs(cfg.data.model_copy(update={"source": data, "target_source": None}))[:limit]
+        return read_pair_file(cfg.data, data, None, "--data")[:limit]
     data_cfg = load_config(data).data if data else cfg.data
-    pairs = read_pairs(data_cfg, cfg.train.seed)
-    val = [p for i, p in enumerate(pairs) if name_key(str(i), "split") < data_cfg.val_fraction]
-    return val[:limit]
+    splits = read_splits(data_cfg, cfg.train.seed)
+    if split not in splits:
+        raise DataError(f"--split {split}: {data or 'the run'} has no {split} set (set data.{split}_source, "
+                        "or give --data pairs.tsv)")
+    return splits[split][:limit]
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: str | None = None,
-                        beam: int = 1, limit: int = 500, max_tokens: int | None = 200_000,
-                        samples: int = 3) -> dict[str, Any]:
-    from trainer.inference import encode_sources, load_for_inference, translate_ids
-    from trainer.metrics import text_metrics
+                        split: str = "val", beam: int = 1, limit: int = 500,
+                        max_tokens: int | None = 200_000, samples: int = 3,
+                        harness: Harness | None = None) -> dict[str, Any]:
+    """Metrics of one checkpoint: lm-eval tasks with ``harness``, else perplexity and bits
+    (language models) or BLEU/chrF (sequence-to-sequence)."""
+    from trainer.inference import load_for_inference
 
     ckpt = checkpoint.resolve(path)
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[-1]),
                            "family": cfg.model.family}
+    if harness is not None:
+        if cfg.is_seq2seq:
+            raise CheckpointError(f"{ckpt}: lm-eval tasks score language models, not {cfg.model.family}")
+        return {**out, **harness.score(model, src_tok), "samples": []}
     if cfg.is_seq2seq:
         if text_file:
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
-        pairs = _pairs(cfg, data, limit)
-        eos = tgt_tok.token_to_id(EOS)
-        src = encode_sources(src_tok, [s for s, _ in pairs], eos)
-        hyps = [tgt_tok.decode(o) for o in translate_ids(model, src, cfg.model.pad_id, eos, cfg.data.seq_len, beam)]
-        out.update(text_metrics(hyps, [t for _, t in pairs], cfg.eval.bleu_tokenize))
-        out["pairs"] = len(pairs)
-        out["samples"] = [{"source": s, "reference": t, "output": h}
-                          for (s, t), h in list(zip(pairs, hyps, strict=True))[:samples]]
-    else:
-        ids = _lm_tokens(ckpt.parent.parent, cfg, src_tok, text_file, data)
-        out.update(lm_metrics(model, src_tok, ids, cfg.data.seq_len, max_tokens=max_tokens))
-        eos = src_tok.token_to_id(EOS)
-        g = torch.Generator().manual_seed(0)
-        gen = model.generate(torch.tensor([[eos]] * samples), 64, 0.8, 50, None, (eos,), g)
-        out["samples"] = [src_tok.decode(r.tolist()[1:]) for r in gen]
+        return {**out, **_translation_metrics(model, src_tok, tgt_tok, cfg, _pairs(cfg, data, split, limit),
+                                              beam, samples)}
+    ids = _lm_tokens(ckpt.parent.parent, cfg, src_tok, text_file, data)
+    out.update(lm_metrics(model, src_tok, ids, cfg.data.seq_len, max_tokens=max_tokens))
+    eos = src_tok.token_to_id(EOS)
+    g = torch.Generator().manual_seed(0)
+    gen = model.generate(torch.tensor([[eos]] * samples), 64, 0.8, 50, None, (eos,), g)
+    out["samples"] = [src_tok.decode(r.tolist()[1:]) for r in gen]
     return out
 
 
-def evaluate_run(run_dir: str | Path, **kw) -> list[dict[str, Any]]:
-    """Every checkpoint of a run, a curve PNG, ``eval/results.jsonl``, and MLflow metrics."""
+def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
+                         samples: int) -> dict[str, Any]:
+    """Exact match, BLEU and chrF of the decoded (detokenized) outputs against the references."""
+    from trainer.inference import encode_sources, translate_ids
+    from trainer.metrics import text_metrics
+
+    eos = tgt_tok.token_to_id(EOS)
+    src = encode_sources(src_tok, [s for s, _ in pairs], eos)
+    hyps = [tgt_tok.decode(o) for o in translate_ids(model, src, cfg.model.pad_id, eos, cfg.data.seq_len, beam)]
+    return {**text_metrics(hyps, [t for _, t in pairs], cfg.eval.bleu_tokenize), "pairs": len(pairs),
+            "samples": [{"source": s, "reference": t, "output": h}
+                        for (s, t), h in list(zip(pairs, hyps, strict=True))[:samples]]}
+
+
+def _checkpoint_key(ckpt: Path) -> str:
+    """A checkpoint's identity: its name and its manifest (a step saved again after a resume from
+    an earlier checkpoint is another checkpoint)."""
+    return f"{ckpt.name}:{hashlib.sha256((ckpt / checkpoint.MANIFEST).read_bytes()).hexdigest()[:16]}"
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints renamed into place (a save is staged in ``checkpoints/.tmp`` and appears under
+    its final name only when complete, manifest included), oldest first."""
+    found = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / checkpoint.MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+
+
+def _settings(kw: dict[str, Any]) -> dict[str, Any]:
+    """What makes two evaluations of a checkpoint the same (their rows are reused)."""
+    h = kw.get("harness")
+    return {**{k: v for k, v in kw.items() if k not in ("harness", "samples")},
+            **({"harness": h.settings()} if h is not None else {})}
+
+
+def evaluate_run(run_dir: str | Path, follow: bool = False, every_seconds: float = 60.0,
+                 log=print, **kw) -> list[dict[str, Any]]:
+    """Every checkpoint of a run: ``eval/results.jsonl`` (one row per checkpoint and settings,
+    appended), a curve PNG and MLflow metrics. Rows already there for the same checkpoint and
+    settings are not scored again. With ``follow``, keep watching for new checkpoints until
+    the run has written ``finished.json`` and every checkpoint is scored."""
+    from trainer.callbacks import FINISHED
+
     run_dir = Path(run_dir)
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "config.yaml").is_file())
-    if not ckpts:
+    results_file = run_dir / "eval" / "results.jsonl"
+    settings = _settings(kw)
+    done = {r["key"]: r for r in _read_rows(results_file) if r.get("settings") == settings}
+    while True:
+        finished = (run_dir / FINISHED).is_file()  # first: the final checkpoint precedes the marker
+        new = [c for c in _complete_checkpoints(run_dir) if _checkpoint_key(c) not in done]
+        for c in new:
+            r = _evaluate_new(c, settings, kw, log)
+            if r is not None:
+                done[r["key"]] = r
+                _append_row(results_file, r)
+                _log_mlflow(run_dir, [r], plot_curve(_sorted(done), results_file.with_name("curve.png")))
+        if not follow or (finished and not new):
+            break
+        time.sleep(every_seconds)
+    if not done:
         raise CheckpointError(f"{run_dir}: no checkpoints under {run_dir / 'checkpoints'}")
-    results = [evaluate_checkpoint(c, **kw) for c in ckpts]
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    png = plot_curve(results, out / "curve.png")
-    _log_mlflow(run_dir, results, png)
-    return results
+    return _sorted(done)
+
+
+def _evaluate_new(ckpt: Path, settings: dict[str, Any], kw: dict[str, Any], log) -> dict[str, Any] | None:
+    try:
+        key = _checkpoint_key(ckpt)
+        r = evaluate_checkpoint(ckpt, **kw)
+    except (FileNotFoundError, CheckpointError):
+        if ckpt.exists():
+            raise
+        log(f"{ckpt.name}: removed before it was scored (checkpoint.keep_last); skipped")
+        return None
+    log(f"scored {ckpt.name}: " + "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)))
+    return {**r, "key": key, "settings": settings}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _sorted(done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(done.values(), key=lambda r: r["step"])
 
 
 def curve_metrics(results: list[dict[str, Any]]) -> list[str]:
-    return ["bleu", "exact_match"] if "bleu" in results[0] else ["loss", "bits_per_byte"]
+    if "bleu" in results[0]:
+        return ["bleu", "exact_match"]
+    if "loss" in results[0]:
+        return ["loss", "bits_per_byte"]
+    # lm-eval tasks: the first metric of each task (``task/acc``), at most four panels.
+    tasks: dict[str, str] = {}
+    for k in results[0]:
+        if "/" in k:
+            tasks.setdefault(k.split("/")[0], k)
+    return list(tasks.values())[:4]
 
 
 def plot_curve(results: list[dict[str, Any]], path: Path) -> Path:

@@ -169,3 +169,26 @@ class Checkpoint(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_saved != trainer.step:
             self._save(trainer)
+
+
+FINISHED = "finished.json"
+
+
+class RunFinished(Callback):
+    """``finished.json`` in the run directory once the run will not go on (its steps done, or
+    stopped for divergence), written after the final checkpoint: what ``seqtrain eval --follow``
+    waits for. A stop for preemption writes none (the requeued job continues); a resumed or
+    extended run removes it at its start."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / FINISHED
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.is_rank0:
+            self.path.unlink(missing_ok=True)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.is_rank0 and (trainer.stop_reason is None or trainer.diverged):
+            tmp = self.path.with_name(f".{FINISHED}.tmp")
+            tmp.write_text(json.dumps({"step": trainer.step, "reason": trainer.stop_reason or "completed"}))
+            tmp.replace(self.path)

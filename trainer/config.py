@@ -53,6 +53,17 @@ class DataConfig(_Section):
     """Stream a ``datasets`` source instead of downloading it whole (large corpora)."""
     target_source: str | None = None
     """Sequence-to-sequence only: a target file aligned line by line with ``source``."""
+    val_source: str | None = None
+    """Sequence-to-sequence: the official validation pairs (a ``.tsv``/``.jsonl`` file, or a
+    source file with ``val_target_source``); then all of ``source`` trains. Unset: a hash slice
+    of ``source`` of ``val_fraction`` validates."""
+    val_target_source: str | None = None
+    """Sequence-to-sequence: the target file aligned line by line with ``val_source``."""
+    test_source: str | None = None
+    """Sequence-to-sequence: the official test pairs, for ``seqtrain eval RUN --split test``
+    (never read in training)."""
+    test_target_source: str | None = None
+    """Sequence-to-sequence: the target file aligned line by line with ``test_source``."""
     source_field: str = "source"
     """Sequence-to-sequence JSONL: the field holding the source text."""
     target_field: str = "target"
@@ -283,12 +294,16 @@ class Config(_Section):
         if (ss.eps_start or ss.eps_end) and not spec.scheduled_sampling:
             raise ValueError(f"train.scheduled_sampling is for model.family="
                              f"{_one_of('scheduled_sampling')}, not {fam}")
-        if self.data.target_source and not spec.pairs:
-            raise ValueError(f"data.target_source is for sequence-to-sequence families, not {fam}")
+        for key in ("target_source", "val_source", "val_target_source", "test_source", "test_target_source"):
+            if getattr(self.data, key) and not spec.pairs:
+                raise ValueError(f"data.{key} is for sequence-to-sequence families, not {fam}")
+        for split in ("val", "test"):
+            if getattr(self.data, f"{split}_target_source") and not getattr(self.data, f"{split}_source"):
+                raise ValueError(f"data.{split}_target_source needs data.{split}_source (the source side)")
         if spec.pairs and self.data.source == "stdlib":
             raise ValueError(
-                f"model.family={fam} needs (source, target) pairs: set data.source to 'dates' (the "
-                "embedded task), a .tsv or .jsonl file, or a source file with data.target_source"
+                f"model.family={fam} needs (source, target) pairs: set data.source to 'dates' or "
+                "'system-messages' (the embedded tasks), a .tsv or .jsonl file, or a source file with data.target_source"
             )
         if getattr(self.model, "share_embeddings", False) and not self.data.shared_vocab:
             raise ValueError("model.share_embeddings needs data.shared_vocab=true")

@@ -27,7 +27,12 @@ def translate_ids(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: i
                   max_len: int, beam: int = 1, length_penalty: float = 1.0,
                   device: torch.device | str = "cpu", batch: int = 64) -> list[list[int]]:
     """Greedy (beam 1) or beam-search target ids for source id sequences, ``batch`` at a time
-    (padded to the longest of each batch). The decoder starts from EOS, as in training."""
+    (padded to the longest of each batch, cut to ``model.cfg.max_seq_len``). The decoder starts
+    from EOS, as in training."""
+    # A source longer than the model's positions (an official test set is not filtered by
+    # length as training pairs are) is cut to what the encoder can read, not refused.
+    limit = model.cfg.max_seq_len
+    sources = [s[:limit] for s in sources]
     outs: list[list[int]] = []
     for k in range(0, len(sources), batch):
         x = torch.nn.utils.rnn.pad_sequence(sources[k: k + batch], batch_first=True, padding_value=pad_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trainer import distributed, memory
 from trainer.build import build_data, build_model, build_module, setup, whole_model
-from trainer.callbacks import Callback, Checkpoint, Evaluate, MetricsFile, ProgressBar
+from trainer.callbacks import Callback, Checkpoint, Evaluate, MetricsFile, ProgressBar, RunFinished
 from trainer.config import Config
 from trainer.faults import FaultInjection
 from trainer.loop import Trainer
@@ -35,7 +35,7 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Ca
         cbs.insert(0, faults)  # before StopOnSignal, so a signal at step s stops at s
     # The signal check may stop the run at this step; then Checkpoint saves it.
     cbs += [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
-            Checkpoint(run_dir / "checkpoints", tokenizer_sha256)]
+            Checkpoint(run_dir / "checkpoints", tokenizer_sha256), RunFinished(run_dir)]
     if cfg.tracking.enabled:
         from trainer.tracking import MLflowTracker
 

@@ -1,10 +1,13 @@
 """Sequence-to-sequence data: parallel text ► tokenized pairs (cached) ► length-bucketed batches.
 
-Sources (``data.source``): ``dates`` (the embedded task, generated locally), a ``.tsv`` file
+Sources (``data.source``): ``dates`` (the embedded task, generated locally),
+``system-messages`` (English ► German messages of the installed programs), a ``.tsv`` file
 (source TAB target), a ``.jsonl`` file (``data.source_field`` / ``data.target_field``), or a
-source file with ``data.target_source`` aligned line by line. Pairs are split into
-train/validation by a hash of their index, tokenized with one shared tokenizer or one per side
-(HF ``tokenizers``), and cached as ``{split}.npz`` (concatenated ids + offsets per side).
+source file with ``data.target_source`` aligned line by line. Validation and test are the
+official files where given (``data.val_source``, ``data.test_source``, same formats), else hash
+slices of the source (``read_splits``). Pairs are tokenized with one shared tokenizer or one per
+side (HF ``tokenizers``, trained on the training pairs), and cached as ``{split}.npz``
+(concatenated ids + offsets per side).
 
 Batches follow fairseq: sentences sorted by length (ties broken by a seeded shuffle) and cut
 greedily into micro-batches under a token budget (``data.max_tokens``: sentences × the longest
@@ -28,56 +31,101 @@ import torch
 from tokenizers import Tokenizer
 
 from trainer.config import DataConfig
-from trainer.data import dates
+from trainer.data import dates, system_messages
 from trainer.data.corpus import name_key
 from trainer.data.shards import publish
 from trainer.data.tokenizer import EOS, PAD, load_tokenizer, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 # --------------------------------------------------------------------------- reading pairs
 
 
 def read_pairs(cfg: DataConfig, seed: int = 0) -> list[tuple[str, str]]:
-    src = cfg.source
-    if src == "dates":
+    """Every pair of ``data.source`` (the embedded sources: all their splits together)."""
+    if cfg.source == "dates":
         return dates.pairs(cfg.num_pairs, seed)
-    path = Path(src).expanduser()
+    if cfg.source == system_messages.NAME:
+        return system_messages.pairs()
+    return read_pair_file(cfg, cfg.source, cfg.target_source, "data.source")
+
+
+def read_splits(cfg: DataConfig, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
+    """Pairs per split: ``train``, ``val`` and, where the source has one, ``test``.
+
+    Official files (``data.val_source``, ``data.test_source``) are those splits as given, and
+    all of ``data.source`` trains; otherwise validation is a hash slice of the source's pairs
+    (``system-messages``: of its English messages, with a test slice beside it)."""
+    pairs = read_pairs(cfg, seed)
+    if cfg.source == system_messages.NAME:
+        splits: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
+        for p in pairs:
+            splits[system_messages.split_of(p[0], cfg.val_fraction)].append(p)
+    else:
+        is_val = [name_key(str(i), "split") < cfg.val_fraction for i in range(len(pairs))]
+        splits = {"train": [p for p, v in zip(pairs, is_val, strict=True) if not v],
+                  "val": [p for p, v in zip(pairs, is_val, strict=True) if v]}
+    if cfg.val_source:
+        splits["train"] += splits["val"]
+        splits["val"] = read_pair_file(cfg, cfg.val_source, cfg.val_target_source, "data.val_source")
+    if cfg.test_source:
+        splits["test"] = read_pair_file(cfg, cfg.test_source, cfg.test_target_source, "data.test_source")
+    if not splits["train"] or not splits["val"]:
+        raise DataError(f"data.source={cfg.source!r}: {len(pairs)} pairs are too few to split "
+                        f"with data.val_fraction={cfg.val_fraction} (or give data.val_source)")
+    return splits
+
+
+def read_pair_file(cfg: DataConfig, source: str, target: str | None, key: str) -> list[tuple[str, str]]:
+    """Pairs of one file: ``.tsv`` (source TAB target), ``.jsonl`` (two fields), or ``source``
+    aligned line by line with a ``target`` file. ``key`` names ``source`` in messages
+    (``data.val_source``; its target is ``data.val_target_source``)."""
+    path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"data.source={src!r}: no such file (or use 'dates' for the embedded task)")
-    if cfg.target_source:
-        tgt = Path(cfg.target_source).expanduser()
+        hint = " (or use 'dates' / 'system-messages', the embedded tasks)" if key == "data.source" else ""
+        raise DataError(f"{key}={source!r}: no such file{hint}")
+    if target:
+        tkey = key.replace("source", "target_source")
+        tgt = Path(target).expanduser()
         if not tgt.is_file():
-            raise DataError(f"data.target_source={cfg.target_source!r}: no such file")
+            raise DataError(f"{tkey}={target!r}: no such file")
         a, b = _lines(path, cfg), _lines(tgt, cfg)
         if len(a) != len(b):
-            raise DataError(f"{path} has {len(a)} lines but {tgt} has {len(b)}: not aligned")
+            raise DataError(f"{key}: {path} has {len(a)} lines but {tkey} {tgt} has {len(b)}: not aligned")
         return list(zip(a, b, strict=True))
-    out = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(_lines(path, cfg), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            for f in (cfg.source_field, cfg.target_field):
-                if not isinstance(row, dict) or f not in row:
-                    raise DataError(f"{path}:{i}: no {f!r} field (set data.source_field / data.target_field)")
-            out.append((str(row[cfg.source_field]), str(row[cfg.target_field])))
-    else:
-        for i, line in enumerate(_lines(path, cfg), 1):
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise DataError(f"{path}:{i}: expected 'source<TAB>target', found {len(parts)} field(s)")
-            out.append((parts[0], parts[1]))
+    out = _jsonl_pairs(path, cfg) if path.suffix == ".jsonl" else _tsv_pairs(path, cfg)
     if not out:
-        raise DataError(f"data.source={src!r}: no pairs")
+        raise DataError(f"{key}={source!r}: no pairs")
+    return out
+
+
+def _jsonl_pairs(path: Path, cfg: DataConfig) -> list[tuple[str, str]]:
+    out = []
+    for i, line in enumerate(_lines(path, cfg), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        for f in (cfg.source_field, cfg.target_field):
+            if not isinstance(row, dict) or f not in row:
+                raise DataError(f"{path}:{i}: no {f!r} field (set data.source_field / data.target_field)")
+        out.append((str(row[cfg.source_field]), str(row[cfg.target_field])))
+    return out
+
+
+def _tsv_pairs(path: Path, cfg: DataConfig) -> list[tuple[str, str]]:
+    out = []
+    for i, line in enumerate(_lines(path, cfg), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise DataError(f"{path}:{i}: expected 'source<TAB>target', found {len(parts)} field(s)")
+        out.append((parts[0], parts[1]))
     return out
 
 
@@ -141,39 +189,42 @@ def _pack(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, off
 
 
-def prepare_pairs(cfg: DataConfig, seed: int, log: Callable[[str], None] = print) -> PreparedPairs:
-    pairs = read_pairs(cfg, seed)
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.source}|{cfg.target_source}|{cfg.num_pairs}|{seed}|"
-                       f"{cfg.val_fraction}|{cfg.shared_vocab}|{cfg.tokenizer.kind}|"
-                       f"{cfg.tokenizer.vocab_size}".encode())
+def _pairs_key(cfg: DataConfig, seed: int, splits: dict[str, list[tuple[str, str]]]) -> str:
+    """The cache key: the tokenizer settings and every pair of every split."""
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.shared_vocab}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}"
+                       .encode())
     if cfg.tokenizer.path:
         h.update(tokenizer_hash(load_tokenizer(cfg.tokenizer.path)).encode())
-    for s, t in pairs:
-        h.update(f"{s}\t{t}\n".encode())
-    key = h.hexdigest()
+    for name, pairs in sorted(splits.items()):
+        h.update(f"[{name}]\n".encode())
+        for s, t in pairs:
+            h.update(f"{s}\t{t}\n".encode())
+    return h.hexdigest()
+
+
+def _tokenizers(cfg: DataConfig, train: list[tuple[str, str]]) -> dict[str, Tokenizer]:
+    """Source and target tokenizers: the one given, or trained on the training pairs only."""
+    kind, size = cfg.tokenizer.kind, cfg.tokenizer.vocab_size
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+        return {"src": tok, "tgt": tok}
+    if cfg.shared_vocab:
+        shared = train_tokenizer(kind, [t for p in train for t in p], size)
+        return {"src": shared, "tgt": shared}
+    return {side: train_tokenizer(kind, [p[i] for p in train], size) for i, side in enumerate(("src", "tgt"))}
+
+
+def prepare_pairs(cfg: DataConfig, seed: int, log: Callable[[str], None] = print) -> PreparedPairs:
+    splits = read_splits(cfg, seed)
+    key = _pairs_key(cfg, seed, splits)
     root = cfg.resolved_cache_dir() / "pairs"
     final = root / key[:20]
     if (final / "meta.json").is_file():
         return PreparedPairs(final, json.loads((final / "meta.json").read_text()))
-
-    is_val = np.array([name_key(str(i), "split") < cfg.val_fraction for i in range(len(pairs))])
-    if is_val.all() or not is_val.any():
-        raise DataError(f"data.source={cfg.source!r}: {len(pairs)} pairs are too few to split "
-                        f"with data.val_fraction={cfg.val_fraction}")
-    train = [p for p, v in zip(pairs, is_val, strict=True) if not v]
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
     try:
-        kind, size = cfg.tokenizer.kind, cfg.tokenizer.vocab_size
-        if cfg.tokenizer.path:
-            toks = {"src": load_tokenizer(cfg.tokenizer.path)}
-            toks["tgt"] = toks["src"]
-        elif cfg.shared_vocab:
-            shared = train_tokenizer(kind, [t for p in train for t in p], size)
-            toks = {"src": shared, "tgt": shared}
-        else:
-            toks = {side: train_tokenizer(kind, [p[i] for p in train], size)
-                    for i, side in enumerate(("src", "tgt"))}
+        toks = _tokenizers(cfg, splits["train"])
         if cfg.shared_vocab:
             toks["src"].save(str(tmp / "tokenizer.json"))
         else:
@@ -185,15 +236,15 @@ def prepare_pairs(cfg: DataConfig, seed: int, log: Callable[[str], None] = print
                 "splits": {}}
         if meta["pad_id"] is None or toks["src"].token_to_id(PAD) != meta["pad_id"]:
             raise DataError(f"tokenizer has no {PAD!r} token at a common id on both sides")
-        for name, want_val in (("train", False), ("val", True)):
-            sel = [p for p, v in zip(pairs, is_val, strict=True) if v == want_val]
+        for name, sel in splits.items():
             s_ids, s_off = _pack(toks["src"], [p[0] for p in sel])
             t_ids, t_off = _pack(toks["tgt"], [p[1] for p in sel])
             np.savez(tmp / f"{name}.npz", src_ids=s_ids, src_off=s_off, tgt_ids=t_ids, tgt_off=t_off)
             meta["splits"][name] = {"pairs": len(sel), "src_tokens": int(s_off[-1]), "tgt_tokens": int(t_off[-1])}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish(tmp, final)
-        log(f"prepared {len(pairs):,} pairs ({meta['splits']['train']['pairs']:,} train) -> {final}")
+        counts = ", ".join(f"{v['pairs']:,} {k}" for k, v in meta["splits"].items())
+        log(f"prepared {sum(map(len, splits.values())):,} pairs ({counts}) -> {final}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedPairs(final, json.loads((final / "meta.json").read_text()))

@@ -1,0 +1,97 @@
+"""lm-evaluation-harness through ``seqtrain eval --tasks``: lm-eval's scores equal ones computed
+here from the model's own log-probabilities, on local tasks (offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY, run_cli, sets
+
+PRESET = str(REPO / "configs/gpt/debug.yaml")
+TASK_DIR = REPO / "tests/tools/lm_tasks"
+TASKS = "seqtrain_cloze_mc,seqtrain_cloze_ll"
+
+
+@pytest.fixture(scope="module")
+def lm_run(cache_dir, tmp_path_factory):
+    """A tiny GPT run, checkpoints at steps 20 and 40, tracked in a local MLflow store."""
+    from tests.conftest import make_corpus
+
+    root = tmp_path_factory.mktemp("harness")
+    corpus = make_corpus(root / "corpus")
+    uri = f"sqlite:///{root}/mlflow.db"
+    run_cli(["train", PRESET, "--run-dir", str(root / "run"), *sets(
+        *TINY, f"data.source={corpus}", "train.steps=40", "train.global_batch_size=8",
+        "checkpoint.every=20", "checkpoint.keep_last=null", "tracking.enabled=true",
+        f"tracking.uri={uri}")], cache_dir)
+    return root / "run", uri
+
+
+def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) from one forward of the whole text, and whether every
+    continuation token is the argmax. The continuation's tokens are those of the whole text
+    past the context's (lm-eval's definition for causal models)."""
+    ctx = tok.encode(context, add_special_tokens=False).ids
+    whole = tok.encode(context + continuation, add_special_tokens=False).ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), -1)
+    target = torch.tensor(whole[len(ctx):])
+    lp = logp[len(ctx) - 1:]
+    return lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())
+
+
+def _independent_scores(ckpt) -> dict[str, float]:
+    from trainer.inference import load_for_inference
+
+    model, tok, _, _ = load_for_inference(ckpt)
+    docs = [json.loads(ln) for ln in (TASK_DIR / "cloze.jsonl").read_text().splitlines()]
+    acc, acc_norm, gold_ll, greedy = [], [], [], []
+    for d in docs:
+        lls = np.array([_loglikelihood(model, tok, d["context"], " " + c)[0] for c in d["choices"]])
+        acc.append(lls.argmax() == d["gold"])
+        acc_norm.append((lls / np.array([len(c) for c in d["choices"]])).argmax() == d["gold"])
+        ll, g = _loglikelihood(model, tok, d["context"], " " + d["choices"][d["gold"]])
+        gold_ll.append(ll)
+        greedy.append(g)
+    return {"seqtrain_cloze_mc/acc": np.mean(acc), "seqtrain_cloze_mc/acc_norm": np.mean(acc_norm),
+            "seqtrain_cloze_ll/perplexity": math.exp(-np.mean(gold_ll)),
+            "seqtrain_cloze_ll/acc": np.mean(greedy)}
+
+
+def test_lm_eval_scores_equal_our_log_probabilities_for_every_checkpoint(lm_run, cache_dir):
+    run, uri = lm_run
+    p = run_cli(["eval", str(run), "--tasks", TASKS, "--task-dir", str(TASK_DIR), "--json"], cache_dir)
+    results = json.loads(p.stdout)
+    assert [r["step"] for r in results] == [20, 40]
+    for r in results:
+        want = _independent_scores(r["checkpoint"])
+        for k, v in want.items():
+            assert r[k] == pytest.approx(v, rel=1e-6), k
+    assert results[-1]["seqtrain_cloze_mc/acc"] > 0.25  # above chance after 40 steps
+    rows = [json.loads(ln) for ln in (run / "eval/results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40] and (run / "eval/curve.png").stat().st_size > 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    hist = client.get_metric_history(run_id, "eval/seqtrain_cloze_mc/acc")
+    assert sorted(m.step for m in hist) == [20, 40]
+
+
+def test_unknown_tasks_and_empty_task_dirs_are_one_line_errors(lm_run, cache_dir, tmp_path):
+    run, _ = lm_run
+    p = run_cli(["eval", str(run), "--tasks", "seqtrain_cloze_mcq", "--task-dir", str(TASK_DIR)],
+                cache_dir, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "seqtrain_cloze_mcq" in p.stderr and "close matches: seqtrain_cloze_mc" in p.stderr
+    (tmp_path / "empty").mkdir()
+    p = run_cli(["eval", str(run), "--tasks", "hellaswag", "--task-dir", str(tmp_path / "empty")],
+                cache_dir, check=False)
+    assert p.returncode == 2 and "no lm-eval task YAML files there" in p.stderr.strip().splitlines()[-1]
+    assert len(p.stderr.strip().splitlines()) == 1
