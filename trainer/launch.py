@@ -17,6 +17,7 @@ from pathlib import Path
 from trainer.errors import SeqtrainError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch"
+EVAL_TEMPLATE = TEMPLATE.with_name("eval_follow.sbatch")
 
 
 @dataclass
@@ -39,6 +40,11 @@ class SlurmJob:
     max_restarts: int = 0
     workdir: str = field(default_factory=os.getcwd)
     python: str = sys.executable
+    eval_follow: bool = False
+    """Also submit ``seqtrain eval RUN --follow`` as a job of its own beside training."""
+    eval_args: list[str] = field(default_factory=list)
+    """Arguments for that ``seqtrain eval`` (``--tasks hellaswag --limit 500``)."""
+    eval_every_seconds: int = 60
 
     def validate(self) -> None:
         for name in ("nodes", "signal_seconds"):
@@ -48,6 +54,36 @@ class SlurmJob:
             raise SeqtrainError("--gpus-per-node must be 0 (CPU nodes) or more")
         if "%a" in " ".join([self.config, *self.overrides, self.run_dir or ""]) and not self.array:
             raise SeqtrainError("'%a' (the array index) is used but no --array is given")
+        if self.eval_follow and (not self.run_dir or self.array):
+            raise SeqtrainError("--eval-follow follows one run: give --run-dir, and no --array "
+                                "(per array task, run `seqtrain eval RUN --follow` yourself)")
+
+    @property
+    def name(self) -> str:
+        return self.job_name or Path(self.config).stem.replace("%a", "")
+
+    def _fill(self, template: Path, fields: dict[str, str]) -> str:
+        text = template.read_text()
+        for key, value in fields.items():
+            text = text.replace(f"@@{key}@@", value)
+        return text
+
+    def _extra(self, gpus: bool) -> str:
+        extra = [f"#SBATCH --gpus-per-node={self.gpus_per_node}"] if gpus and self.gpus_per_node else []
+        for opt in ("partition", "account", "qos", *(("array",) if gpus else ())):
+            if getattr(self, opt):
+                extra.append(f"#SBATCH --{opt}={getattr(self, opt)}")
+        return "\n".join(extra)
+
+    def render_eval(self) -> str:
+        """The follower's batch script (its first argument: the training job's id)."""
+        self.validate()
+        return self._fill(EVAL_TEMPLATE, {
+            "JOB_NAME": self.name, "CPUS_PER_TASK": str(self.cpus_per_task or 4), "TIME": self.time,
+            "LOG_DIR": shlex.quote(str(Path(self.log_dir).absolute())), "SBATCH_EXTRA": self._extra(gpus=False),
+            "WORKDIR": shlex.quote(self.workdir), "PYTHON": shlex.quote(self.python),
+            "RUN_DIR": shlex.quote(str(self.run_dir)), "EVERY_SECONDS": str(self.eval_every_seconds),
+            "EVAL_ARGS": " ".join(shlex.quote(a) for a in self.eval_args)})
 
     @property
     def procs(self) -> int:
@@ -56,51 +92,50 @@ class SlurmJob:
 
     def render(self) -> str:
         self.validate()
-        extra = []
-        if self.gpus_per_node:
-            extra.append(f"#SBATCH --gpus-per-node={self.gpus_per_node}")
-        for opt in ("partition", "account", "qos", "array"):
-            if getattr(self, opt):
-                extra.append(f"#SBATCH --{opt}={getattr(self, opt)}")
         args = ["train", self.config, *(a for o in self.overrides for a in ("--set", o))]
         if self.run_dir:
             args += ["--run-dir", self.run_dir]
-        name = self.job_name or Path(self.config).stem.replace("%a", "")
-        fields = {
-            "JOB_NAME": name,
+        return self._fill(TEMPLATE, {
+            "JOB_NAME": self.name,
             "NODES": str(self.nodes),
             "CPUS_PER_TASK": str(self.cpus_per_task or max(1, self.procs) * (8 if self.gpus_per_node else 1)),
             "TIME": self.time,
             "LOG_DIR": shlex.quote(str(Path(self.log_dir).absolute())),
             "LOG_NAME": "%x-%A_%a" if self.array else "%x-%j",
             "SIGNAL_SECONDS": str(self.signal_seconds),
-            "SBATCH_EXTRA": "\n".join(extra),
+            "SBATCH_EXTRA": self._extra(gpus=True),
             "WORKDIR": shlex.quote(self.workdir),
             "PYTHON": shlex.quote(self.python),
             "NPROC_PER_NODE": str(self.procs),
             "MAX_RESTARTS": str(self.max_restarts),
             "ARGS": " ".join(shlex.quote(a) for a in args),
-        }
-        text = TEMPLATE.read_text()
-        for key, value in fields.items():
-            text = text.replace(f"@@{key}@@", value)
-        return text
+        })
 
     def submit(self, wait: bool = False) -> str:
-        """Write the script next to the logs and ``sbatch`` it; returns sbatch's output."""
-        script = self.render()
+        """Write the script(s) next to the logs and ``sbatch`` them; returns the job id(s),
+        ``;``-separated (training first). With ``wait``, returns when every job has ended."""
         log_dir = Path(self.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output folder
-        path = log_dir / f"{self.job_name or Path(self.config).stem.replace('%a', '')}.sbatch"
-        path.write_text(script)
-        cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(path)]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise SeqtrainError("sbatch not found: is this a Slurm login node?") from None
-        if p.returncode != 0:
-            raise SeqtrainError(f"sbatch {path} failed: {p.stderr.strip() or p.stdout.strip()}")
-        return p.stdout.strip()
+        path = log_dir / f"{self.name}.sbatch"
+        path.write_text(self.render())
+        if not self.eval_follow:
+            return _sbatch([*(["--wait"] if wait else []), str(path)])
+        train_job = _sbatch([str(path)]).split(";")[0]
+        eval_path = log_dir / f"{self.name}-eval.sbatch"
+        eval_path.write_text(self.render_eval())
+        eval_job = _sbatch([f"--dependency=after:{train_job}", *(["--wait"] if wait else []),
+                            str(eval_path), train_job])
+        return f"{train_job};{eval_job}"
+
+
+def _sbatch(args: list[str]) -> str:
+    try:
+        p = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SeqtrainError("sbatch not found: is this a Slurm login node?") from None
+    if p.returncode != 0:
+        raise SeqtrainError(f"sbatch {' '.join(args)} failed: {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout.strip()
 
 
 def torchrun(nproc_per_node: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",

@@ -3,6 +3,7 @@ torchrun with a two-node rendezvous on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -28,9 +29,12 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(shellcheck, tmp_path):
                                   qos="high", time="12:00:00", overrides=["parallel.zero_stage=2"]),
         "array": SlurmJob("plans/p/point_%a.yaml", array="0-11%4", run_dir="runs/p-%a"),
     }
-    for name, job in variants.items():
+    scripts = {name: job.render() for name, job in variants.items()}
+    scripts["eval-follow"] = SlurmJob(PRESET, run_dir="runs/a b", eval_follow=True, partition="cpu",
+                                      eval_args=["--tasks", "hellaswag", "--limit", "50"]).render_eval()
+    for name, text in scripts.items():
         path = tmp_path / f"{name}.sbatch"
-        path.write_text(job.render())
+        path.write_text(text)
         for cmd in (["bash", "-n", str(path)], [shellcheck, "-S", "style", str(path)]):
             p = subprocess.run(cmd, capture_output=True, text=True)
             assert p.returncode == 0, f"{name}: {' '.join(cmd)}\n{p.stdout}{p.stderr}"
@@ -189,3 +193,25 @@ def test_launch_errors_are_one_line(cache_dir):
     assert p.returncode == 2 and "did you mean 'train.lr'" in p.stderr
     p = run_cli(["launch", "slurm", "p_%a.yaml", "--dry-run"], cache_dir, check=False)
     assert p.returncode == 2 and p.stderr.strip().endswith("no --array is given")
+    p = run_cli(["launch", "slurm", PRESET, "--eval-follow", "--dry-run"], cache_dir, check=False)
+    assert p.returncode == 2 and "--eval-follow follows one run: give --run-dir" in p.stderr
+
+
+@pytest.mark.slurm
+def test_eval_follow_job_scores_every_checkpoint_beside_training(slurm, cache_dir, tmp_path, tiny_corpus):
+    """Two jobs: training (checkpoints at 10, 20, 30, 40) and a follower that starts with it,
+    scores each checkpoint and ends after the run's finished.json."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    p = subprocess.run([sys.executable, "-m", "trainer", "launch", "slurm", PRESET, "--time", "00:10:00",
+                        "--log-dir", str(logs), "--run-dir", str(run), "--eval-follow",
+                        "--eval-every-seconds", "2", "--eval-args", "--max-tokens 2000",
+                        *sets(*_train_args(tiny_corpus), "checkpoint.keep_last=null"), "--submit", "--wait"],
+                       cwd=REPO, env=cli_env(cache_dir), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    train_job, eval_job = p.stdout.strip().split(";")
+    rows = [json.loads(ln) for ln in (run / "eval/results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert all(r["settings"]["max_tokens"] == 2000 for r in rows)
+    log = (logs / f"gpt-debug-eval-{eval_job}.out").read_text()
+    assert f"of job {train_job}" in log and log.rstrip().endswith("finished with exit code 0"), log
+    assert "one last pass" not in log

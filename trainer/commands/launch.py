@@ -33,6 +33,11 @@ def _slurm_parser(lsub) -> None:
                     help="USR1 this many seconds before the time limit: save, stop, requeue")
     sl.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
     sl.add_argument("--run-dir")
+    sl.add_argument("--eval-follow", action="store_true",
+                    help="also submit a job that evaluates each checkpoint as it appears (needs --run-dir)")
+    sl.add_argument("--eval-args", default="", help="arguments for that `seqtrain eval`, one string "
+                    "(e.g. '--tasks hellaswag --limit 500')")
+    sl.add_argument("--eval-every-seconds", type=int, default=60, help="how often the follower looks")
     add_overrides(sl, help="override a config value (repeatable)")
     mode = sl.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print the script")
@@ -71,10 +76,14 @@ def main(args: argparse.Namespace) -> int:
             partition=args.partition, account=args.account, qos=args.qos, time=args.time,
             array=args.array, job_name=args.job_name or name, overrides=args.overrides,
             run_dir=args.run_dir, log_dir=args.log_dir, signal_seconds=args.signal_seconds,
-            max_restarts=args.max_restarts,
+            max_restarts=args.max_restarts, eval_follow=args.eval_follow,
+            eval_args=shlex.split(args.eval_args), eval_every_seconds=args.eval_every_seconds,
         )
         if args.dry_run:
             print(job.render(), end="")
+            if job.eval_follow:
+                print("\n# ---- and beside it (sbatch --dependency=after:TRAIN_JOB SCRIPT TRAIN_JOB):\n")
+                print(job.render_eval(), end="")
         else:
             print(job.submit(wait=args.wait))
         return 0
