@@ -158,6 +158,40 @@ def test_seq2seq_eval_reports_exact_match_bleu_chrf(cache_dir, tmp_path):
     assert r["samples"][0]["reference"][:2] in ("19", "20")
 
 
+def test_translation_with_official_files_decodes_them_in_training_and_scores_test_per_checkpoint(
+        cache_dir, tmp_path):
+    """Official validation files: the decoding evaluation of training reads them (its last BLEU is
+    the one `eval --split val` computes from the text at the last checkpoint); `eval --split
+    test --beam 2` gives BLEU per checkpoint over the whole test file."""
+    from trainer.data.dates import pairs
+
+    data = pairs(360, seed=7)
+    train, val, test = data[:300], data[300:330], data[330:]
+    (tmp_path / "train.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in train))
+    (tmp_path / "valid.en").write_text("".join(s + "\n" for s, _ in val))
+    (tmp_path / "valid.iso").write_text("".join(t + "\n" for _, t in val))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in test))
+    run = tmp_path / "s2s"
+    run_cli(["train", str(REPO / "configs/encdec/debug.yaml"), "--run-dir", str(run), *sets(
+        f"data.source={tmp_path / 'train.tsv'}", f"data.val_source={tmp_path / 'valid.en'}",
+        f"data.val_target_source={tmp_path / 'valid.iso'}", f"data.test_source={tmp_path / 'test.jsonl'}",
+        "data.tokenizer.kind=bpe", "data.tokenizer.vocab_size=300", "model.n_enc_layers=1",
+        "model.n_dec_layers=1", "model.d_model=32", "train.steps=20", "eval.every=10",
+        "eval.decode_samples=100", "checkpoint.every=10", "checkpoint.keep_last=null",
+        "tracking.enabled=false")], cache_dir)
+    _, evals = read_metrics(run)
+    r_val = json.loads(run_cli(["eval", str(run / "checkpoints/step_00000020"), "--split", "val", "--json"],
+                               cache_dir).stdout)
+    assert r_val["pairs"] == 30 and evals[-1]["val_bleu"] == pytest.approx(r_val["bleu"], abs=1e-9)
+    assert evals[-1]["val_chrf"] == pytest.approx(r_val["chrf"], abs=1e-9)
+    results = json.loads(run_cli(["eval", str(run), "--split", "test", "--beam", "2", "--json"], cache_dir).stdout)
+    assert [r["step"] for r in results] == [10, 20] and all(r["pairs"] == 30 for r in results)
+    assert {r["samples"][0]["reference"] for r in results} == {test[0][1]}
+    p = run_cli(["eval", str(run), "--split", "test", "--data", str(REPO / "configs/encdec/debug.yaml")],
+                cache_dir, check=False)
+    assert p.returncode == 2 and "has no test set" in p.stderr.strip().splitlines()[-1]
+
+
 def test_bad_inputs_are_one_line_errors(gpt_run, cache_dir, tmp_path):
     root, _, _ = gpt_run
     (tmp_path / "nothing").mkdir()

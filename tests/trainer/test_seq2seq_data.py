@@ -95,3 +95,60 @@ def test_buckets_respect_the_token_budget_and_cover_each_pair_once(tmp_path):
     a = sorted(tuple(pb.micro_batch(3, m, r)["src_ids"].flatten().tolist()) for m in range(2) for r in range(2))
     b = sorted(tuple(one.micro_batch(3, m, 0)["src_ids"].flatten().tolist()) for m in range(4))
     assert a == b
+
+
+def test_official_validation_and_test_files_are_those_splits_and_all_of_source_trains(tmp_path):
+    """Any pair format for each split; the hash slice is not taken from source then; BPE on
+    both sides decodes back to the exact text (what sacrebleu scores)."""
+    from trainer.data.seq2seq import read_splits
+
+    train = [(f"message number {i}: cannot open '%s'", f"Nachricht Nummer {i}: »%s« kann nicht geöffnet werden")
+             for i in range(60)]
+    (tmp_path / "train.en").write_text("".join(s + "\n" for s, _ in train))
+    (tmp_path / "train.de").write_text("".join(t + "\n" for _, t in train))
+    (tmp_path / "valid.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in PAIRS[:2]))
+    cfg = DataConfig(source=str(tmp_path / "train.en"), target_source=str(tmp_path / "train.de"),
+                     val_source=str(tmp_path / "valid.tsv"), test_source=str(tmp_path / "test.jsonl"),
+                     cache_dir=str(tmp_path / "cache"), shared_vocab=False, tokenizer={"vocab_size": 300})
+    splits = read_splits(cfg)
+    assert splits == {"train": train, "val": PAIRS, "test": PAIRS[:2]}
+    prep = prepare_pairs(cfg, seed=0, log=lambda _: None)
+    assert {k: v["pairs"] for k, v in prep.meta["splits"].items()} == {"train": 60, "val": 4, "test": 2}
+    src_tok, tgt_tok = prep.tokenizer("src"), prep.tokenizer("tgt")
+    tr = prep.split("train")
+    assert [(src_tok.decode(tr.src(i).tolist()), tgt_tok.decode(tr.tgt(i).tolist())) for i in range(60)] == train
+    assert len(tr.tgt(0)) < len(train[0][1]) / 2  # subwords, not characters
+
+
+def test_misaligned_validation_files_and_a_target_without_source_are_one_line_errors(tmp_path):
+    from trainer.config import load_config
+    from trainer.data.seq2seq import read_splits
+    from trainer.errors import ConfigError
+
+    (tmp_path / "v.en").write_text("a\nb\nc\n")
+    (tmp_path / "v.de").write_text("x\ny\n")
+    cfg = DataConfig(source="dates", num_pairs=50, val_source=str(tmp_path / "v.en"),
+                     val_target_source=str(tmp_path / "v.de"))
+    with pytest.raises(DataError, match=r"^data.val_source: .*v.en has 3 lines but data.val_target_source .*v.de "
+                                        r"has 2: not aligned$"):
+        read_splits(cfg)
+    with pytest.raises(ConfigError, match="data.test_target_source needs data.test_source"):
+        load_config(None, ["model.family=encdec", "data.source=dates", "data.test_target_source=x.de"])
+    with pytest.raises(ConfigError, match="data.val_source is for sequence-to-sequence families, not gpt"):
+        load_config(None, ["data.val_source=v.tsv"])
+
+
+def test_system_messages_are_real_translations_split_by_a_hash_of_the_english(tmp_path):
+    from trainer.data import system_messages
+    from trainer.data.seq2seq import read_splits
+
+    if not list(system_messages.CATALOGUES.glob("*.mo")):
+        pytest.skip("no German gettext catalogues on this machine")
+    splits = read_splits(DataConfig(source="system-messages", val_fraction=0.05))
+    n = sum(map(len, splits.values()))
+    assert n > 10_000 and 0.03 < len(splits["val"]) / n < 0.07 and 0.03 < len(splits["test"]) / n < 0.07
+    english = [s for p in splits.values() for s, _ in p]
+    assert len(set(english)) == n  # one translation per English message, no pair in two splits
+    assert all("\n" not in s + t and "\t" not in s + t and s != t for p in splits.values() for s, t in p)
+    assert read_splits(DataConfig(source="system-messages", val_fraction=0.05)) == splits  # stable

@@ -60,15 +60,15 @@ def read_splits(cfg: DataConfig, seed: int = 0) -> dict[str, list[tuple[str, str
     (``system-messages``: of its English messages, with a test slice beside it)."""
     pairs = read_pairs(cfg, seed)
     if cfg.source == system_messages.NAME:
-        splits: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
-        for p in pairs:
-            splits[system_messages.split_of(p[0], cfg.val_fraction)].append(p)
+        label = [system_messages.split_of(s, cfg.val_fraction) for s, _ in pairs]
     else:
-        is_val = [name_key(str(i), "split") < cfg.val_fraction for i in range(len(pairs))]
-        splits = {"train": [p for p, v in zip(pairs, is_val, strict=True) if not v],
-                  "val": [p for p, v in zip(pairs, is_val, strict=True) if v]}
+        label = ["val" if name_key(str(i), "split") < cfg.val_fraction else "train" for i in range(len(pairs))]
+    if cfg.val_source:  # the official set validates; the source's own slice trains, in order
+        label = ["train" if k == "val" else k for k in label]
+    splits: dict[str, list[tuple[str, str]]] = {k: [] for k in ("train", "val", *(("test",) if "test" in label else ()))}
+    for p, k in zip(pairs, label, strict=True):
+        splits[k].append(p)
     if cfg.val_source:
-        splits["train"] += splits["val"]
         splits["val"] = read_pair_file(cfg, cfg.val_source, cfg.val_target_source, "data.val_source")
     if cfg.test_source:
         splits["test"] = read_pair_file(cfg, cfg.test_source, cfg.test_target_source, "data.test_source")
