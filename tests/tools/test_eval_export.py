@@ -15,21 +15,6 @@ from trainer.metrics import text_metrics
 PRESET = str(REPO / "configs/gpt/debug.yaml")
 
 
-@pytest.fixture(scope="module")
-def gpt_run(cache_dir, tmp_path_factory):
-    """A tiny GPT run with checkpoints at steps 10, 20, 30, tracked in a local MLflow store."""
-    from tests.conftest import make_corpus
-
-    root = tmp_path_factory.mktemp("evalrun")
-    corpus = make_corpus(root / "corpus")
-    uri = f"sqlite:///{root}/mlflow.db"
-    run_cli(["train", PRESET, "--run-dir", str(root / "run"), *sets(
-        *TINY, f"data.source={corpus}", "train.steps=30", "train.global_batch_size=8",
-        "checkpoint.every=10", "checkpoint.keep_last=null", "tracking.enabled=true",
-        f"tracking.uri={uri}")], cache_dir)
-    return root, corpus, uri
-
-
 def test_export_hf_loads_with_equal_logits_and_generates(gpt_run, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,7 +122,8 @@ def test_evaluating_a_run_gives_one_point_per_checkpoint_a_png_and_mlflow_metric
     assert results[-1]["loss"] < results[0]["loss"]
     png = root / "run/eval/curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert len((root / "run/eval/results.jsonl").read_text().splitlines()) == 3
+    rows = [json.loads(ln) for ln in (root / "run/eval/results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [10, 20, 30]  # other tests add their own rows
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = (root / "run/mlflow_run_id").read_text().strip()
     assert [m.step for m in client.get_metric_history(run_id, "eval/loss")] == [10, 20, 30]
