@@ -110,10 +110,11 @@ class Harness:
                  limit: int | None = None) -> None:
         self.tm = task_manager(task_dir)
         check_tasks(self.tm, tasks, task_dir)
-        self.tasks, self.num_fewshot, self.limit = tasks, num_fewshot, limit
+        self.tasks, self.task_dir, self.num_fewshot, self.limit = tasks, task_dir, num_fewshot, limit
 
     def settings(self) -> dict[str, Any]:
-        return {"tasks": self.tasks, "num_fewshot": self.num_fewshot, "limit": self.limit}
+        return {"tasks": self.tasks, "task_dir": self.task_dir, "num_fewshot": self.num_fewshot,
+                "limit": self.limit}
 
     def score(self, model: torch.nn.Module, tok) -> dict[str, float]:
         return run_tasks(model, tok, self.tm, self.tasks, self.num_fewshot, self.limit)

@@ -81,3 +81,26 @@ def test_unknown_tasks_and_empty_task_dirs_are_one_line_errors(gpt_run, cache_di
                 cache_dir, check=False)
     assert p.returncode == 2 and "no lm-eval task YAML files there" in p.stderr.strip().splitlines()[-1]
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_rolling_loglikelihood_and_greedy_generation_are_the_models(gpt_run):
+    """The other two request kinds: a whole text's log-likelihood after EOS (one window here),
+    and greedy generation cut at the first stop string."""
+    from tools.harness import SeqtrainLM
+    from trainer.inference import load_for_inference
+
+    model, tok, _, _ = load_for_inference(gpt_run[0] / "run")
+    lm = SeqtrainLM(model, tok)
+
+    class Request:
+        def __init__(self, *args):
+            self.args = args
+
+    text = "the cat sees the ball."
+    [rolling] = lm.loglikelihood_rolling([Request(text)])
+    ll, _ = _loglikelihood(model, tok, "<|endoftext|>", text)  # EOS is one token of our vocabulary
+    assert rolling == pytest.approx(ll, rel=1e-6)
+    ids = [tok.token_to_id("<|endoftext|>"), *tok.encode("my friend", add_special_tokens=False).ids]
+    greedy = tok.decode(model.generate(torch.tensor([ids]), 12, 0.0)[0, len(ids):].tolist())
+    [out] = lm.generate_until([Request("my friend", {"until": ["."], "max_gen_toks": 12})])
+    assert out == greedy.split(".")[0] and out
