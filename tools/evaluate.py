@@ -119,7 +119,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
 
     ckpt = checkpoint.resolve(path)
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt)
-    out: dict[str, Any] = {"checkpoint": str(ckpt), "step": int(ckpt.name.split("_")[-1]),
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt),
                            "family": cfg.model.family}
     if harness is not None:
         if cfg.is_seq2seq:
@@ -159,13 +159,6 @@ def _checkpoint_key(ckpt: Path) -> str:
     return f"{ckpt.name}:{hashlib.sha256((ckpt / checkpoint.MANIFEST).read_bytes()).hexdigest()[:16]}"
 
 
-def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints renamed into place (a save is staged in ``checkpoints/.tmp`` and appears under
-    its final name only when complete, manifest included), oldest first."""
-    found = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / checkpoint.MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
-
-
 def _settings(kw: dict[str, Any]) -> dict[str, Any]:
     """What makes two evaluations of a checkpoint the same (their rows are reused)."""
     h = kw.get("harness")
@@ -187,13 +180,16 @@ def evaluate_run(run_dir: str | Path, follow: bool = False, every_seconds: float
     done = {r["key"]: r for r in _read_rows(results_file) if r.get("settings") == settings}
     while True:
         finished = (run_dir / FINISHED).is_file()  # first: the final checkpoint precedes the marker
-        new = [c for c in _complete_checkpoints(run_dir) if _checkpoint_key(c) not in done]
+        new = [c for c in checkpoint.complete(run_dir / "checkpoints") if _checkpoint_key(c) not in done]
+        scored = []
         for c in new:
             r = _evaluate_new(c, settings, kw, log)
             if r is not None:
                 done[r["key"]] = r
-                _append_row(results_file, r)
-                _log_mlflow(run_dir, [r], plot_curve(_sorted(done), results_file.with_name("curve.png")))
+                _append_row(results_file, r)  # row by row: a restart keeps what is scored
+                scored.append(r)
+        if scored:
+            _log_mlflow(run_dir, scored, plot_curve(_sorted(done), results_file.with_name("curve.png")))
         if not follow or (finished and not new):
             break
         time.sleep(every_seconds)

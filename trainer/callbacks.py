@@ -189,6 +189,5 @@ class RunFinished(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.is_rank0 and (trainer.stop_reason is None or trainer.diverged):
-            tmp = self.path.with_name(f".{FINISHED}.tmp")
-            tmp.write_text(json.dumps({"step": trainer.step, "reason": trainer.stop_reason or "completed"}))
-            tmp.replace(self.path)
+            checkpoint.atomic_write(self.path, json.dumps({"step": trainer.step,
+                                                           "reason": trainer.stop_reason or "completed"}))

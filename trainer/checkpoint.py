@@ -41,7 +41,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[-1])
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -91,6 +96,13 @@ def verify(ckpt: Path) -> str | None:
 
 def manifest(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / MANIFEST).read_text())
+
+
+def complete(ckpt_root: Path) -> list[Path]:
+    """Checkpoints renamed into place, oldest first: a save is staged in ``.tmp/`` and appears
+    under its final name only when complete, manifest included (what a reader beside a
+    running job may open)."""
+    return sorted(p for p in ckpt_root.glob("step_*") if (p / MANIFEST).is_file())
 
 
 def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
@@ -144,7 +156,7 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging / tag, final)
-        _atomic_write(ckpt_root / LATEST, tag + "\n")
+        atomic_write(ckpt_root / LATEST, tag + "\n")
         if keep_last:
             _prune(ckpt_root, keep_last, protect=tag)
 

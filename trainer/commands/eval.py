@@ -32,7 +32,7 @@ def register(sub) -> None:
     ev.set_defaults(run=main)
 
 
-def _settings(args: argparse.Namespace) -> dict:
+def _evaluation_keywords(args: argparse.Namespace) -> dict:
     """evaluate_checkpoint's keywords; lm-eval's task index is built (and the tasks checked) once."""
     from trainer.errors import SeqtrainError
 
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
 
     target = Path(args.checkpoint)
     with json_only(args.json):
-        kw = _settings(args)
+        kw = _evaluation_keywords(args)
         if args.follow or (target / "checkpoints").is_dir():
             results = evaluate_run(target, follow=args.follow, every_seconds=args.every_seconds, **kw)
         else:

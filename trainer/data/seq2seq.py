@@ -189,7 +189,7 @@ def _pack(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, off
 
 
-def _pairs_key(cfg: DataConfig, seed: int, splits: dict[str, list[tuple[str, str]]]) -> str:
+def _pairs_key(cfg: DataConfig, splits: dict[str, list[tuple[str, str]]]) -> str:
     """The cache key: the tokenizer settings and every pair of every split."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{cfg.shared_vocab}|{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}"
                        .encode())
@@ -216,7 +216,7 @@ def _tokenizers(cfg: DataConfig, train: list[tuple[str, str]]) -> dict[str, Toke
 
 def prepare_pairs(cfg: DataConfig, seed: int, log: Callable[[str], None] = print) -> PreparedPairs:
     splits = read_splits(cfg, seed)
-    key = _pairs_key(cfg, seed, splits)
+    key = _pairs_key(cfg, splits)
     root = cfg.resolved_cache_dir() / "pairs"
     final = root / key[:20]
     if (final / "meta.json").is_file():
