@@ -222,7 +222,9 @@ def load(module, ckpt_root: Path, cfg, tokenizer_sha256: str, warn=print) -> Res
     ckpt = latest_valid(ckpt_root, warn=warn)
     if ckpt is None:
         return None
-    check_compatible(ckpt, cfg.model.model_dump(mode="json"), tokenizer_sha256, layout_of(cfg))
+    check_compatible(ckpt, cfg.model.model_dump(mode="json"), tokenizer_sha256)
+    if layout_of(saved_config(ckpt)) != layout_of(cfg):
+        return _load_resharded(module, ckpt, cfg, warn)
     refuse_unsafe_files(ckpt)  # DeepSpeed's loader unpickles without restrictions
     client_state = module.load_checkpoint(ckpt_root, ckpt.name)
     f = rank_state_file(ckpt, distributed.rank())
@@ -230,9 +232,28 @@ def load(module, ckpt_root: Path, cfg, tokenizer_sha256: str, warn=print) -> Res
     return Restored(ckpt, client_state, rank_state)
 
 
+def _load_resharded(module, ckpt: Path, cfg, warn) -> Restored:
+    """Resume a checkpoint of another layout: weights, Adam's moments and step, schedule, data
+    position and the loop's RNG state carry over exactly; per-rank files do not (see
+    ``docs/checkpoints.md``)."""
+    from trainer.parallel import reshard
+
+    saved = saved_config(ckpt)
+    state = reshard.read(ckpt, saved)
+    dims = module.dims
+    reshard.apply(module, state, cfg, dims)
+    fmt = lambda p: f"dp {p.dp}, tp {p.tp}, pp {p.pp}, zero {p.zero_stage}"  # noqa: E731
+    warn(f"resharded {ckpt.name} from {fmt(saved.parallel)} to {fmt(cfg.parallel)} "
+         "(weights, Adam moments and step, LR schedule, data position, rank 0's RNG state)")
+    if any(ckpt.glob("rank_state_*.pt")):
+        warn("per-rank state (carried recurrent states) does not carry across layouts: those "
+             "streams start from zero, as after a new segment")
+    return Restored(ckpt, state.rank0, None)
+
+
 def layout_of(cfg) -> dict[str, int]:
-    """What a resumed run must share with the checkpoint: DeepSpeed reloads its own shards only
-    into the layout that wrote them (dp only matters where ZeRO partitions by it)."""
+    """What DeepSpeed's own loader needs unchanged to reload its shards (dp only matters where
+    ZeRO partitions by it); any other change of layout goes through ``reshard``."""
     p = cfg.parallel
     return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, **({"dp": p.dp} if p.zero_stage else {})}
 
@@ -241,23 +262,11 @@ NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}
 """Model fields a resumed run may change: they do not change the weights' shapes or meaning."""
 
 
-def check_compatible(ckpt: Path, model_cfg: dict[str, Any], tokenizer_sha256: str,
-                     layout: dict[str, int] | None = None) -> None:
-    """Refuse to resume a checkpoint of another model shape, tokenizer or parallel layout
-    (one line, exit 2)."""
+def check_compatible(ckpt: Path, model_cfg: dict[str, Any], tokenizer_sha256: str) -> None:
+    """Refuse to resume a checkpoint of another model shape or tokenizer (one line, exit 2)."""
     import yaml
 
-    saved_all = yaml.safe_load((ckpt / "config.yaml").read_text())
-    saved = saved_all["model"]
-    if layout is not None:
-        was = {k: saved_all["parallel"][k] for k in layout}
-        if was != layout:
-            fmt = ", ".join
-            raise CheckpointError(
-                f"{ckpt} was saved with {fmt(f'{k}={v}' for k, v in was.items())}; this run has "
-                f"{fmt(f'{k}={v}' for k, v in layout.items())}: resuming needs the same layout; start "
-                f"a new run directory with train.init_from={ckpt} to continue from its weights"
-            )
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())["model"]
     diff = [k for k in sorted(set(saved) | set(model_cfg))
             if k not in NOT_SHAPE and saved.get(k) != model_cfg.get(k)]
     if diff:
@@ -334,11 +343,16 @@ ALLOWED_GLOBALS = (
 )
 
 
-def _numpy_globals() -> list:
+def _allowed_globals() -> list:
+    """The classes of ``ALLOWED_GLOBALS`` (and numpy's dtype classes) for ``weights_only`` loads:
+    plain data holders, rebuilt from their fields, so no code of theirs runs."""
     import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-            *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, LossScaler, ZeroStageEnum,
+            fragment_address, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
@@ -372,7 +386,7 @@ def safe_load(path: Path) -> Any:
     runs while unpickling) and the allow-list above; one-line errors."""
     try:
         refuse_unsafe(path)
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise

@@ -12,6 +12,9 @@ upgrade moves or renames one. Keep this list and that test in step.
 | ``optimizer.cur_scale`` (ZeRO) / ``optimizer.loss_scale`` (FP16_Optimizer) | the dynamic fp16 loss scale | logged as ``loss_scale`` |
 | ``param.ds_pipe_replicated`` | set by ``PipelineModule`` on the second copy of a tied weight | counted once in the gradient norm |
 | ``param.tensor_model_parallel`` | read by ``deepspeed.runtime.utils`` norms | marks shards, counted on every tensor rank |
+| ``optimizer._lazy_init_hp_params_optimizer_state()`` (ZeRO 1/2, bf16) | links each parameter's fragment to the optimizer state, at the first step | resharding sets Adam's moments before any step (``reshard.apply``) |
+| ``DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat`` | the flat fp32 sub-group partitions Adam keeps state for (swapped into its param groups during a step) | resharding creates that state before the first step |
+| ``DeepSpeedEngine.global_steps``, ``global_samples`` | the engine's counters, restored by its own loader | restored by ours when resharding |
 
 Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,
 ``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint.py``
@@ -56,6 +59,20 @@ def is_pipe_replicated(p: torch.Tensor) -> bool:
 
 def is_tensor_parallel(p: torch.Tensor) -> bool:
     return bool(getattr(p, TENSOR_PARALLEL, False))
+
+
+def link_optimizer_states(optimizer) -> None:
+    """ZeRO 1/2 and bf16 link a parameter's view of Adam's state (what
+    ``safe_set_full_optimizer_state`` writes through) only at the first step; do it now, once
+    the states exist. ZeRO-3 and the plain optimizer need nothing."""
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+def zero3_fp32_partitions(optimizer) -> list[torch.Tensor]:
+    """ZeRO-3's flat fp32 partitions, one per sub-group (none for other optimizers)."""
+    return list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
 
 
 def mark_tensor_parallel(shard: torch.Tensor, like: torch.Tensor, dim: int) -> None:

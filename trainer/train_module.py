@@ -175,7 +175,12 @@ class EngineModule:
         self._skipped_before = int(state.get("skipped_steps", 0)) - ds_private.skipped_steps(self.engine)
 
     def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Collective: DeepSpeed writes weights, optimizer and scheduler shards of every rank."""
+        """Collective: DeepSpeed writes weights, optimizer and scheduler shards of every rank.
+        Each model-parallel rank's file also names its optimizer's parameters (ZeRO 0), so the
+        checkpoint can be resharded into another layout (``trainer/parallel/reshard.py``)."""
+        from trainer.parallel.reshard import NAMES_KEY, optimizer_param_names
+
+        client_state = {**client_state, NAMES_KEY: optimizer_param_names(self.engine)}
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:

@@ -76,3 +76,22 @@ def test_our_replacement_keeps_the_norm_it_computes():
     replace_fp32_clipping(engine, lambda: torch.tensor(2.5))
     engine.clip_fp32_gradients()  # as _take_model_step calls it
     assert float(engine._global_grad_norm) == 2.5
+
+
+def test_zero_links_optimizer_states_through_the_method_we_call():
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for opt in (DeepSpeedZeroOptimizer, BF16_Optimizer):
+        src = _source(opt._lazy_init_hp_params_optimizer_state)
+        assert "self._hp_optimizer_states_linked = True" in src, opt.__name__
+    # ZeRO-3 reads the state of its flat fp32 partition directly, no link to make.
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    partition = _source(DeepSpeedZeroOptimizer_Stage3._get_fp32_opt_state_partition)
+    assert "fp32_param = self.fp32_partitioned_groups_flat[group_idx]" in partition
+    assert "self.optimizer.state[fp32_param][optim_state_key]" in partition
+    load = _source(DeepSpeedEngine._load_checkpoint)
+    assert "self.global_steps = checkpoint['global_steps']" in load
+    assert "self.global_samples = checkpoint.get('global_samples'" in load

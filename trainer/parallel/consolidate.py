@@ -19,16 +19,20 @@ from trainer.checkpoint import safe_load
 from trainer.errors import CheckpointError
 
 
+def layer_files(ckpt: Path, t: int) -> list[tuple[int, Path]]:
+    """(layer index, file) of tensor rank ``t``'s pipeline layer files, every stage's."""
+    files = sorted(ckpt.glob(f"layer_*-model_{t:02d}-model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no pipeline layer files for tensor rank {t}")
+    return [(int(re.match(r"layer_(\d+)-", f.name).group(1)), f) for f in files]
+
+
 def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tensor]:
     """One tensor rank's parameters under their single-device names, from the layer files."""
     from trainer.parallel.pipeline import single_device_name
 
     out: dict[str, torch.Tensor] = {}
-    files = sorted(ckpt.glob(f"layer_*-model_{t:02d}-model_states.pt"))
-    if not files:
-        raise CheckpointError(f"{ckpt}: no pipeline layer files for tensor rank {t}")
-    for f in files:
-        idx = int(re.match(r"layer_(\d+)-", f.name).group(1))
+    for idx, f in layer_files(ckpt, t):
         for k, v in safe_load(f).items():
             # Layer 0 is the token embedding (a tied module when the head shares it).
             name = k if idx == 0 else single_device_name(f"{idx}.{k}", model_cfg)
@@ -39,17 +43,23 @@ def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tenso
     return out
 
 
-def _merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
+def shard_dim(name: str, family: str) -> int | None:
+    """The dimension tensor parallelism splits parameter ``name`` along (``None``: every tensor
+    rank holds it whole): the family's plan, looked up the way ``apply_tensor_parallel`` applies it."""
     from trainer.families import spec
     from trainer.parallel.tensor import SHARD_DIMS
 
-    plan = spec(family).tp_plan
+    module, _, kind = name.rpartition(".")
+    style = next((s for pat, s in (spec(family).tp_plan or {}).items() if fnmatch.fnmatchcase(module, pat)), None)
+    # Not in the plan, or a replicated bias: every rank holds the whole tensor.
+    return SHARD_DIMS[style][kind != "weight"] if style else None
+
+
+def merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
+    """Whole tensors from each tensor rank's shards (weights or optimizer moments alike)."""
     merged = {}
     for name, first in states[0].items():
-        module, _, kind = name.rpartition(".")
-        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(module, pat)), None)
-        # Not in the plan, or a replicated bias: every rank holds the whole tensor.
-        dim = SHARD_DIMS[style][kind != "weight"] if style else None
+        dim = shard_dim(name, family)
         merged[name] = first if dim is None else torch.cat([s[name] for s in states], dim=dim)
     return merged
 
@@ -70,4 +80,4 @@ def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
             if not f.is_file():
                 raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")
             states.append(safe_load(f)["module"])
-    return {k: v.float() for k, v in _merge_tensor_parallel(states, cfg.model.family).items()}
+    return {k: v.float() for k, v in merge_tensor_parallel(states, cfg.model.family).items()}
