@@ -123,6 +123,7 @@ class Checkpoint(Callback):
         self.root = ckpt_root
         self.tokenizer_sha256 = tokenizer_sha256
         self.last_saved = -1
+        self.saver = None  # an AsyncSaver with checkpoint.async
 
     def _say(self, trainer: Trainer, msg: str) -> None:
         if trainer.is_rank0:
@@ -141,25 +142,49 @@ class Checkpoint(Callback):
                            f"(loaded in {time.perf_counter() - t0:.2f} s)")
 
     def _save(self, trainer: Trainer) -> None:
+        if self.saver is not None:
+            self._finish(trainer)  # one save in flight at a time: the previous one first
         t0 = time.perf_counter()
         try:
             path = checkpoint.save(trainer.module, self.root, trainer.step, trainer.state_dict(),
                                    trainer.cfg.to_yaml(), trainer.cfg.checkpoint.keep_last,
-                                   trainer.rank_state(), {"tokenizer_sha256": self.tokenizer_sha256})
+                                   trainer.rank_state(), {"tokenizer_sha256": self.tokenizer_sha256},
+                                   saver=self.saver)
         except checkpoint.SaveFailed as e:
-            if trainer.cfg.checkpoint.on_error != "continue":
-                raise
-            self._say(trainer, f"warning: {e}; training goes on (checkpoint.on_error=continue)")
+            self._failed(trainer, e)
             return
         self.last_saved = trainer.step
-        if trainer.is_rank0:
+        if self.saver is not None:
+            self._say(trainer, f"saving {path.name} behind training (snapshot in {time.perf_counter() - t0:.2f} s)")
+        elif trainer.is_rank0:
             print(f"saved {path.name} ({checkpoint.dir_mb(path):.1f} MB) in {time.perf_counter() - t0:.2f} s", flush=True)
+
+    def _finish(self, trainer: Trainer) -> None:
+        """Collective: wait for the asynchronous save in flight, if any."""
+        try:
+            done = checkpoint.wait(self.saver)
+        except checkpoint.SaveFailed as e:
+            self._failed(trainer, e)
+            return
+        if done is not None and trainer.is_rank0:
+            path, seconds = done
+            print(f"saved {path.name} ({checkpoint.dir_mb(path):.1f} MB), written in {seconds:.2f} s behind training",
+                  flush=True)
+
+    def _failed(self, trainer: Trainer, e: checkpoint.SaveFailed) -> None:
+        if trainer.cfg.checkpoint.on_error != "continue":
+            raise e
+        self._say(trainer, f"warning: {e}; training goes on (checkpoint.on_error=continue)")
 
     def on_load(self, trainer: Trainer) -> None:
         self._resume(trainer)
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.last_saved = trainer.step
+        if trainer.cfg.checkpoint.async_:
+            from trainer.checkpoint_async import AsyncSaver
+
+            self.saver = AsyncSaver()  # a collective (the writers' gloo group): every rank, here
 
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.cfg.checkpoint.every
@@ -169,6 +194,8 @@ class Checkpoint(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.last_saved != trainer.step:
             self._save(trainer)
+        if self.saver is not None:
+            self._finish(trainer)
 
 
 FINISHED = "finished.json"

@@ -126,12 +126,14 @@ class SaveFailed(CheckpointError):
 
 def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], config_yaml: str,
          keep_last: int | None = None, rank_state: dict[str, Any] | None = None,
-         manifest_extra: dict[str, Any] | None = None) -> Path:
+         manifest_extra: dict[str, Any] | None = None, saver=None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory, or raises
     ``SaveFailed`` on every rank when any rank could not write its part.
 
     ``client_state`` is the same on every rank (DeepSpeed stores rank 0's); ``rank_state``
-    differs per rank (e.g. carried RNN states) and goes to a file per rank.
+    differs per rank (e.g. carried RNN states) and goes to a file per rank. With ``saver`` (an
+    ``AsyncSaver``) the state is only snapshotted here; it is written and published behind
+    training, and ``wait`` reports the outcome.
     """
     tag = tag_for(step)
     staging = ckpt_root / ".tmp"
@@ -139,11 +141,19 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
+    writes: list = []
 
     def shards() -> None:
-        module.save_checkpoint(staging, tag, client_state)
+        if saver is None:
+            module.save_checkpoint(staging, tag, client_state)
+            if rank_state is not None:
+                torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
+            return
+        with saver.capture(module.engine) as captured:
+            module.save_checkpoint(staging, tag, client_state)
+        writes.extend(captured)
         if rank_state is not None:
-            torch.save(rank_state, rank_state_file(staging / tag, distributed.rank()))
+            writes.append((saver.snapshot(rank_state), rank_state_file(staging / tag, distributed.rank())))
 
     # Every rank's shard must be on disk before rank 0 publishes the directory: agreeing on
     # success is the barrier.
@@ -160,8 +170,22 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
         if keep_last:
             _prune(ckpt_root, keep_last, protect=tag)
 
+    if saver is not None:
+        saver.submit(writes, publish, ckpt_root, tag)
+        return final
     _agree(_attempt(publish) if distributed.rank() == 0 else None, ckpt_root, tag)
     return final
+
+
+def wait(saver) -> tuple[Path, float] | None:
+    """Collective: wait for ``saver``'s save in flight; (its directory, seconds its writing
+    took), None when none was in flight, or ``SaveFailed`` on every rank when any rank failed."""
+    outcome = saver.wait()
+    if outcome is None:
+        return None
+    error, seconds, pending = outcome
+    _agree(error, pending.ckpt_root, pending.tag)
+    return pending.ckpt_root / pending.tag, seconds
 
 
 def _attempt(fn) -> Exception | None:

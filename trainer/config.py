@@ -211,6 +211,8 @@ class ParallelConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    model_config = ConfigDict(**_Section.model_config, populate_by_name=True, serialize_by_alias=True)
+
     every: int = Field(0, ge=0)
     """Save every this many steps (0: only at the end)."""
     keep_last: int | None = Field(None, ge=1)
@@ -219,6 +221,12 @@ class CheckpointConfig(_Section):
     """A save that fails (a full disk): ``stop`` the run with exit code 4, or ``continue``
     training and try again at the next save. Either way the failed save leaves nothing behind
     and ``latest`` keeps naming the last good checkpoint."""
+    async_: bool = Field(False, alias="async")
+    """Save asynchronously (``checkpoint.async``): the state is snapshotted on the training path
+    (a copy in host memory: pinned on GPU) and written, published and pruned by a background
+    thread while training goes on. A save still in flight when the next is due, or at the end,
+    is waited for; a crash mid-write leaves the previous checkpoint as ``latest``. Costs one
+    more copy of the checkpoint in host memory while it is written."""
 
 
 class EvalConfig(_Section):

@@ -8,7 +8,9 @@ A comma-separated list of ``ACTION@STEP[:rRANK]`` (rank 0 when omitted; ``:r*`` 
 - ``nan@5`` / ``nan@5-9``: the model's output is NaN in step 5 (steps 5 to 9) on that rank, so
   loss and gradients are non-finite (exercises the skip-and-stop guard of ``trainer/nonfinite.py``);
 - ``hang@5:r1``: rank 1 stops making progress before step 5 (sleeps for ever; the others then
-  wait in the step's collectives), which the hang watchdog (``trainer/watchdog.py``) must catch.
+  wait in the step's collectives), which the hang watchdog (``trainer/watchdog.py``) must catch;
+- ``slowsave@4``: an asynchronous save at step 4 stalls before writing (an hour), so that a
+  later ``kill`` lands while it is in flight.
 
 Each fault fires once per run directory (a marker file there records it), so a restarted job
 that passes step 5 again keeps going.
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 ENV = "SEQTRAIN_FAULT"
-ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None, "hang": None}
+ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None, "hang": None,
+           "slowsave": None}
 _SPEC = re.compile(r"^(?P<action>\w+)@(?P<step>\d+)(?:-(?P<end>\d+))?(?::r(?P<rank>\d+|\*))?$")
 
 
@@ -104,6 +107,10 @@ class FaultInjection(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         self._poison = False
+        if any(self._fires(f, trainer, trainer.step) for f in self.faults if f.action == "slowsave"):
+            from trainer import checkpoint_async
+
+            checkpoint_async.stall_next_write(3600.0)
         for f in self.faults:
             if ACTIONS[f.action] is not None and self._fires(f, trainer, trainer.step):
                 os.kill(os.getpid(), ACTIONS[f.action])

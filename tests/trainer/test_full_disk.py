@@ -64,3 +64,17 @@ def test_full_disk_with_on_error_continue_trains_to_the_end(small_disk, tiny_cor
     assert rows[-1]["step"] == 6
     # Every later save failed, and the end of the run tried the last step once more.
     assert p.stdout.count("training goes on (checkpoint.on_error=continue)") == 6 - good + 1
+
+
+def test_full_disk_under_async_saves_stops_when_the_failed_write_is_waited_for(small_disk, tiny_corpus, cache_dir):
+    """``checkpoint.async``: the write fails behind training; the next save (or the end) waits
+    for it and stops the run the same way."""
+    run = small_disk / "run"
+    p = _train(run, tiny_corpus, cache_dir, "checkpoint.async=true")
+    assert p.returncode == 4, p.stderr[-3000:]
+    good = _last_good(run)
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"seqtrain: error: could not save step_{good + 1:08d} in {run / 'checkpoints'}")
+    assert line.endswith(f"latest stays step_{good:08d}")
+    rows, _ = read_metrics(run)
+    assert rows[-1]["step"] == min(good + 2, 6)  # found when the next save was due
