@@ -334,25 +334,19 @@ def resolve(path: str | Path) -> Path:
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU)."""
     cfg = saved_config(ckpt)
+    if cfg.parallel.zero_stage >= 1:
+        from trainer.parallel.reshard import weights
+
+        # Master weights live in the (sharded) optimizer state: the resharding reader's.
+        return weights(ckpt, cfg)
     if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         from trainer.parallel.consolidate import consolidate
 
         return consolidate(ckpt, cfg)
-    stage = cfg.parallel.zero_stage
-    files = sorted(ckpt.glob("*mp_rank_*_model_states.pt"))
+    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
-    if stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        refuse_unsafe_files(ckpt)  # DeepSpeed's consolidation unpickles without restrictions
-        try:
-            # Master weights live in the (sharded) optimizer state: consolidate them.
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
-        except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
-            raise _unreadable(files[0], e) from None
-    state = safe_load(files[0])["module"]
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.float() for k, v in safe_load(files[0])["module"].items()}
 
 
 # --------------------------------------------------------------------------- safe loading

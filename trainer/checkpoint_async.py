@@ -6,7 +6,9 @@ While a save is captured, ours replaces that call with a snapshot: each tensor s
 once into host memory (pinned, by non-blocking copies on the training stream, on GPU; a
 ``clone`` on CPU), sharing between tensors kept, so the file later written is what ``torch.save``
 would have written at that moment. Training then goes on while one background thread per
-process serialises the snapshot into the staging directory. When every rank has written its
+process serialises the snapshot into the staging directory (``torch.save`` releases the GIL
+while it writes; measured: no pause of the training thread above 10 ms). A writer *process*
+was tried: forked, its copy-on-write faults cost the next step more than the snapshot's copy. When every rank has written its
 files (agreed over a gloo group of the writers' own, so the training's collectives never
 interleave with theirs), rank 0's writer publishes the checkpoint exactly as a synchronous save
 does: manifest, rename, ``latest``, pruning. Until then the previous checkpoint stays ``latest``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -133,6 +136,10 @@ class AsyncSaver:
     def _write(self, writes: list[Write], publish: Callable[[], None], done) -> tuple[Exception | None, float]:
         global _stall_s
         error, t0 = None, time.perf_counter()
+        with contextlib.suppress(OSError):  # Linux: a thread's own nice value
+            # Lowest priority: where training keeps every core busy (CPU training), the writer
+            # takes the gaps rather than slowing the steps; on GPU hosts the CPU is mostly idle.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             time.sleep(_stall_s)
             _stall_s = 0.0

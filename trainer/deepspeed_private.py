@@ -14,6 +14,7 @@ upgrade moves or renames one. Keep this list and that test in step.
 | ``param.tensor_model_parallel`` | read by ``deepspeed.runtime.utils`` norms | marks shards, counted on every tensor rank |
 | ``optimizer._lazy_init_hp_params_optimizer_state()`` (ZeRO 1/2, bf16) | links each parameter's fragment to the optimizer state, at the first step | resharding sets Adam's moments before any step (``reshard.apply``) |
 | ``DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat`` | the flat fp32 sub-group partitions Adam keeps state for (swapped into its param groups during a step) | resharding creates that state before the first step |
+| ``DeepSpeedEngine.checkpoint_engine`` | every checkpoint file DeepSpeed writes goes through its ``save(state, path)`` | ``checkpoint.async`` swaps in a snapshotting stand-in for the length of a save |
 | ``DeepSpeedEngine.global_steps``, ``global_samples`` | the engine's counters, restored by its own loader | restored by ours when resharding |
 
 Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,

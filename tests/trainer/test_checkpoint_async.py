@@ -36,6 +36,16 @@ def test_snapshot_is_what_torch_save_wrote_then_and_keeps_sharing():
     assert m["a"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
 
 
+def test_a_writer_that_fails_reports_its_error(tmp_path):
+    from trainer.checkpoint_async import AsyncSaver
+
+    saver = AsyncSaver()
+    saver.submit([({"x": torch.ones(2)}, tmp_path / "missing-dir" / "s.pt")], publish=lambda: None,
+                 ckpt_root=tmp_path, tag="t")
+    error, _, _ = saver.wait()
+    assert error is not None and "missing-dir" in str(error)
+
+
 def _args(corpus, *extra):
     return [*TINY, f"data.source={corpus}", "train.steps=8", "train.global_batch_size=8",
             "model.dropout=0.1", "checkpoint.every=2", "checkpoint.keep_last=null", *extra]

@@ -95,3 +95,17 @@ def test_zero_links_optimizer_states_through_the_method_we_call():
     load = _source(DeepSpeedEngine._load_checkpoint)
     assert "self.global_steps = checkpoint['global_steps']" in load
     assert "self.global_samples = checkpoint.get('global_samples'" in load
+
+
+def test_every_checkpoint_file_goes_through_the_engine_we_swap():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    assert "self.checkpoint_engine.save(" in _source(DeepSpeedEngine._save_checkpoint)
+    assert "self.checkpoint_engine.save(" in _source(DeepSpeedEngine._save_zero_checkpoint)
+    assert "checkpoint_engine=self.checkpoint_engine" in _source(PipelineEngine.module_state_dict)
+    assert "checkpoint_engine.save(" in _source(PipelineModule.save_state_dict)
+    # Writing is left to save(): torch.save appears nowhere else on the save path.
+    for fn in (DeepSpeedEngine._save_checkpoint, DeepSpeedEngine._save_zero_checkpoint):
+        assert "torch.save(" not in _source(fn)

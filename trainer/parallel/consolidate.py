@@ -65,17 +65,15 @@ def merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) ->
 
 
 def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
-    """Whole fp32 weights of a tensor- and/or pipeline-parallel checkpoint (``cfg``: its config)."""
+    """Whole weights of a tensor- and/or pipeline-parallel checkpoint without ZeRO (``cfg``: its
+    config), where the module's weights are the master copy; ZeRO checkpoints are read from
+    their optimizer shards by ``reshard.weights``."""
     p = cfg.parallel
-    if p.zero_stage == 3:
-        raise CheckpointError(f"{ckpt}: consolidating ZeRO-3 shards of a tensor-parallel run is not "
-                              "supported; train tensor-parallel runs with ZeRO 0-2")
     states = []
     for t in range(p.tp):
         if p.pp > 1:
             states.append(_pipeline_rank_state(ckpt, t, cfg.model))
         else:
-            # Under ZeRO 1/2 in fp32 the module's parameters are the master weights themselves.
             f = ckpt / f"mp_rank_{t:02d}_model_states.pt"
             if not f.is_file():
                 raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")

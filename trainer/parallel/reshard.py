@@ -56,8 +56,23 @@ class LayoutFreeState:
     scheduler, DeepSpeed's step counters."""
 
 
-def read(ckpt: Path, cfg) -> LayoutFreeState:
-    """The layout-free state of checkpoint ``ckpt`` (``cfg``: the config it was saved with)."""
+def weights(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
+    """Whole fp32 master weights of a ZeRO 1-3 checkpoint of any layout, under every name of a
+    tied weight (what ``eval``, ``export``, ``generate`` and ``train.init_from`` load)."""
+    state = read(ckpt, cfg, keys=("fp32",))
+    out = state.tensors["fp32"]
+    if cfg.parallel.pp > 1:  # the pipeline ties through its tied module (local names)
+        if getattr(cfg.model, "tie_embeddings", False):
+            out["lm_head.weight"] = out["wte.weight"]
+        return out
+    for alias, name in (state.rank0.get("shared_params") or {}).items():
+        out[alias] = out[name]
+    return out
+
+
+def read(ckpt: Path, cfg, keys: tuple[str, ...] = KEYS) -> LayoutFreeState:
+    """The layout-free state of checkpoint ``ckpt`` (``cfg``: the config it was saved with);
+    ``keys``: which of ``KEYS`` to read (all: resuming; the master weights: consolidating)."""
     p = cfg.parallel
     if p.zero_stage == 3 and p.tp * p.pp > 1:
         raise CheckpointError(f"{ckpt}: ZeRO-3 shards of a tensor- or pipeline-parallel run cannot be "
@@ -65,16 +80,16 @@ def read(ckpt: Path, cfg) -> LayoutFreeState:
     per_tp: list[dict[str, dict[str, torch.Tensor]]] = []
     steps: set[float] = set()
     for t in range(p.tp):
-        merged: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
+        merged: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         for s in range(p.pp):
-            local, step = _rank_tensors(ckpt, cfg, mp=s * p.tp + t)
+            local, step = _rank_tensors(ckpt, cfg, s * p.tp + t, keys)
             steps.add(step)
-            for k in KEYS:
+            for k in keys:
                 merged[k].update(_single_device_names(local[k], cfg, pipeline=p.pp > 1))
         per_tp.append(merged)
     if len(steps) != 1:
         raise CheckpointError(f"{ckpt}: ranks disagree on Adam's step count {sorted(steps)}")
-    tensors = {k: merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family) for k in KEYS}
+    tensors = {k: merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family) for k in keys}
     return LayoutFreeState(tensors, steps.pop(), safe_load(_model_states_file(ckpt, p.zero_stage, 0)))
 
 
@@ -94,7 +109,7 @@ def _optim_files(ckpt: Path, dp: int, mp: int) -> list[dict[str, Any]]:
     return [safe_load(f)["optimizer_state_dict"] for f in files]
 
 
-def _rank_tensors(ckpt: Path, cfg, mp: int) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+def _rank_tensors(ckpt: Path, cfg, mp: int, keys: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """(``KEYS`` ► local name ► tensor, Adam step) of one model-parallel rank, whole over dp."""
     p = cfg.parallel
     states = safe_load(_model_states_file(ckpt, p.zero_stage, mp))
@@ -109,7 +124,7 @@ def _rank_tensors(ckpt: Path, cfg, mp: int) -> tuple[dict[str, dict[str, torch.T
         flats[k] = [[st[k] for _, st in sorted(b["state"].items())] for b in base]
     shapes = [{n: torch.Size(s) for n, s in g.items()} for g in states["param_shapes"]]
     split = _split_zero3 if z3 else _split_zero12
-    return {k: split(flats[k], shapes) for k in KEYS}, _adam_step(base[0]["state"])
+    return {k: split(flats[k], shapes) for k in keys}, _adam_step(base[0]["state"])
 
 
 def _split_zero12(flats: list[list[torch.Tensor]], groups: list[dict[str, torch.Size]]) -> dict[str, torch.Tensor]:
