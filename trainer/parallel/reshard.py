@@ -264,8 +264,8 @@ def _create_adam_state(engine) -> None:
 def _local_to_single(cfg):
     from trainer.parallel.pipeline import single_device_name
 
-    # A last stage's copy of the tied embedding maps to nothing: it is the embedding's weight.
-    return lambda n: single_device_name(n, cfg.model) or "wte.weight"
+    # A stage's parameters are deduplicated: the tied embedding appears once, as its ``wte``.
+    return lambda n: single_device_name(n, cfg.model)
 
 
 def _local_slice(whole: torch.Tensor, name: str, cfg, dims) -> torch.Tensor:
