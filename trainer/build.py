@@ -16,6 +16,7 @@ import models
 from trainer import checkpoint, distributed, host_memory
 from trainer.config import Config
 from trainer.data.build import Data, build_data
+from trainer.engine import uses_deepspeed
 from trainer.parallel import ParallelDims
 
 __all__ = ["Data", "Runtime", "build_data", "build_model", "build_module", "reference_model", "setup"]
@@ -35,7 +36,8 @@ def setup(cfg: Config) -> Runtime:
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())  # raises ConfigError before any rendezvous
     distributed.init_process_group()
-    distributed.quiet_deepspeed()
+    if uses_deepspeed(cfg, distributed.world_size()):
+        distributed.quiet_deepspeed()
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
     if dims.tp * dims.pp > 1:
         dims.grid  # noqa: B018 (creates the process groups: a collective)

@@ -361,16 +361,21 @@ ALLOWED_GLOBALS = (
 )
 
 
-def _allowed_globals() -> list:
+def _allowed_globals(deepspeed_classes: bool = True) -> list:
     """The classes of ``ALLOWED_GLOBALS`` (and numpy's dtype classes) for ``weights_only`` loads:
-    plain data holders, rebuilt from their fields, so no code of theirs runs."""
+    plain data holders, rebuilt from their fields, so no code of theirs runs. DeepSpeed's only
+    when asked: importing it costs seconds, and files of the plain engine never name them."""
     import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, LossScaler, ZeroStageEnum,
-            fragment_address, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+               *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+    if deepspeed_classes:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [LossScaler, ZeroStageEnum, fragment_address]
+    return allowed
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
@@ -378,10 +383,10 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path.parent}: unreadable checkpoint file {path.name} ({msg})")
 
 
-def refuse_unsafe(path: Path) -> None:
+def refuse_unsafe(path: Path) -> list[str]:
     """Refuse, in one line, a pickle that would import anything outside ``ALLOWED_GLOBALS``
     (read from the pickle's opcodes; nothing is loaded or run). For files that a loader we do
-    not control opens (DeepSpeed's resume and ZeRO consolidation)."""
+    not control opens (DeepSpeed's resume and ZeRO consolidation). Returns the globals it names."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # not a torch zip file: truncated or not a checkpoint
@@ -392,6 +397,7 @@ def refuse_unsafe(path: Path) -> None:
             f"{path}: refused: the file would import {', '.join(bad[:3])} when loaded; a "
             "checkpoint holds tensors and numbers, so it may run code: not opened"
         )
+    return found
 
 
 def refuse_unsafe_files(ckpt: Path) -> None:
@@ -403,8 +409,8 @@ def safe_load(path: Path) -> Any:
     """``torch.load`` of one of our or DeepSpeed's files with ``weights_only=True`` (no code
     runs while unpickling) and the allow-list above; one-line errors."""
     try:
-        refuse_unsafe(path)
-        with torch.serialization.safe_globals(_allowed_globals()):
+        found = refuse_unsafe(path)
+        with torch.serialization.safe_globals(_allowed_globals(any(g.startswith("deepspeed.") for g in found))):
             return torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise

@@ -160,6 +160,11 @@ class TrainConfig(_Section):
     0 turns the check off (it costs one scalar all-reduce per step)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+    engine: Literal["auto", "deepspeed"] = "auto"
+    """``auto``: DeepSpeed's engine, except for one process in fp32 without ZeRO, tensor or
+    pipeline parallelism, which trains in plain PyTorch with the same numbers and checkpoint
+    files and never imports DeepSpeed (seconds sooner to the first step); ``deepspeed``:
+    DeepSpeed's engine always."""
     compile: bool = False
     """``torch.compile`` the model (in place, parameter names unchanged) before DeepSpeed wraps it."""
     sdpa_backend: Literal["auto", "math", "flash", "efficient"] = "auto"

@@ -48,15 +48,21 @@ def device() -> torch.device:
 
 
 def init_process_group() -> None:
-    """NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL)."""
-    import deepspeed
-
+    """NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL).
+    A world of one gets torch's group directly: importing DeepSpeed costs seconds, and its
+    engine, when the run needs it, adopts the group."""
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if attempt != "0" and not torch.distributed.is_initialized():
         _init_restarted(backend, attempt)
+    if world_size() == 1:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend, rank=0, world_size=1)
+        return
+    import deepspeed
+
     # Adopts an existing process group, or creates one from the environment (env://).
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 

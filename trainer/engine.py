@@ -1,5 +1,7 @@
-"""DeepSpeed engine: our config ► a DeepSpeed config, AdamW, LR schedule, ``deepspeed.initialize``
-► a train module (``trainer/train_module.py``)."""
+"""The engine: our config ► a DeepSpeed config, AdamW, LR schedule, ``deepspeed.initialize``
+► a train module (``trainer/train_module.py``). A run of one process in fp32 without ZeRO,
+tensor or pipeline parallelism gets the same engine in plain PyTorch
+(``trainer/local_engine.py``) unless ``train.engine=deepspeed``: it never imports DeepSpeed."""
 
 from __future__ import annotations
 
@@ -75,6 +77,15 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
 
 
+def uses_deepspeed(cfg: Config, world_size: int) -> bool:
+    """Whether this run needs DeepSpeed's engine: more than one process, ZeRO, tensor or
+    pipeline parallelism, fp16/bf16 (DeepSpeed's mixed-precision optimizers), or
+    ``train.engine=deepspeed``."""
+    p = cfg.parallel
+    return (cfg.train.engine == "deepspeed" or world_size > 1 or p.zero_stage > 0 or p.tp > 1
+            or p.pp > 1 or cfg.train.precision != "fp32")
+
+
 def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.device,
                flops_per_token: float = 0.0, peak=None):
     """``deepspeed.initialize`` (always the last wrapper applied), wrapped in the train module
@@ -84,8 +95,7 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
     topology (passing ``mpu`` too is refused); tensor parallelism alone passes our grid as
     ``mpu`` so DeepSpeed reduces gradients over data-parallel ranks only.
     """
-    import deepspeed
-
+    from trainer import distributed
     from trainer.train_module import EngineModule, PipelineModule
 
     opt = build_optimizer(model, cfg)
@@ -95,6 +105,14 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
 
         guard = NonFiniteGuard(opt)  # wraps opt.step, so before the scheduler hooks it too
     sched = build_scheduler(opt, cfg)
+    if not uses_deepspeed(cfg, dims.world_size):
+        from trainer.local_engine import LocalEngine
+
+        engine = LocalEngine(model, opt, sched, deepspeed_config(cfg))
+        return EngineModule(engine, sched, dims, device, guard, flops_per_token, peak)
+    import deepspeed
+
+    distributed.quiet_deepspeed()
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg), mpu=dims.mpu,
     )

@@ -8,8 +8,11 @@ a tracking server; many concurrent jobs should not share one SQLite file on a ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import queue
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,34 +93,76 @@ def open_run(run_dir: Path, tracking, run_name: str, tags: dict[str, str] | None
 
 
 class MLflowTracker(Callback):
+    """Rank 0 logs to MLflow from a thread of its own: MLflow's import and the run's creation
+    (seconds, longer while other runs hold the store's lock) overlap the first steps instead of
+    delaying them, and no step waits for a store round trip. Rows are queued in order and all
+    written before ``on_train_end`` returns, or at exit when the run dies (the MLflow run then
+    ends ``FAILED``). A store that fails is reported in one line and training goes on:
+    ``metrics.jsonl`` holds every row either way."""
+
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.active = False
+        self._rows: queue.SimpleQueue | None = None
+        self._cfg = None
+        self._thread: threading.Thread | None = None
+        self.outcome: dict[str, str] = {}
+        """``run_id`` and ``uri`` once the run ended, or ``error``."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if not trainer.is_rank0:
-            return
-        import mlflow
+        if trainer.is_rank0:
+            self._rows, self._cfg = queue.SimpleQueue(), trainer.cfg
 
-        # A resumed run continues the same MLflow run.
-        _, new = open_run(self.run_dir, trainer.cfg.tracking, trainer.cfg.name, trainer.cfg.tracking.tags)
-        if new:
-            mlflow.log_params(flatten(trainer.cfg.model_dump(mode="json")))
-            mlflow.log_text(trainer.cfg.to_yaml(), "config.yaml")
-        self.active = True
+    def on_step_end(self, trainer: Trainer) -> None:
+        # Started after the first step: the import holds the GIL for seconds, and the first
+        # step's Python would wait on it (the time to the first step is what restarts pay).
+        if self._rows is not None and self._thread is None:
+            self._start()
+            atexit.register(self._close, "FAILED")
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._work, args=(self._cfg, self._rows), name="mlflow", daemon=True)
+        self._thread.start()
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self.active:
-            import mlflow
-
-            step = metrics["step"]
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=step)
+        if self._rows is not None:
+            self._rows.put(dict(metrics))
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self.active:
+        if self._rows is None:
+            return
+        self._close("FINISHED")
+        atexit.unregister(self._close)
+        if "error" in self.outcome:
+            print(f"MLflow tracking failed: {self.outcome['error']}; every row is in "
+                  f"{self.run_dir / 'metrics.jsonl'}", flush=True)
+        else:
+            uri = self.outcome["uri"]
+            print(f"MLflow run {self.outcome['run_id']} in {uri} (view: mlflow ui --backend-store-uri {uri})")
+
+    def _close(self, status: str, timeout_s: float = 120.0) -> None:
+        """Let the thread write what is queued and end the run with ``status``."""
+        if self._rows is None:
+            return
+        if self._thread is None:  # ended before its first step: the run is still recorded
+            self._start()
+        self._rows.put(status)
+        self._thread.join(timeout_s)
+        self._rows = None
+
+    def _work(self, cfg, rows: queue.SimpleQueue) -> None:
+        try:
             import mlflow
 
-            run = mlflow.active_run()
-            uri = mlflow.get_tracking_uri()
-            mlflow.end_run()
-            print(f"MLflow run {run.info.run_id} in {uri} (view: mlflow ui --backend-store-uri {uri})")
+            # A resumed run continues the same MLflow run.
+            run, new = open_run(self.run_dir, cfg.tracking, cfg.name, cfg.tracking.tags)
+            if new:
+                mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+                mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            while isinstance(row := rows.get(), dict):
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            mlflow.end_run(status=row)
+            self.outcome = {"run_id": run.info.run_id, "uri": mlflow.get_tracking_uri()}
+        except Exception as e:  # the store: a wrong URI, a server gone, a full disk
+            self.outcome = {"error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
+            while isinstance(rows.get(), dict):
+                pass  # drain until the end: rows keep coming from the training thread
