@@ -89,6 +89,12 @@ class DataConfig(_Section):
     """Share of documents (files) held out for validation, chosen by a hash of their name."""
     seq_len: int = Field(128, ge=2)
     """Tokens per training window (the model sees ``seq_len`` inputs and predicts the next one)."""
+    sampling: Literal["windows", "random"] = "windows"
+    """Language-model training windows: ``windows``, the token stream cut into consecutive
+    windows, shuffled, each read once per epoch; ``random``, windows starting at any token,
+    drawn with replacement (nanoGPT's sampling: a text's context changes each time it comes
+    round). Both are a pure function of the step: every layout reads the same sequences, and
+    resume is exact. Evaluation always reads fixed windows."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """How text becomes tokens."""
     cache_dir: str | None = None
@@ -166,7 +172,10 @@ class TrainConfig(_Section):
     files and never imports DeepSpeed (seconds sooner to the first step); ``deepspeed``:
     DeepSpeed's engine always."""
     compile: bool = False
-    """``torch.compile`` the model (in place, parameter names unchanged) before DeepSpeed wraps it."""
+    """``torch.compile`` the model (in place, parameter names unchanged) before the engine wraps
+    it. Inductor's kernels are cached under ``data.cache_dir``/inductor (unless
+    ``TORCHINDUCTOR_CACHE_DIR`` is set): the first run compiles (tens of seconds on a CPU), later
+    runs of the same model start in a few."""
     sdpa_backend: Literal["auto", "math", "flash", "efficient"] = "auto"
     """Kernel of ``scaled_dot_product_attention``: ``auto`` lets torch pick (flash attention where
     it applies); ``math`` forces the unfused reference kernel (for comparison)."""
@@ -303,6 +312,9 @@ class Config(_Section):
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={max_len}")
         if self.data.tbptt and not spec.carries_state:
             raise ValueError(f"data.tbptt is for model.family={_one_of('carries_state')}, not {fam}")
+        if self.data.sampling == "random" and (spec.pairs or self.data.tbptt):
+            raise ValueError("data.sampling=random is for language models without data.tbptt (streams "
+                             "and sentence pairs are read in order); use data.sampling=windows")
         ss = self.train.scheduled_sampling
         if (ss.eps_start or ss.eps_end) and not spec.scheduled_sampling:
             raise ValueError(f"train.scheduled_sampling is for model.family="

@@ -53,6 +53,7 @@ class Trainer:
         self._skipped_seen = 0
         self._consecutive_skips = 0
         self.prefetcher = None
+        self._said_eval_cap = False
         self.startup: dict[str, float] = {}
         """Start-up laps for the next logged row (only the first)."""
 
@@ -112,7 +113,7 @@ class Trainer:
         across dp ranks (the same slice for every layout), plus the data's extra evaluations
         (decoding metrics of sequence-to-sequence models)."""
         self.module.eval()
-        n, dp, rank = self.cfg.eval.batches, self.dims.dp, self.dims.dp_rank
+        n, dp, rank = self._eval_count(), self.dims.dp, self.dims.dp_rank
         # Rank r takes global batches r, r + dp, ...; every rank runs the same count, a surplus
         # one weighted zero.
         rounds = -(-n // dp)
@@ -125,6 +126,19 @@ class Trainer:
             metrics.update(fn(self))
         self.module.train()
         return metrics
+
+    def _eval_count(self) -> int:
+        """``eval.batches``, or fewer where the validation split holds fewer (a multiple of dp):
+        each window counts once, not the split's head twice."""
+        n, dp = self.cfg.eval.batches, self.dims.dp
+        cap = getattr(self.data.val, "eval_capacity", None)
+        if cap is None or n <= cap or cap < dp:
+            return n
+        if not self._said_eval_cap and self.is_rank0:
+            print(f"eval.batches={n} is more than the validation split holds: evaluating its "
+                  f"{cap // dp * dp} batches, each once", flush=True)
+            self._said_eval_cap = True
+        return cap // dp * dp
 
     def _check_divergence(self) -> None:
         """Count updates skipped in a row; stop after ``train.nonfinite_patience`` of them.

@@ -162,6 +162,42 @@ def test_epochs_are_reshuffled_and_resume_is_a_pure_function_of_step():
 
 
 
+def test_random_starts_are_the_same_sequences_in_every_layout_and_any_position(tmp_path):
+    """data.sampling=random: a step's windows depend on (seed, step) only, start anywhere (not
+    only at multiples of seq_len), fit in the stream, and differ from step to step."""
+    from trainer.data.sampler import LMBatches, RandomStarts
+
+    n_tokens, seq = 1000, 16
+    layouts = [(8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 2, 4)]  # micro, accum, dp: G = 8
+    contents = []
+    for micro, accum, dp in layouts:
+        s = RandomStarts(n_tokens, seq, micro, accum, dp, seed=5)
+        contents.append([sorted(int(x) for m in range(accum) for r in range(dp) for x in s.micro_batch(step, m, r))
+                         for step in range(30)])
+    assert all(c == contents[0] for c in contents)
+    starts = [x for step in contents[0] for x in step]
+    assert min(starts) >= 0 and max(starts) <= n_tokens - seq - 1
+    assert any(x % seq for x in starts) and contents[0][0] != contents[0][1]
+    assert contents[0] != [sorted(RandomStarts(n_tokens, seq, 8, 1, 1, seed=6).micro_batch(k, 0, 0).tolist())
+                           for k in range(30)]  # the seed matters
+    # The batches hold the windows at those starts, labels shifted by one.
+    tokens = np.arange(n_tokens, dtype=np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    b = LMBatches(WindowDataset(tmp_path / "t.bin", np.dtype(np.uint16), seq), 4, 2, 1, 5, "random")
+    batch = b.micro_batch(7, 1, 0)
+    first = RandomStarts(n_tokens, seq, 4, 2, 1, seed=5).micro_batch(7, 1, 0)
+    assert batch["input_ids"][:, 0].tolist() == first.tolist()
+    assert (batch["labels"] == batch["input_ids"] + 1).all()
+
+
+def test_random_sampling_is_refused_where_order_matters():
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.sampling=random is for language models"):
+        load_config("configs/rnn/lstm-lm-debug.yaml", ["data.tbptt=true", "data.sampling=random"])
+
+
 def test_single_document_holds_out_the_tail_for_validation(tmp_path):
     text = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
     (tmp_path / "one.txt").write_text(text)

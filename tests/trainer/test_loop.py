@@ -188,3 +188,22 @@ def test_engine_module_counts_skips_of_guard_and_engine_and_reports_the_fp16_los
     assert resumed.skipped_steps == 5
     resumed.guard.skipped += 1
     assert resumed.skipped_steps == 6
+
+
+def test_evaluation_reads_a_short_validation_split_once_not_its_head_twice(capsys):
+    """eval.batches=7 over a split that holds 4 batches, dp 2: 4 global batches (a multiple of
+    dp), each once, said in one line; a split that holds enough is read as asked."""
+    short = FakeBatches()
+    short.eval_capacity = 4
+    t, module = _trainer(dims=ParallelDims(2, 1, 1, 0), overrides=["train.grad_accum=1", "eval.batches=7"])
+    t.data = Data(t.cfg, FakeBatches(), short, [], [])
+    metrics = t.evaluate()
+    t.evaluate()
+    assert module.eval_calls == [(2, 2), (2, 2)]  # global batches 0 and 2 on this rank
+    assert metrics["val_loss"] == pytest.approx((0 + 2) * 2 / 4)
+    assert capsys.readouterr().out.count("eval.batches=7 is more than the validation split holds") == 1
+    roomy = FakeBatches()
+    roomy.eval_capacity = 40
+    t.data = Data(t.cfg, FakeBatches(), roomy, [], [])
+    t.evaluate()
+    assert module.eval_calls[-1] == (4, 4)  # 7 over dp 2: 4 rounds, global batches 0, 2, 4, 6

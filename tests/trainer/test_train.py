@@ -41,7 +41,7 @@ def test_single_process_run_learns_and_fills_the_run_directory(tiny_corpus, cach
     assert sorted(p.name for p in ckpts.iterdir()) == [".tmp", "latest", "step_00000030", "step_00000060"]
     assert (ckpts / "latest").read_text().strip() == "step_00000060"
     assert not any((ckpts / ".tmp").iterdir())
-    # Memory accounting: host RSS phases; imports alone (torch, DeepSpeed) hold over 100 MB.
+    # Memory accounting: host RSS phases; imports alone (torch) hold over 100 MB.
     (mem,) = json.loads((run_dir / "memory.json").read_text())
     assert mem["rank"] == 0 and mem["device"] == "cpu (resident set)"
     assert 100 < mem["baseline_mb"] <= mem["init_peak_mb"] and mem["train_peak_mb"] > 100

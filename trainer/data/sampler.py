@@ -27,7 +27,11 @@ class WindowDataset:
         return self.n_windows
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        starts = indices.astype(np.int64) * self.seq_len
+        """Windows by index (window i starts at token ``i * seq_len``)."""
+        return self.batch_at(indices.astype(np.int64) * self.seq_len)
+
+    def batch_at(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
+        """Windows starting at these token positions."""
         rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
         t = torch.from_numpy(rows)
         return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
@@ -74,16 +78,48 @@ class BatchSchedule:
         return step * self.global_batch / self.n
 
 
-class LMBatches:
-    """Language-model micro-batches: shuffled windows (``BatchSchedule``) for training,
-    a fixed unshuffled slice for evaluation."""
+class RandomStarts:
+    """Windows that start at any token, drawn with replacement (``data.sampling=random``, as
+    nanoGPT samples): a window's context then differs each time its text comes round. Step s's
+    starts come from a generator seeded by (seed, s) alone: every layout with the same global
+    batch reads the same sequences, and resume needs only the step number."""
 
-    def __init__(self, data: WindowDataset, micro: int, accum: int, dp: int, seed: int) -> None:
+    def __init__(self, n_tokens: int, seq_len: int, micro_batch: int, grad_accum: int, dp: int, seed: int) -> None:
+        self.n_starts = n_tokens - seq_len  # the last window still has seq_len + 1 tokens
+        self.n_tokens, self.seq_len, self.seed = n_tokens, seq_len, seed
+        self.micro, self.dp = micro_batch, dp
+        self.global_batch = micro_batch * grad_accum * dp
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
+        """Token positions where the windows of (step, micro-step, rank) start."""
+        starts = np.random.default_rng([self.seed, step]).integers(0, self.n_starts, self.global_batch)
+        first = (micro * self.dp + rank) * self.micro
+        return starts[first : first + self.micro]
+
+    def epoch_of(self, step: int) -> float:
+        """Passes over the tokens, counted in tokens read."""
+        return step * self.global_batch * self.seq_len / self.n_tokens
+
+
+class LMBatches:
+    """Language-model micro-batches: shuffled windows (``BatchSchedule``) or windows at random
+    starts (``RandomStarts``) for training, a fixed unshuffled slice for evaluation."""
+
+    def __init__(self, data: WindowDataset, micro: int, accum: int, dp: int, seed: int,
+                 sampling: str = "windows") -> None:
         self.data, self.micro = data, micro
-        self.schedule = BatchSchedule(len(data), micro, accum, dp, seed)
+        self.random = sampling == "random"
+        self.schedule = (RandomStarts(len(data.tokens), data.seq_len, micro, accum, dp, seed) if self.random
+                         else BatchSchedule(len(data), micro, accum, dp, seed))
 
     def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
-        return self.data.batch(self.schedule.micro_batch(step, micro, rank))
+        picked = self.schedule.micro_batch(step, micro, rank)
+        return self.data.batch_at(picked) if self.random else self.data.batch(picked)
+
+    @property
+    def eval_capacity(self) -> int:
+        """Evaluation batches before a window would be read a second time."""
+        return len(self.data) // self.micro
 
     def eval_batches(self, rank: int, dp: int, n: int):
         for b in range(n):

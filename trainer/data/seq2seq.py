@@ -321,6 +321,11 @@ class PairBatches:
     def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         return self.collate(self._bucket(step * self.per_step + micro * self.dp + rank))
 
+    @property
+    def eval_capacity(self) -> int:
+        """Evaluation batches before a bucket would be read a second time."""
+        return len(self.buckets)
+
     def eval_batches(self, rank: int, dp: int, n: int) -> Iterator[dict[str, torch.Tensor]]:
         for b in range(n):
             yield self.collate(self.buckets[(b * dp + rank) % len(self.buckets)])
