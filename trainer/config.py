@@ -166,6 +166,10 @@ class TrainConfig(_Section):
     0 turns the check off (it costs one scalar all-reduce per step)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
+    memory_check: bool = True
+    """On GPUs, before anything is allocated: refuse (one line, exit 2) a layout whose predicted
+    memory per GPU (``seqtrain plan``'s model, ``trainer/planner.py``) exceeds the device's,
+    naming the fastest layout that fits. GPT family; CPU runs are not checked."""
     engine: Literal["auto", "deepspeed"] = "auto"
     """``auto``: DeepSpeed's engine, except for one process in fp32 without ZeRO, tensor or
     pipeline parallelism, which trains in plain PyTorch with the same numbers and checkpoint

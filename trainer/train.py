@@ -60,10 +60,24 @@ def _write_run_dir(cfg: Config, run_dir: Path, tokenizer_files: list[Path], rank
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tokenizer_files))).hexdigest()
 
 
+def _check_memory(cfg: Config, device) -> None:
+    import os
+
+    import torch
+
+    from trainer.planner import check_fits
+
+    props = torch.cuda.get_device_properties(device)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    check_fits(cfg, distributed.world_size(), per_node, props.total_memory, props.name)
+
+
 def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer:
     clock = clock or Stopwatch()
     cfg, dims, device = setup(cfg)
-    clock.lap("setup")  # DeepSpeed's import, the process group
+    if cfg.train.memory_check and device.type == "cuda" and cfg.model.family == "gpt":
+        _check_memory(cfg, device)
+    clock.lap("setup")  # the process group (and DeepSpeed's import where the run needs it)
     baseline_mb = memory.current_mb(device)  # imports and process group; no data, no model
     memory.reset_peak(device)
     data = build_data(cfg, dims)

@@ -9,10 +9,11 @@ from trainer.commands import (
     generate,
     import_hf,
     launch,
+    plan,
     scaling,
     tracking,
     train,
 )
 
-COMMANDS = (train, generate, launch, eval, export, import_hf, bench, scaling, tracking, data)
+COMMANDS = (train, generate, launch, eval, export, import_hf, bench, plan, scaling, tracking, data)
 """In the order ``seqtrain --help`` lists them."""
