@@ -33,6 +33,18 @@ def test_stdlib_corpus_is_capped_split_by_name_and_deterministic(tmp_path):
     assert 0.02 < sum(map(len, val)) / sum(len(t) for _, t in docs) < 0.3
 
 
+def test_stdlib_listing_prunes_excluded_folders_and_lists_what_a_full_walk_finds():
+    """The pruned walk (it runs at every start) finds exactly the files of a full recursive glob
+    filtered afterwards: the corpus, and so the data cache's key, are unchanged."""
+    from trainer.data.corpus import STDLIB_EXCLUDE, _stat, _stdlib_files, stdlib_root
+
+    root = stdlib_root()
+    full = [_stat(str(p.relative_to(root)), p) for p in root.rglob("*.py")
+            if not STDLIB_EXCLUDE & set(p.relative_to(root).parts)]
+    by_name = lambda f: f.name  # noqa: E731
+    assert sorted(_stdlib_files(root), key=by_name) == sorted(full, key=by_name) and len(full) > 500
+
+
 def test_token_dtype_selection():
     assert token_dtype(300) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ def _stat(name: str, path: Path) -> CorpusFile:
     return CorpusFile(name, path, st.st_size, st.st_mtime_ns)
 
 
+def _stdlib_files(root: Path) -> list[CorpusFile]:
+    """Every ``.py`` file below ``root`` outside ``STDLIB_EXCLUDE``, named by its relative path.
+    Excluded folders are pruned, not walked (site-packages can hold more than the stdlib): this
+    runs at every start, cache hit or not."""
+    out = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in STDLIB_EXCLUDE)
+        rel = Path(folder).relative_to(root)
+        for n in names:
+            if n.endswith(".py"):
+                out.append(_stat(str(rel / n), Path(folder, n)))
+    return out
+
+
 def list_files(source: str) -> list[CorpusFile]:
     """The files of a file-based ``source``, in a deterministic order.
 
@@ -67,12 +82,7 @@ def list_files(source: str) -> list[CorpusFile]:
     user files by name.
     """
     if source == "stdlib":
-        root = stdlib_root()
-        files = [
-            _stat(str(p.relative_to(root)), p)
-            for p in root.rglob("*.py")
-            if not STDLIB_EXCLUDE & set(p.relative_to(root).parts)
-        ]
+        files = _stdlib_files(stdlib_root())
         order = lambda f: name_key(f.name, "select")  # noqa: E731
     else:
         p = Path(source).expanduser()
