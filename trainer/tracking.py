@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 RUN_ID_FILE = "mlflow_run_id"
+CLOSE_TIMEOUT_S = 120.0
+"""How long the end of a run waits for the tracking thread to write what is queued."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,14 +134,17 @@ class MLflowTracker(Callback):
             return
         self._close("FINISHED")
         atexit.unregister(self._close)
+        rows = self.run_dir / "metrics.jsonl"
         if "error" in self.outcome:
-            print(f"MLflow tracking failed: {self.outcome['error']}; every row is in "
-                  f"{self.run_dir / 'metrics.jsonl'}", flush=True)
+            print(f"MLflow tracking failed: {self.outcome['error']}; every row is in {rows}", flush=True)
+        elif "uri" not in self.outcome:
+            print(f"MLflow tracking still writing after {CLOSE_TIMEOUT_S:.0f} s (a slow store?); every "
+                  f"row is in {rows}", flush=True)
         else:
             uri = self.outcome["uri"]
             print(f"MLflow run {self.outcome['run_id']} in {uri} (view: mlflow ui --backend-store-uri {uri})")
 
-    def _close(self, status: str, timeout_s: float = 120.0) -> None:
+    def _close(self, status: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Let the thread write what is queued and end the run with ``status``."""
         if self._rows is None:
             return
