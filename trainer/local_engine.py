@@ -95,8 +95,7 @@ class LocalEngine:
         if self.gradient_clipping() > 0:
             self.clip_fp32_gradients()
         self.optimizer.step()
-        for p in self.module.parameters():
-            p.grad = None
+        self.module.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.global_steps += 1
         self.global_samples += int(self.config["train_batch_size"])
