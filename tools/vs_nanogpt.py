@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -85,15 +84,9 @@ def compare(text: Path, pairs: int, script: Path, extra: list[str]) -> dict:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs, {model}"
+    from trainer.flops import cpu_model
+
+    return f"{os.cpu_count()} CPUs, {cpu_model()}"
 
 
 def table(r: dict) -> str:

@@ -58,14 +58,16 @@ def _known_gpu_peak(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in
+              (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []) if line.startswith("model name")]
+    return models[0] if models else platform.processor() or platform.machine()
+
+
 def _machine_key(device: torch.device, precision: str) -> str:
-    if device.type == "cuda":
-        what = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = [line.split(":", 1)[1].strip() for line in
-                  (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []) if line.startswith("model name")]
-        what = models[0] if models else platform.processor() or platform.machine()
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return f"{what}|{torch.get_num_threads()} threads|{precision}|torch {torch.__version__}"
 
 
