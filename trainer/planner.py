@@ -41,6 +41,7 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.errors import ConfigError
+from trainer.flops import GPU_PEAKS_TFLOPS
 
 GIB = 2**30
 
@@ -50,24 +51,24 @@ class Gpu:
     memory_gb: float
     """Device memory, GiB (as ``torch.cuda.get_device_properties().total_memory`` reports it)."""
     bf16_tflops: float
-    """Dense bf16/fp16 tensor-core peak (the vendor's data sheet)."""
+    """Dense bf16/fp16 tensor-core peak (``trainer/flops.py``'s table, the vendor's data sheet)."""
     fp32_tflops: float
     intra_node_gbps: float
     """Bandwidth a ring collective reaches per GPU inside a node (NVLink, or PCIe), GB/s."""
     inter_node_gbps: float
     """The same across nodes (one NIC per GPU), GB/s."""
 
+    def peak_flops(self, mixed_precision: bool) -> float:
+        return (self.bf16_tflops if mixed_precision else self.fp32_tflops) * 1e12
 
+
+# Memory (GB) and links (GB/s inside a node, across nodes) of the GPUs whose peaks MFU knows:
 # SXM parts of 8-GPU nodes with a 400 Gb/s (H100, H200) or 200 Gb/s NIC per GPU; PCIe cards
 # (A10G, L40S) between themselves over PCIe 4.0 x16.
-GPUS: dict[str, Gpu] = {
-    "H200": Gpu(141 * 1e9 / GIB, 989.0, 67.0, 450.0, 50.0),
-    "H100": Gpu(80 * 1e9 / GIB, 989.0, 67.0, 450.0, 50.0),
-    "A100": Gpu(80 * 1e9 / GIB, 312.0, 19.5, 300.0, 25.0),
-    "A10G": Gpu(24 * 1e9 / GIB, 125.0, 31.2, 25.0, 12.5),
-    "L40S": Gpu(48 * 1e9 / GIB, 362.0, 91.6, 25.0, 12.5),
-    "V100": Gpu(32 * 1e9 / GIB, 125.0, 15.7, 150.0, 12.5),
-}
+_MEMORY_AND_LINKS = {"H200": (141, 450.0, 50.0), "H100": (80, 450.0, 50.0), "A100": (80, 300.0, 25.0),
+                     "A10G": (24, 25.0, 12.5), "L40S": (48, 25.0, 12.5), "V100": (32, 150.0, 12.5)}
+GPUS: dict[str, Gpu] = {name: Gpu(gb * 1e9 / GIB, *GPU_PEAKS_TFLOPS[name], intra, inter)
+                        for name, (gb, intra, inter) in _MEMORY_AND_LINKS.items()}
 
 ZERO_BUCKET = 5e8  # DeepSpeed's default reduce and all-gather bucket sizes, elements
 ZERO3_LIVE = 1e9  # ZeRO-3's default stage3_max_live_parameters
@@ -155,7 +156,7 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
 
 def step_time_s(s: Shape, lay: Layout, gpu: Gpu, nodes: int, efficiency: float) -> float:
     world = lay.dp * lay.tp * lay.pp
-    peak = (gpu.bf16_tflops if s.mixed_precision else gpu.fp32_tflops) * 1e12
+    peak = gpu.peak_flops(s.mixed_precision)
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
     flops = s.flops_per_token * s.global_batch * s.seq_len * (4 / 3 if lay.activation_checkpointing else 1)
     compute = flops / world / (peak * efficiency) * (m + lay.pp - 1) / m
@@ -209,7 +210,7 @@ def plan(cfg: Config, gpus_per_node: int, nodes: int = 1, gpu: str | None = None
     for lay in candidates(cfg, world, gpus_per_node):
         mem = memory_bytes(s, lay)
         t = step_time_s(s, lay, kind, nodes, efficiency)
-        peak = (kind.bf16_tflops if s.mixed_precision else kind.fp32_tflops) * 1e12
+        peak = kind.peak_flops(s.mixed_precision)
         rows.append({**asdict(lay), "memory_gb": {k: v / GIB for k, v in mem.items()},
                      "fits": mem["total"] <= capacity, "step_time_s": t,
                      "mfu": s.flops_per_token * s.global_batch * s.seq_len / t / (world * peak)})
