@@ -12,7 +12,7 @@ RUN_DIR ?= runs/gpt-debug
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test soak lint venv clean
+.PHONY: demo test soak lint gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,13 @@ test: $(STAMP)
 # Long fault-injection runs (minutes): the chaos run of tools/chaos.py.
 soak: $(STAMP)
 	$(PY) -m pytest -m soak $(PYTEST_ARGS)
+
+# What a session lent a GPU runs first, in one call (at most 8 minutes): throughput with and
+# without compile, ZeRO-2, planner vs measured memory, SDPA, fused AdamW and HF export parity.
+# Results: $(GPU_OUT)/gpu_check.json. The test suite runs the same script on the CPU (--dry-run).
+GPU_OUT ?= runs/gpu-check
+gpu-check: $(STAMP)
+	$(PY) -m tools.gpu_check --out $(GPU_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -182,15 +182,26 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
+        """Initialise every parameter from a generator seeded by (seed, parameter name)."""
+        self.seed = seed
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith(".bias"):
-                p.zero_()
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                seeded_normal_(p, seed, name, self.cfg.init_std)
+            self.init_weight(name, p)
+
+    @torch.no_grad()
+    def init_weight(self, name: str, t: torch.Tensor) -> None:
+        """Fill ``t`` (whole, on the CPU) with the initial value of the parameter ``name``."""
+        if t.is_meta:
+            return
+        if name.endswith(".bias"):
+            t.zero_()
+        elif "norm" in name:
+            t.fill_(1.0)
+        else:
+            seeded_normal_(t, self.seed, name, self.cfg.init_std)
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Recompute the buffers that are not parameters (after a build on the meta device)."""
+        self.pe = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(device)
 
     def num_params(self, non_embedding: bool = False) -> int:
         # A set: shared source/target embeddings are subtracted once.

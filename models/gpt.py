@@ -177,8 +177,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
         """Initialise every parameter from a generator seeded by (seed, parameter name)."""
+        self.seed = seed
         for name, p in self.named_parameters():
-            init_param_(name, p, self.cfg, seed)
+            self.init_weight(name, p)
+
+    def init_weight(self, name: str, t: torch.Tensor) -> None:
+        """Fill ``t`` (whole, on the CPU) with the initial value of the parameter ``name``: what
+        sharded construction (``trainer/parallel/materialize.py``) calls one parameter at a time."""
+        init_param_(name, t, self.cfg, self.seed)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); non-embedding excludes token and position tables."""

@@ -7,7 +7,9 @@ Trains a 110 M-parameter GPT (GPT-2 small's blocks, a 32,768-token vocabulary, f
 (``train_peak_mb - baseline_mb``: what training added to the process) with the planner's
 prediction for that layout less its 1 GiB CUDA-context allowance. On a CPU the measurement is
 host RSS (glibc keeps freed memory: a high-water mark), so the comparison checks the model
-states, activations and DeepSpeed's buffers, not a GPU's allocator.
+states, activations and DeepSpeed's buffers, not a GPU's allocator. Beside it, each layout's
+``init_peak_mb - baseline_mb`` (building this rank's part of the model) and its ratio to the
+single process's: sharded construction's figure.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ BASE = ["train.precision=fp32", "train.compile=false", "data.seq_len=256", "mode
         "data.max_bytes=4000000", "data.tokenizer.vocab_size=32768", "train.micro_batch_size=4",
         "eval.every=0", "checkpoint.every=0", "tracking.enabled=false", "train.warmup_steps=1"]
 # name: (dp, tp, pp, ZeRO stage, activation checkpointing)
-LAYOUTS = {"single": (1, 1, 1, 1, False), "single_ac": (1, 1, 1, 1, True), "dp2_z1": (2, 1, 1, 1, False),
-           "dp2_z2": (2, 1, 1, 2, False), "dp2_z3": (2, 1, 1, 3, False), "tp2": (1, 2, 1, 0, False),
-           "pp2": (1, 1, 2, 0, False)}
+LAYOUTS = {"single": (1, 1, 1, 0, False), "single_ac": (1, 1, 1, 0, True), "dp4_z1": (4, 1, 1, 1, False),
+           "dp4_z2": (4, 1, 1, 2, False), "dp4_z3": (4, 1, 1, 3, False), "dp4_z3_ac": (4, 1, 1, 3, True),
+           "tp2": (1, 2, 1, 0, False), "pp2": (1, 1, 2, 0, False), "tp2xpp2": (1, 2, 2, 0, False),
+           "dp2_z1": (2, 1, 1, 1, False), "dp2_z2": (2, 1, 1, 2, False), "dp2_z3": (2, 1, 1, 3, False)}
+DEFAULT = "single,single_ac,dp4_z1,dp4_z2,dp4_z3,dp4_z3_ac,tp2,pp2,tp2xpp2"
 
 
 def overrides(dp: int, tp: int, pp: int, zero: int, ac: bool, steps: int) -> list[str]:
@@ -60,19 +64,25 @@ def predict(name: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {', '.join(LAYOUTS)}")
+    p.add_argument("--layouts", default=DEFAULT, help=f"comma-separated, of {', '.join(LAYOUTS)}")
     args = p.parse_args(argv)
     mib = 2**20
-    print("| layout | predicted MiB | of which states / activations / buffers | measured MiB (max rank) | ratio |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| layout | predicted MiB | of which states / activations / buffers | measured MiB (max rank) | ratio "
+          "| init growth MiB (max rank) | init / single's |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    single_init = None
     with tempfile.TemporaryDirectory() as d:
         for name in args.layouts.split(","):
             ranks = measure(name, args.steps, Path(d))
             got = max(r["train_peak_mb"] - r["baseline_mb"] for r in ranks)
+            init = max(r["init_peak_mb"] - r["baseline_mb"] for r in ranks)
+            single_init = init if name == "single" else single_init
             m = predict(name)
             states = (m["params"] + m["grads"] + m["optimizer"]) / mib
+            vs = f"{init / single_init:.2f}" if single_init else "-"
             print(f"| {name} | {m['total'] / mib:,.0f} | {states:,.0f} / {m['activations'] / mib:,.0f} / "
-                  f"{m['buffers'] / mib:,.0f} | {got:,.0f} | {got / (m['total'] / mib):.2f} |", flush=True)
+                  f"{m['buffers'] / mib:,.0f} | {got:,.0f} | {got / (m['total'] / mib):.2f} | {init:,.0f} | {vs} |",
+                  flush=True)
     return 0
 
 

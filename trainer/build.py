@@ -52,52 +52,109 @@ def reference_model(cfg: Config) -> torch.nn.Module:
     counts and FLOPs when this rank holds only a shard or a stage of it, and for the scaling
     planner.
 
-    Built under ``torch.device("meta")``, not accelerate's ``init_empty_weights``: that one
-    re-registers every parameter as it is assigned, which unties tied weights (the GPT's head
-    and embedding), so tied models would count their embedding twice.
+    Built under ``torch.device("meta")`` (``materialize.on_meta``), not accelerate's
+    ``init_empty_weights``: that one re-registers every parameter as it is assigned, which unties
+    tied weights (the GPT's head and embedding), so tied models would count their embedding twice.
     """
-    with torch.device("meta"):
+    from trainer.parallel.materialize import on_meta
+
+    with on_meta():
         return models.build(cfg.model, seed=cfg.train.seed)
 
 
-def _initial_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
-    """The model (or this pipeline stage's layers) with its initial weights: name-seeded, or
-    ``train.init_from``'s. A resumed run then overrides them from its checkpoint."""
-    if dims.pp > 1:
-        from trainer.parallel.pipeline import gpt_pipeline, single_device_name
+def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
+    """This pipeline stage's layers with their initial weights, each cut to its tensor-parallel
+    slices as soon as it is built: a rank holds its slices and one whole layer, never its stage
+    (DeepSpeed's ``PipelineModule`` moves and synchronises layers as it builds them, which meta
+    tensors cannot do). With ``train.init_from`` the stage is built whole, loaded, then cut."""
+    from trainer.parallel.pipeline import gpt_pipeline, single_device_name
+    from trainer.parallel.tensor import apply_tensor_parallel
 
-        model = gpt_pipeline(cfg.model, dims.topology, cfg.train.seed, cfg.train.activation_checkpointing)
-        rename = lambda n: single_device_name(n, cfg.model)  # noqa: E731
-    else:
-        model, rename = models.build(cfg.model, seed=cfg.train.seed), None
+    def shard(layer: torch.nn.Module) -> None:
+        apply_tensor_parallel(layer, cfg.family.tp_plan, dims.tp_group)
+        host_memory.release_freed_memory()  # the whole layer's pages (materialize.py says why)
+
+    cut = shard if dims.tp > 1 and not cfg.train.init_from else None
+    model = gpt_pipeline(cfg.model, dims.topology, cfg.train.seed, cfg.train.activation_checkpointing, cut)
     if cfg.train.init_from:
-        checkpoint.load_weights(model, cfg.train.init_from, rename, label=f"train.init_from={cfg.train.init_from!r}")
-        if dims.rank == 0:
-            print(f"initialised from {cfg.train.init_from}", flush=True)
+        checkpoint.load_weights(model, cfg.train.init_from, lambda n: single_device_name(n, cfg.model),
+                                label=f"train.init_from={cfg.train.init_from!r}")
+    _tensor_parallel(cfg, dims, model)  # the rest: the loss, the random-number regions
+    return model
+
+
+def _tensor_parallel(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> None:
+    if dims.tp > 1:
+        from trainer.parallel.tensor import apply_tensor_parallel
+
+        spec = cfg.family
+        apply_tensor_parallel(model, spec.tp_plan, dims.tp_group, spec.tp_rng_regions,
+                              getattr(cfg.model, spec.head_vocab))
+
+
+def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
+    """The model built on the meta device, tensor-parallel there, then materialised one
+    parameter at a time: this rank's slices, and under ZeRO-3 its partition of them
+    (``trainer/parallel/materialize.py``)."""
+    from trainer.parallel import materialize as mat
+
+    with mat.on_meta():
+        model = models.build(cfg.model, seed=cfg.train.seed)
+    _tensor_parallel(cfg, dims, model)
+    values = mat.initial_values(model)
+    if cfg.train.init_from:
+        label = f"train.init_from={cfg.train.init_from!r}"
+        stored = checkpoint.read_weights(cfg.train.init_from, label)
+        pairs = checkpoint.match_weights(model, stored, label=label, shape_of=mat.whole_shape)
+        source = {n: src for _, n, src in pairs}
+        values = lambda name, shape: stored[source[name]]  # noqa: E731
+    dtype, partition = None, None
+    if cfg.parallel.zero_stage == 3:
+        from trainer.deepspeed_private import zero3_partitioner
+        from trainer.engine import deepspeed_config
+
+        # DeepSpeed casts a model it partitions itself; one partitioned here it takes as it is.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        partition = zero3_partitioner(deepspeed_config(cfg), dims.dp_group)
+    return mat.materialize(model, values, device, dtype, partition)
+
+
+def _initial_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
+    """This rank's part of the model with its initial weights (name-seeded, or
+    ``train.init_from``'s); a resumed run then overrides them from its checkpoint."""
+    from trainer.parallel.materialize import supported
+
+    if dims.pp > 1:
+        model = _stage(cfg, dims)
+    elif (dims.tp > 1 or cfg.parallel.zero_stage == 3) and supported(cfg.family.model):
+        model = _sharded(cfg, dims, device)
+    else:  # the rank keeps the whole model (or a small recurrent baseline): built whole
+        model = models.build(cfg.model, seed=cfg.train.seed)
+        if cfg.train.init_from:
+            checkpoint.load_weights(model, cfg.train.init_from, label=f"train.init_from={cfg.train.init_from!r}")
+        _tensor_parallel(cfg, dims, model)
+    if cfg.train.init_from and dims.rank == 0:
+        print(f"initialised from {cfg.train.init_from}", flush=True)
     return model
 
 
 def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
-    """The model with its initial weights, then what is applied from outside (tensor
-    parallelism, activation checkpointing, compile), in that order; DeepSpeed wraps it afterwards.
+    """This rank's part of the model with its initial weights, then what is applied from outside
+    (tensor parallelism, activation checkpointing, compile), in that order; DeepSpeed wraps it
+    afterwards.
 
-    Every rank builds the whole model (or its pipeline stage's layers) from the same
-    name-seeded weights on the CPU, then keeps its tensor-parallel slice: every layout starts
-    from the numbers of the single-device model.
+    Every layout starts from the numbers of the single-device model: weights are seeded per
+    parameter name, and a rank materialises only what it keeps (``_initial_model``).
     """
-    torch.manual_seed(cfg.train.seed)  # dropout streams; weights are seeded per parameter name
-    spec = cfg.family
-    model = _initial_model(cfg, dims)
-    if dims.tp > 1:
-        from trainer.parallel.tensor import apply_tensor_parallel
-
-        apply_tensor_parallel(model, spec.tp_plan, dims.tp_group, spec.tp_rng_regions,
-                              getattr(cfg.model, spec.head_vocab))
+    model = _initial_model(cfg, dims, device)
+    # Dropout streams start here, whatever construction drew from the global generator (a
+    # whole build's default initialisers do; a meta build draws nothing).
+    torch.manual_seed(cfg.train.seed)
     model = model.to(device)
     if cfg.train.activation_checkpointing and dims.pp == 1:  # the pipeline checkpoints its own layers
         from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model, spec.blocks)
+        apply_activation_checkpointing(model, cfg.family.blocks)
     if cfg.train.compile:
         # Inductor's compiled kernels persist beside our data cache (not in /tmp, which
         # reboots and clusters' job cleanup wipe): a second start reuses them in seconds.
@@ -108,8 +165,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
 
 def whole_model(cfg: Config, model: torch.nn.Module, dims: ParallelDims) -> torch.nn.Module:
     """The whole model for counts and FLOPs: ``model`` itself, or its meta-device reference
-    when this rank holds only a shard or a stage."""
-    return reference_model(cfg) if dims.tp * dims.pp > 1 else model
+    when this rank holds only a shard, a stage or a ZeRO-3 partition."""
+    return reference_model(cfg) if dims.tp * dims.pp > 1 or cfg.parallel.zero_stage == 3 else model
 
 
 def build_module(cfg: Config, model: torch.nn.Module, dims: ParallelDims, device: torch.device):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -346,7 +347,8 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
-    return {k: v.float() for k, v in safe_load(files[0])["module"].items()}
+    # Memory-mapped: a reader that takes one tensor at a time touches only that tensor's pages.
+    return {k: v.float() for k, v in safe_load(files[0], mmap=True)["module"].items()}
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -405,13 +407,13 @@ def refuse_unsafe_files(ckpt: Path) -> None:
         refuse_unsafe(f)
 
 
-def safe_load(path: Path) -> Any:
+def safe_load(path: Path, mmap: bool = False) -> Any:
     """``torch.load`` of one of our or DeepSpeed's files with ``weights_only=True`` (no code
     runs while unpickling) and the allow-list above; one-line errors."""
     try:
         found = refuse_unsafe(path)
         with torch.serialization.safe_globals(_allowed_globals(any(g.startswith("deepspeed.") for g in found))):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
     except Exception as e:  # torch/pickle/zip errors of a truncated or corrupted file
@@ -421,55 +423,90 @@ def safe_load(path: Path) -> Any:
 # --------------------------------------------------------------------------- weights
 
 
-def _read_weights(source: str | Path, label: str) -> dict[str, torch.Tensor]:
+class Weights(Mapping):
+    """Whole single-device weights by name, read one tensor at a time where the format allows
+    (safetensors, a memory-mapped ZeRO-0 file): sharded construction never holds them all."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], get) -> None:
+        self.shapes, self._get = shapes, get
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> Weights:
+        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def read_weights(source: str | Path, label: str) -> Weights:
     """Whole weights from a checkpoint or run directory (any layout, consolidated) or a
     ``.safetensors`` file."""
     from safetensors import safe_open
 
     path = Path(source)
     if path.is_dir():
-        return load_model_state(resolve(path))
+        return Weights.of(load_model_state(resolve(path)))
     if not path.is_file():
         raise CheckpointError(f"{label}: no such file or checkpoint directory")
     try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        f = safe_open(str(path), "pt")
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no iterator)
     except Exception as e:  # safetensors raises plain errors on corrupt files
         raise CheckpointError(f"{label}: cannot load ({str(e).splitlines()[0]})") from None
+    return Weights(shapes, f.get_tensor)
+
+
+def match_weights(model: torch.nn.Module, stored: Mapping, rename=None, label: str = "weights",
+                  shape_of=lambda p: tuple(p.shape)) -> list[tuple[torch.nn.Parameter, str, str]]:
+    """``(parameter, its name in the model, its name in stored)`` for every parameter of
+    ``model``, after checking that names and shapes fit (one line otherwise).
+
+    ``rename`` maps the model's parameter names to the source's single-device names (``None``
+    from it: a parameter not stored, e.g. a pipeline's second copy of a tied weight). A tied
+    weight is one parameter under several names; the source may hold it under any of them.
+    ``shape_of`` gives the whole shape a parameter must have in ``stored``.
+    """
+    shapes = stored.shapes if isinstance(stored, Weights) else {k: tuple(v.shape) for k, v in stored.items()}
+    params: dict[int, tuple[torch.Tensor, str, list[str]]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        v = rename(n) if rename else n
+        if v is not None:
+            params.setdefault(id(p), (p, n, []))[2].append(v)
+    missing, bad_shape, used, pairs = [], [], set(), []
+    for p, n, names in params.values():
+        src = next((v for v in names if v in shapes), None)
+        if src is None:
+            missing.append(names[0])
+        elif shapes[src] != shape_of(p):
+            bad_shape.append(f"{src} {shapes[src]} vs {shape_of(p)}")
+        pairs.append((p, n, src))
+        used.update(names)
+    unexpected = sorted(shapes.keys() - used)
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(f"{label}: weights do not fit model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {bad_shape[:2]})")
+    return pairs
 
 
 def load_weights(model: torch.nn.Module, source: str | Path | dict[str, torch.Tensor],
                  rename=None, label: str | None = None) -> None:
-    """Copy whole single-device weights into ``model``: the one weight loader (``init_from``,
-    inference, evaluation, export).
+    """Copy whole single-device weights into a materialised ``model``: the one weight loader
+    (inference, evaluation, export, pipeline stages' ``init_from``; sharded construction reads
+    through ``match_weights`` itself).
 
     ``source``: a checkpoint or run directory of any layout, a safetensors file, or a state
-    dict. ``rename`` maps the model's parameter names to the source's single-device names
-    (``None`` from it: a parameter not stored, e.g. a pipeline's second copy of a tied weight).
-    A tied weight is one parameter under several names; the source may hold it under any of them.
+    dict.
     """
     label = label or str(source)
-    stored = source if isinstance(source, dict) else _read_weights(source, label)
-    params: dict[int, tuple[torch.Tensor, list[str]]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        v = rename(n) if rename else n
-        if v is not None:
-            params.setdefault(id(p), (p, []))[1].append(v)
-    missing, bad_shape, used, sources = [], [], set(), []
-    for p, names in params.values():
-        src = next((v for v in names if v in stored), None)
-        if src is None:
-            missing.append(names[0])
-        elif stored[src].shape != p.shape:
-            bad_shape.append(f"{src} {tuple(stored[src].shape)} vs {tuple(p.shape)}")
-        sources.append((p, src))
-        used.update(names)
-    unexpected = sorted(stored.keys() - used)
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(f"{label}: weights do not fit model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}, other shapes {bad_shape[:2]})")
+    stored = source if isinstance(source, dict) else read_weights(source, label)
     with torch.no_grad():
-        for p, src in sources:
+        for p, _, src in match_weights(model, stored, rename, label):
             p.copy_(stored[src])
 
 

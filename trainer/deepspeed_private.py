@@ -83,3 +83,21 @@ def mark_tensor_parallel(shard: torch.Tensor, like: torch.Tensor, dim: int) -> N
     shard.partition_dim = dim
     if is_pipe_replicated(like):
         setattr(shard, PIPE_REPLICATED, True)
+
+
+def zero3_partitioner(ds_config: dict, dp_group) -> Callable[[torch.nn.Parameter], None]:
+    """Partition one whole parameter over ``dp_group`` as ``deepspeed.zero.Init(module=...)``
+    does for an allocated model, one parameter at a time (sharded construction).
+
+    Without ``Init``'s broadcast from the first rank: every rank made the same numbers (the
+    name-seeded values or the same file), so it would move the model over the network for nothing.
+    """
+    from deepspeed import zero
+
+    init = zero.Init(data_parallel_group=dp_group, config_dict_or_path=ds_config)
+
+    def partition(p: torch.nn.Parameter) -> None:
+        init._convert_to_deepspeed_param(p)
+        p.partition()
+
+    return partition

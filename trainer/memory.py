@@ -1,8 +1,10 @@
 """Memory accounting of every run: ``memory.json`` in the run directory, one entry per rank.
 
 ``baseline_mb`` is taken after imports and the process group, before data and model exist;
-``init_peak_mb`` is the peak while data, model and engine are built; ``train_peak_mb`` the peak
-over the training loop. On a GPU: memory allocated by torch on the device (peaks reset between
+``init_peak_mb`` is the peak while the data and this rank's part of the model are built (what
+sharded construction bounds: a rank never holds the whole model); ``engine_peak_mb`` the peak
+while the engine sets up the optimizer's states and ZeRO's partitions; ``train_peak_mb`` the
+peak over the training loop. On a GPU: memory allocated by torch on the device (peaks reset between
 phases); on a CPU: the process's resident set (its high-water mark, reset between phases through
 ``/proc/self/clear_refs`` where Linux allows it, else the process's peak so far).
 """
@@ -65,9 +67,11 @@ class MemoryReport(Callback):
     """Writes ``memory.json`` at the end of training (a collective: every rank's entry is
     gathered to rank 0); keeps the largest training peak for the final summary line."""
 
-    def __init__(self, run_dir: Path, device: torch.device, baseline_mb: float, init_peak_mb: float) -> None:
+    def __init__(self, run_dir: Path, device: torch.device, baseline_mb: float, init_peak_mb: float,
+                 engine_peak_mb: float) -> None:
         self.path, self.device = run_dir / FILE, device
-        self.entry = {"baseline_mb": round(baseline_mb, 1), "init_peak_mb": round(init_peak_mb, 1)}
+        self.entry = {"baseline_mb": round(baseline_mb, 1), "init_peak_mb": round(init_peak_mb, 1),
+                      "engine_peak_mb": round(engine_peak_mb, 1)}
         self.max_train_peak_mb: float | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:

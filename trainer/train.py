@@ -87,9 +87,11 @@ def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer
     model = build_model(cfg, dims, device)
     n = whole_model(cfg, model, dims).num_params()
     clock.lap("model")
+    init_peak_mb = memory.peak_mb(device)
+    memory.reset_peak(device)
     module = build_module(cfg, model, dims, device)
     clock.lap("engine")
-    report = memory.MemoryReport(run_dir, device, baseline_mb, memory.peak_mb(device))
+    report = memory.MemoryReport(run_dir, device, baseline_mb, init_peak_mb, memory.peak_mb(device))
     trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)), clock)
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "

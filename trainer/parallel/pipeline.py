@@ -9,28 +9,36 @@ DeepSpeed all-reduces the two gradients before every step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from models.gpt import Block, GPTConfig, init_param_
 from models.loss import TokenCrossEntropy
 
+Shard = Callable[[nn.Module], None] | None
+"""Applied to each layer as soon as it is built (tensor parallelism): a rank then holds its
+slices of the layers before it and one whole layer, never its whole stage."""
 
-def _init(module: nn.Module, prefix: str, cfg: GPTConfig, seed: int) -> None:
+
+def _init(module: nn.Module, prefix: str, cfg: GPTConfig, seed: int, shard: Shard = None) -> None:
     for name, p in module.named_parameters():
         init_param_(prefix + name, p, cfg, seed)
+    if shard is not None:
+        shard(module)
 
 
 class TokenEmbedding(nn.Module):
     """``wte``; with tied embeddings also the output head (``lm_head`` shares the weight)."""
 
-    def __init__(self, cfg: GPTConfig, seed: int, with_head: bool) -> None:
+    def __init__(self, cfg: GPTConfig, seed: int, with_head: bool, shard: Shard = None) -> None:
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if with_head:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.lm_head.weight = self.wte.weight
-        _init(self, "", cfg, seed)
+        _init(self, "", cfg, seed, shard)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.wte(input_ids)
@@ -55,9 +63,9 @@ class Positions(nn.Module):
 class BlockPipe(Block):
     """One Transformer block; between stages only the hidden states travel (no KV cache)."""
 
-    def __init__(self, cfg: GPTConfig, prefix: str, seed: int) -> None:
+    def __init__(self, cfg: GPTConfig, prefix: str, seed: int, shard: Shard = None) -> None:
         super().__init__(cfg)
-        _init(self, prefix, cfg, seed)
+        _init(self, prefix, cfg, seed, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[0]
@@ -76,17 +84,19 @@ class FinalNorm(nn.Module):
 class Head(nn.Module):
     """The output projection when it is not tied to the embedding."""
 
-    def __init__(self, cfg: GPTConfig, seed: int) -> None:
+    def __init__(self, cfg: GPTConfig, seed: int, shard: Shard = None) -> None:
         super().__init__()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        _init(self, "", cfg, seed)
+        _init(self, "", cfg, seed, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)
 
 
-def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: bool = False):
-    """A ``PipelineModule`` computing what ``GPT(cfg, seed)`` computes, split into balanced stages.
+def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: bool = False,
+                 shard: Shard = None):
+    """A ``PipelineModule`` computing what ``GPT(cfg, seed)`` computes, split into balanced stages;
+    ``shard`` is applied to each layer with weights as it is built.
 
     Batches are ``(input_ids, labels)``; stages are balanced by block count. Names of its
     parameters (``tied_modules.embed.wte.weight``, ``3.attn.q_proj.weight`` ...) map back to the
@@ -95,14 +105,14 @@ def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: 
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, tied_weight_attr="wte.weight")
-        last = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, forward_fn=head_logits,
+        first = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, shard, tied_weight_attr="wte.weight")
+        last = TiedLayerSpec("embed", TokenEmbedding, cfg, seed, True, shard, forward_fn=head_logits,
                              tied_weight_attr="wte.weight")
     else:
-        first = LayerSpec(TokenEmbedding, cfg, seed, False)
-        last = LayerSpec(Head, cfg, seed)
+        first = LayerSpec(TokenEmbedding, cfg, seed, False, shard)
+        last = LayerSpec(Head, cfg, seed, shard)
     blocks = layer_prefixes(cfg)[2:-2]
-    layers = [first, LayerSpec(Positions, cfg, seed), *(LayerSpec(BlockPipe, cfg, p, seed) for p in blocks),
+    layers = [first, LayerSpec(Positions, cfg, seed), *(LayerSpec(BlockPipe, cfg, p, seed, shard) for p in blocks),
               LayerSpec(FinalNorm, cfg, seed), last]
     return PipelineModule(
         layers=layers, topology=topology, loss_fn=TokenCrossEntropy(),

@@ -1,7 +1,8 @@
 """Megatron-style tensor parallelism, applied to a single-device model from outside.
 
-The model is built whole (every rank the same name-seeded weights), then ``apply_tensor_parallel``
-replaces the submodules a plan names by sharded versions holding this rank's slice, so every
+``apply_tensor_parallel`` replaces the submodules a plan names by sharded versions holding this
+rank's slice. On a model built on the meta device the shards are meta too, tagged with their
+``TensorSlice``; ``materialize.py`` then fills each from the whole name-seeded parameter, so every
 layout starts from the same numbers. Communication uses torch.distributed collectives only, so it
 runs on gloo (CPU) and NCCL alike.
 
@@ -15,6 +16,7 @@ split between them, so one block costs two all-reduces forward and two backward.
 from __future__ import annotations
 
 import fnmatch
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -86,6 +88,19 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 # --------------------------------------------------------------------------- layers
 
 
+class TensorSlice(NamedTuple):
+    """Where a tensor-parallel shard lies in the whole parameter: chunk ``index`` of ``parts``
+    along ``dim`` of a tensor of ``shape``."""
+
+    shape: tuple[int, ...]
+    dim: int
+    index: int
+    parts: int
+
+    def of(self, whole: torch.Tensor) -> torch.Tensor:
+        return whole.chunk(self.parts, dim=self.dim)[self.index]
+
+
 def _shard(p: torch.Tensor, dim: int, group, cache: dict) -> nn.Parameter:
     """This rank's slice of ``p`` along ``dim`` (split over ``group``), as a parameter tagged
     tensor-parallel.
@@ -94,9 +109,12 @@ def _shard(p: torch.Tensor, dim: int, group, cache: dict) -> nn.Parameter:
     """
     if id(p) in cache:
         return cache[id(p)][1]
-    part = p.detach().chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)]
-    shard = nn.Parameter(part.clone(), requires_grad=p.requires_grad)
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    shard = nn.Parameter(p.detach().chunk(n, dim=dim)[r].clone(), requires_grad=p.requires_grad)
     mark_tensor_parallel(shard, p, dim)
+    # On the meta device (sharded construction) the values come later, sliced from the whole
+    # parameter by ``materialize.py``, which reads how from here.
+    shard.tp_slice = TensorSlice(tuple(p.shape), dim, r, n)
     cache[id(p)] = (p, shard)  # holding p keeps its id from being reused
     return shard
 
@@ -224,6 +242,9 @@ class VocabParallelCrossEntropy(nn.Module):
 
 # --------------------------------------------------------------------------- plans
 
+SHARDED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+           VocabParallelCrossEntropy)
+
 LAYERS = {c.style: c for c in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead)}
 """Sharded layer of each style; a plan may also name ``vocab_loss`` (the loss module). The
 plans themselves (submodule pattern ► style) are data in each family's spec
@@ -244,6 +265,8 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         full = getattr(parent, attr)
+        if isinstance(full, SHARDED):  # sharded already (a pipeline layer, as it was built)
+            continue
         if id(full) in done:
             setattr(parent, attr, done[id(full)][1])
             continue
