@@ -15,7 +15,9 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   moments) or 8 in fp32; ZeRO-1 shards the optimizer over dp, ZeRO-2 also gradients, ZeRO-3
   also weights.
 - **Activations** per block and micro-batch (Korthikanti et al. 2022, with fused attention,
-  which stores no s² scores): ``s·b·h·(8 + 24/tp)`` values in the training precision, plus a
+  which stores no s² scores): ``s·b·h·(4 + 12/tp)`` values in the training precision (their
+  ``34·sbh`` bytes are 16-bit values and 1-byte masks: the two norms' inputs and outputs
+  replicated; q, k, v, the attention output and the MLP's two 4h-wide tensors sharded), plus a
   1-byte mask per dropout site when dropout is on; with activation checkpointing a block keeps
   its input only and one block is recomputed at a time. The head's logits in the training
   precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes). Under a
@@ -139,7 +141,7 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     optimizer = held * (12 if s.mixed_precision else 8) / (lay.dp if lay.zero_stage >= 1 else 1)
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
     sbh = s.seq_len * lay.micro_batch_size * s.d_model
-    block = sbh * (8 + 24 / lay.tp) * w + (2 * sbh if s.dropout else 0)
+    block = sbh * (4 + 12 / lay.tp) * w + (2 * sbh if s.dropout else 0)
     stored = layers * (sbh * w if lay.activation_checkpointing else block)
     recompute = block if lay.activation_checkpointing else 0
     logits = s.seq_len * lay.micro_batch_size * s.vocab / lay.tp * (w + 8) if lay.pp == 1 else 0

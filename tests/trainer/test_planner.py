@@ -53,7 +53,9 @@ def test_what_each_switch_saves_and_which_layouts_are_offered():
     by = {(r["dp"], r["tp"], r["pp"], r["zero_stage"], r["micro_batch_size"], r["activation_checkpointing"]): r
           for r in rows}
     a, b = by[(8, 1, 1, 0, 2, False)], by[(8, 1, 1, 0, 2, True)]
-    assert b["memory_gb"]["activations"] < a["memory_gb"]["activations"] / 5
+    # Checkpointing keeps one of a block's 16 sbh-sized tensors (and recomputes one block); the
+    # head's logits stay: under a third of the activations here.
+    assert b["memory_gb"]["activations"] < a["memory_gb"]["activations"] / 3
     assert b["step_time_s"] > a["step_time_s"]  # the recomputed forward
     tp2 = by[(4, 2, 1, 0, 2, False)]
     assert tp2["memory_gb"]["params"] == pytest.approx(a["memory_gb"]["params"] / 2)
