@@ -12,7 +12,8 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   data ranks under ZeRO-3.
 - **Bytes per parameter** (the ZeRO paper's accounting): weights in the training precision
   (2 or 4 bytes), gradients in the same, Adam 12 bytes in mixed precision (fp32 master, two
-  moments) or 8 in fp32; ZeRO-1 shards the optimizer over dp, ZeRO-2 also gradients, ZeRO-3
+  moments) or under any ZeRO stage (DeepSpeed's ZeRO optimizers keep the fp32 copy in fp32
+  training too), else 8 in fp32; ZeRO-1 shards the optimizer over dp, ZeRO-2 also gradients, ZeRO-3
   also weights.
 - **Activations** per block and micro-batch (Korthikanti et al. 2022, with fused attention,
   which stores no s² scores): ``s·b·h·(4 + 12/tp)`` values in the training precision (their
@@ -23,7 +24,8 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes). Under a
   pipeline (1F1B), the first stage holds ``min(pp, accumulation)`` micro-batches in flight.
 - **Buffers**: DeepSpeed's gradient and all-gather buckets under ZeRO 1-2 (5e8 elements each,
-  or the parameters if fewer), ZeRO-3's live parameters (1e9 elements), and 1 GiB for the CUDA
+  or the parameters if fewer), ZeRO-3's live parameters (1e9 elements) and its reduce bucket
+  (5e8 elements, allocated whole), and 1 GiB for the CUDA
   context and allocator slack.
 - **Step time**: the exact training FLOPs (``flops_per_token``, a third more with activation
   checkpointing) at ``--efficiency`` of the GPU's dense peak, stretched by the pipeline bubble
@@ -138,7 +140,8 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     held = (layers * s.block_params + s.embedding_params) / lay.tp
     params = held * w / (lay.dp if lay.zero_stage >= 3 else 1)
     grads = held * w / (lay.dp if lay.zero_stage >= 2 else 1)
-    optimizer = held * (12 if s.mixed_precision else 8) / (lay.dp if lay.zero_stage >= 1 else 1)
+    # DeepSpeed's ZeRO optimizers keep an fp32 copy of their partition even when training in fp32.
+    optimizer = held * (12 if s.mixed_precision or lay.zero_stage else 8) / (lay.dp if lay.zero_stage >= 1 else 1)
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
     sbh = s.seq_len * lay.micro_batch_size * s.d_model
     block = sbh * (4 + 12 / lay.tp) * w + (2 * sbh if s.dropout else 0)
@@ -150,7 +153,9 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     if lay.zero_stage in (1, 2):
         buffers += 2 * min(ZERO_BUCKET, held) * w
     elif lay.zero_stage == 3:
-        buffers += min(ZERO3_LIVE, held) * w
+        # Live gathered parameters, and the gradient reduce bucket, which ZeRO-3 allocates
+        # whole at start whatever the model's size.
+        buffers += min(ZERO3_LIVE, held) * w + ZERO_BUCKET * w
     total = params + grads + optimizer + activations + buffers
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
             "buffers": buffers, "total": total}
