@@ -2,8 +2,8 @@
 
 Fixed seed, fixed global batch (8 sequences), fp32, dropout 0: the per-step losses and gradient
 norms of each layout equal the single-process run's within 1e-5 (float summation order differs,
-so not bitwise). Every layout starts from the same numbers because the whole model is
-initialised from name-seeded generators and then sharded or split into stages.
+so not bitwise). Every layout starts from the same numbers because every parameter is drawn
+from a generator seeded by its name, whole, before a rank keeps its slice, stage or partition.
 """
 
 from __future__ import annotations
