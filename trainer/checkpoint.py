@@ -451,7 +451,14 @@ def read_weights(source: str | Path, label: str) -> Weights:
 
     path = Path(source)
     if path.is_dir():
-        return Weights.of(load_model_state(resolve(path)))
+        ckpt = resolve(path)
+        cfg = saved_config(ckpt)
+        if cfg.parallel.zero_stage == 0 and cfg.parallel.tp * cfg.parallel.pp > 1:
+            from trainer.parallel.consolidate import consolidate_lazily
+
+            return consolidate_lazily(ckpt, cfg)
+        # ZeRO's master weights lie flat in its optimizer partitions: consolidated whole.
+        return Weights.of(load_model_state(ckpt))
     if not path.is_file():
         raise CheckpointError(f"{label}: no such file or checkpoint directory")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import safe_load
+from trainer.checkpoint import Weights, safe_load
 from trainer.errors import CheckpointError
 
 
@@ -27,13 +27,13 @@ def layer_files(ckpt: Path, t: int) -> list[tuple[int, Path]]:
     return [(int(re.match(r"layer_(\d+)-", f.name).group(1)), f) for f in files]
 
 
-def _pipeline_rank_state(ckpt: Path, t: int, model_cfg) -> dict[str, torch.Tensor]:
+def _pipeline_rank_state(ckpt: Path, t: int, model_cfg, mmap: bool = False) -> dict[str, torch.Tensor]:
     """One tensor rank's parameters under their single-device names, from the layer files."""
     from trainer.parallel.pipeline import single_device_name
 
     out: dict[str, torch.Tensor] = {}
     for idx, f in layer_files(ckpt, t):
-        for k, v in safe_load(f).items():
+        for k, v in safe_load(f, mmap=mmap).items():
             # Layer 0 is the token embedding (a tied module when the head shares it).
             name = k if idx == 0 else single_device_name(f"{idx}.{k}", model_cfg)
             if name is not None:
@@ -68,14 +68,33 @@ def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     """Whole weights of a tensor- and/or pipeline-parallel checkpoint without ZeRO (``cfg``: its
     config), where the module's weights are the master copy; ZeRO checkpoints are read from
     their optimizer shards by ``reshard.weights``."""
-    p = cfg.parallel
+    w = consolidate_lazily(ckpt, cfg)
+    return {k: w[k] for k in w}
+
+
+def consolidate_lazily(ckpt: Path, cfg) -> Weights:
+    """``consolidate`` one whole tensor at a time: the rank files are memory-mapped and a tensor
+    is concatenated from its shards when asked for, so sharded construction reads a tp/pp
+    checkpoint (``train.init_from``) without ever holding it whole."""
+    p, family = cfg.parallel, cfg.model.family
     states = []
     for t in range(p.tp):
         if p.pp > 1:
-            states.append(_pipeline_rank_state(ckpt, t, cfg.model))
+            states.append(_pipeline_rank_state(ckpt, t, cfg.model, mmap=True))
         else:
             f = ckpt / f"mp_rank_{t:02d}_model_states.pt"
             if not f.is_file():
                 raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")
-            states.append(safe_load(f)["module"])
-    return {k: v.float() for k, v in merge_tensor_parallel(states, cfg.model.family).items()}
+            states.append(safe_load(f, mmap=True)["module"])
+
+    def shape(name: str) -> tuple[int, ...]:
+        dim, s = shard_dim(name, family), list(states[0][name].shape)
+        if dim is not None:
+            s[dim] = sum(st[name].shape[dim] for st in states)
+        return tuple(s)
+
+    def get(name: str) -> torch.Tensor:
+        dim = shard_dim(name, family)
+        return (states[0][name] if dim is None else torch.cat([st[name] for st in states], dim=dim)).float()
+
+    return Weights({n: shape(n) for n in states[0]}, get)

@@ -65,7 +65,10 @@ def test_init_from_is_read_one_tensor_at_a_time_into_each_layout(tmp_path, cache
     args = [*TINY, "parallel.vocab_multiple=64", "train.micro_batch_size=2", "train.global_batch_size=4",
             f"data.source={tiny_corpus}"]
     gpt = str(REPO / "configs/gpt/debug.yaml")
-    run_cli(["train", gpt, "--run-dir", str(tmp_path / "src"), *sets(*args, "train.steps=3")], cache_dir)
+    # The source is a tensor-parallel checkpoint: read through memory-mapped rank files, one
+    # whole tensor concatenated at a time.
+    run_cli(["train", gpt, "--run-dir", str(tmp_path / "src"), *sets(*args, "train.steps=3", "parallel.tp=2")],
+            cache_dir, nproc=2)
     start = [*args, "train.steps=3", "train.seed=5", f"train.init_from={tmp_path / 'src'}"]
     losses = {}
     for name, nproc, extra in (("one", 1, []), ("zero3", 2, ["parallel.zero_stage=3"]), ("tp2", 2, ["parallel.tp=2"])):
