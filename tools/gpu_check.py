@@ -1,6 +1,7 @@
 """The GPU check: what a session lent a GPU runs first, in one call of at most 8 minutes.
 
-    python -m tools.gpu_check --out DIR            # or: make gpu-check OUT=DIR
+    python -m tools.gpu_check --out DIR            # or: make gpu-check GPU_OUT=DIR
+    bash tools/gpu_check.sh                        # on a lent device machine (the script says how)
     python -m tools.gpu_check --out DIR --dry-run  # the same checks on the CPU with the debug GPT
 
 Checks, each recorded in ``DIR/gpu_check.json`` with its figures or its one-line error (a
