@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 import torch
@@ -33,11 +34,9 @@ def configure(setting: str, device: torch.device) -> bool:
 
 def retain_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse; False where libc is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
         mallopt = _libc().mallopt
-    except AttributeError:  # musl and other libcs have no mallopt
+    except AttributeError:  # no glibc: not Linux, or musl and other libcs without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; a fixed mmap threshold also stops its adaptive adjustment.
@@ -46,7 +45,9 @@ def retain_freed_memory() -> bool:
                 and mallopt(M_TOP_PAD, 64 * 2**20))
 
 
+@functools.cache
 def _libc():
+    """glibc where the platform has it (None elsewhere)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

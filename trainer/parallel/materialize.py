@@ -34,8 +34,8 @@ def supported(model_cls: type) -> bool:
 def on_meta() -> Iterator[None]:
     """Build modules on the meta device with torch's default initialisers skipped (as
     ``transformers``' ``no_init_weights`` does): every value is made later, and the first
-    initialiser run on a meta tensor imports torch's Python meta kernels, about 800 modules (a
-    second and 75 MB of resident memory, docs/benchmarks.md), for nothing."""
+    initialiser run on a meta tensor imports torch's Python meta kernels (hundreds of modules:
+    start-up time and resident memory every rank would pay) for nothing."""
     names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(nn.init, n) for n in names}
     try:
