@@ -55,13 +55,15 @@ def shard_dim(name: str, family: str) -> int | None:
     return SHARD_DIMS[style][kind != "weight"] if style else None
 
 
+def merge_one(name: str, states: list[dict[str, torch.Tensor]], family: str) -> torch.Tensor:
+    """The whole tensor ``name`` from each tensor rank's shard of it."""
+    dim = shard_dim(name, family)
+    return states[0][name] if dim is None else torch.cat([s[name] for s in states], dim=dim)
+
+
 def merge_tensor_parallel(states: list[dict[str, torch.Tensor]], family: str) -> dict[str, torch.Tensor]:
     """Whole tensors from each tensor rank's shards (weights or optimizer moments alike)."""
-    merged = {}
-    for name, first in states[0].items():
-        dim = shard_dim(name, family)
-        merged[name] = first if dim is None else torch.cat([s[name] for s in states], dim=dim)
-    return merged
+    return {name: merge_one(name, states, family) for name in states[0]}
 
 
 def consolidate(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
@@ -93,8 +95,4 @@ def consolidate_lazily(ckpt: Path, cfg) -> Weights:
             s[dim] = sum(st[name].shape[dim] for st in states)
         return tuple(s)
 
-    def get(name: str) -> torch.Tensor:
-        dim = shard_dim(name, family)
-        return (states[0][name] if dim is None else torch.cat([st[name] for st in states], dim=dim)).float()
-
-    return Weights({n: shape(n) for n in states[0]}, get)
+    return Weights({n: shape(n) for n in states[0]}, lambda name: merge_one(name, states, family).float())
