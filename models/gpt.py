@@ -47,6 +47,9 @@ class GPTConfig(BaseModel):
     """Share the input embedding with the output projection."""
     norm_eps: float = Field(1e-5, gt=0)
     """LayerNorm epsilon."""
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    """MLP non-linearity: ``gelu_tanh``, GPT-2's tanh approximation (``gelu_new`` in transformers),
+    or ``gelu``, the exact erf form (nanoGPT's; cheaper than the tanh form on a CPU)."""
     init_std: float = Field(0.02, gt=0)
     """Std of the normal init; residual output projections use ``init_std / sqrt(2 * n_layer)``."""
 
@@ -112,10 +115,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, cfg.ff_size, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.ff_size, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh approximation: the GELU GPT-2 was trained with ("gelu_new" in transformers).
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

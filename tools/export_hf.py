@@ -15,6 +15,9 @@ from torch import nn
 from trainer import checkpoint
 from trainer.errors import SeqtrainError
 
+# Our ``model.activation`` ► transformers' ``activation_function`` (GPT-2's own is ``gelu_new``).
+HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+
 
 def gpt_to_gpt2_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our GPT's weights under GPT-2's names and layouts (``transformer.*`` and ``lm_head``)."""
@@ -86,8 +89,8 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> dict[str, float]:
     eos = tok.token_to_id(EOS)
     hf_cfg = GPT2Config(
         vocab_size=model.wte.weight.shape[0], n_positions=c.max_seq_len, n_embd=c.d_model,
-        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ff_size, activation_function="gelu_new",
-        layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+        n_layer=c.n_layer, n_head=c.n_head, n_inner=c.ff_size,
+        activation_function=HF_ACTIVATION[c.activation], layer_norm_epsilon=c.norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
         attn_pdrop=c.dropout, bos_token_id=eos, eos_token_id=eos,
         pad_token_id=tok.token_to_id(PAD), tie_word_embeddings=c.tie_embeddings,
     )

@@ -128,13 +128,14 @@ def _adamw(spec: dict, device: torch.device) -> dict:
 def _hf_export(spec: dict, device: torch.device) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tools.export_hf import gpt_to_gpt2_state_dict
+    from tools.export_hf import HF_ACTIVATION, gpt_to_gpt2_state_dict
 
     model, x, _, c = _model_and_batch(spec, device)
     model.eval()
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layer,
-        n_head=c.n_head, n_inner=c.ff_size, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+        n_head=c.n_head, n_inner=c.ff_size, activation_function=HF_ACTIVATION[c.activation],
+        layer_norm_epsilon=c.norm_eps,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         tie_word_embeddings=c.tie_embeddings)).to(device).eval()
     hf.load_state_dict(gpt_to_gpt2_state_dict(model), strict=False)

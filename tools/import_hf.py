@@ -11,7 +11,9 @@ from pathlib import Path
 
 from trainer.errors import CheckpointError
 
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# transformers' ``activation_function`` ► our ``model.activation``: both of transformers' tanh GELUs
+# compute GPT-2's formula.
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, name: str | None = None) -> Path:
@@ -28,8 +30,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, name: str | None = None) -> P
     hf_cfg = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     if hf_cfg.model_type != "gpt2":
         raise CheckpointError(f"{hf_dir}: model_type {hf_cfg.model_type!r}; import-hf reads GPT-2 models")
-    if hf_cfg.activation_function not in SUPPORTED_ACTIVATIONS:
-        raise CheckpointError(f"{hf_dir}: activation {hf_cfg.activation_function!r} is not the tanh GELU our GPT uses")
+    if hf_cfg.activation_function not in ACTIVATIONS:
+        raise CheckpointError(f"{hf_dir}: activation {hf_cfg.activation_function!r} is not one our GPT has "
+                              f"({', '.join(ACTIVATIONS)})")
     if not (hf_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{hf_dir}: no tokenizer.json (a fast tokenizer is needed)")
     hf = GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True)
@@ -37,6 +40,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, name: str | None = None) -> P
         n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head, d_model=hf_cfg.n_embd, d_ff=hf_cfg.n_inner,
         max_seq_len=hf_cfg.n_positions, vocab_size=hf_cfg.vocab_size, dropout=hf_cfg.resid_pdrop,
         bias=True, tie_embeddings=hf_cfg.tie_word_embeddings, norm_eps=hf_cfg.layer_norm_epsilon,
+        activation=ACTIVATIONS[hf_cfg.activation_function],
     )
     model = build(model_cfg)
     model.load_state_dict(gpt2_to_gpt_state_dict(hf.state_dict(), hf_cfg.n_layer))

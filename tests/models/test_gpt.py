@@ -46,16 +46,19 @@ def test_weights_are_seeded_by_name_not_construction_order():
     assert not torch.equal(dict(build(tiny(), seed=4).named_parameters())["wte.weight"], a.wte.weight)
 
 
-def test_logits_equal_transformers_gpt2():
+@pytest.mark.parametrize(("activation", "hf_activation"), [("gelu_tanh", "gelu_new"), ("gelu", "gelu")])
+def test_logits_equal_transformers_gpt2(activation, hf_activation):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tools.export_hf import gpt_to_gpt2_state_dict
+    from tools.export_hf import HF_ACTIVATION, gpt_to_gpt2_state_dict
 
-    c = tiny(dropout=0.0)
+    # A wide init puts the MLP's inputs where the two GELUs differ (~1e-3 at |x| ~ 2).
+    c = tiny(dropout=0.0, activation=activation, init_std=0.3)
+    assert HF_ACTIVATION[activation] == hf_activation
     ours = build(c, seed=1).eval()
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layer,
-        n_head=c.n_head, activation_function="gelu_new", layer_norm_epsilon=c.norm_eps,
+        n_head=c.n_head, activation_function=hf_activation, layer_norm_epsilon=c.norm_eps,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )).eval()
     missing, unexpected = hf.load_state_dict(gpt_to_gpt2_state_dict(ours), strict=False)

@@ -40,7 +40,8 @@ def test_export_hf_loads_with_equal_logits_and_generates(gpt_run, cache_dir, tmp
     assert torch.equal(gen, ours.generate(x, 5, temperature=0))  # greedy: the same continuation
 
 
-def test_import_hf_gives_equal_logits_and_fine_tunes(gpt_run, cache_dir, tmp_path):
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_import_hf_gives_equal_logits_and_fine_tunes(gpt_run, cache_dir, tmp_path, activation):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from models import build
@@ -49,7 +50,7 @@ def test_import_hf_gives_equal_logits_and_fine_tunes(gpt_run, cache_dir, tmp_pat
     root, corpus, _ = gpt_run
     hf_dir = tmp_path / "gpt2-small-ish"
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                                    activation_function="gelu_new")).eval()
+                                    activation_function=activation)).eval()
     hf.save_pretrained(hf_dir)
     (hf_dir / "tokenizer.json").write_text((root / "run/tokenizer.json").read_text())
     out = tmp_path / "imported"
