@@ -21,6 +21,7 @@ caught by its manifest when a run resumes, which then falls back to the newest i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,6 +107,19 @@ def complete(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in ckpt_root.glob("step_*") if (p / MANIFEST).is_file())
 
 
+@contextlib.contextmanager
+def without_zip_crc():
+    """``torch.save`` without a CRC32 of every record: the manifest's sha256 already covers
+    every byte of every file (``verify``), and the CRC pass costs about as much CPU as the write
+    itself, on the training path of a synchronous save. ``torch.load`` reads such files."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
     """The newest checkpoint that passes ``verify``: the one ``latest`` names, else older ones."""
     pointed = latest(ckpt_root)
@@ -144,6 +158,7 @@ def save(module, ckpt_root: Path, step: int, client_state: dict[str, Any], confi
     distributed.barrier()
     writes: list = []
 
+    @without_zip_crc()
     def shards() -> None:
         if saver is None:
             module.save_checkpoint(staging, tag, client_state)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from trainer import distributed
+from trainer import checkpoint, distributed
 
 Write = tuple[Any, Path]
 """A snapshotted object and the file it goes to."""
@@ -145,8 +145,9 @@ class AsyncSaver:
             _stall_s = 0.0
             if done is not None:
                 done.synchronize()
-            for obj, path in writes:
-                torch.save(obj, path)
+            with checkpoint.without_zip_crc():
+                for obj, path in writes:
+                    torch.save(obj, path)
         except BaseException as e:  # OSError, torch's "file write failed" on a full disk
             error = e if isinstance(e, Exception) else RuntimeError(repr(e))
         # Every rank's files are on disk before rank 0 publishes them.
