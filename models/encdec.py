@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.decoding import decode
+from models.fused_qkv import split_heads
 from models.init import count_params, seeded_normal_
 from models.loss import TokenCrossEntropy
 
@@ -85,22 +86,32 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; ``mask`` is a boolean (B or 1, 1, Tq, Tk) keep-mask or None."""
+    """Multi-head attention; ``mask`` is a boolean (B or 1, 1, Tq, Tk) keep-mask or None.
 
-    def __init__(self, d: int, n_head: int, dropout: float) -> None:
+    Self-attention projects q, k and v with one fused matmul (``qkv_proj``); cross-attention
+    projects q from the decoder and k, v from the memory (``q_proj``, fused ``kv_proj``). Fused
+    rows are head-major (``models/fused_qkv.py``): tensor parallelism cuts them into whole heads.
+    """
+
+    def __init__(self, d: int, n_head: int, dropout: float, cross: bool = False) -> None:
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.head_dim, self.dropout, self.cross = d // n_head, dropout, cross
+        if cross:
+            self.q_proj, self.kv_proj = nn.Linear(d, d), nn.Linear(d, 2 * d)
+        else:
+            self.qkv_proj = nn.Linear(d, 3 * d)
+        self.o_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool = False) -> torch.Tensor:
-        b, tq, d = x.shape
-        hd = d // self.n_head
-        q = self.q_proj(x).view(b, tq, -1, hd).transpose(1, 2)
-        k = self.k_proj(mem).view(b, mem.shape[1], -1, hd).transpose(1, 2)
-        v = self.v_proj(mem).view(b, mem.shape[1], -1, hd).transpose(1, 2)
+        b, tq, _ = x.shape
+        if self.cross:
+            (q,) = split_heads(self.q_proj(x), self.head_dim, 1)
+            k, v = split_heads(self.kv_proj(mem), self.head_dim, 2)
+        else:
+            q, k, v = split_heads(self.qkv_proj(x), self.head_dim, 3)
         if causal:
-            keep = torch.ones(tq, mem.shape[1], dtype=torch.bool, device=x.device).tril()
+            keep = torch.ones(tq, k.shape[2], dtype=torch.bool, device=x.device).tril()
             mask = keep if mask is None else mask & keep
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -147,7 +158,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         pre = c.norm == "pre"
         self.self_attn = Attention(c.d_model, c.n_head, c.dropout)
-        self.cross_attn = Attention(c.d_model, c.n_head, c.dropout)
+        self.cross_attn = Attention(c.d_model, c.n_head, c.dropout, cross=True)
         self.ff = FeedForward(c.d_model, c.ff_size, c.dropout)
         self.sub1, self.sub2, self.sub3 = (Sublayer(c.d_model, pre, c.dropout) for _ in range(3))
 

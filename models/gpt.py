@@ -1,8 +1,8 @@
 """GPT: a decoder-only Transformer (pre-LayerNorm, causal SDPA, learned positions, tied embeddings).
 
-Single-device code, readable top to bottom. Parameter names follow Hugging Face GPT-2 where the
-layout matches (``wte``, ``wpe``, ``h.{i}.ln_1`` ...), but q/k/v are separate projections so that a
-tensor-parallel plan can shard each one by columns without re-ordering a fused weight.
+Single-device code, readable top to bottom. Parameter names follow Hugging Face GPT-2 (``wte``,
+``wpe``, ``h.{i}.ln_1``, ``h.{i}.attn.c_attn`` ...); the fused q/k/v projection ``c_attn`` orders its
+rows head by head (``models/fused_qkv.py``) so that tensor parallelism cuts it into whole heads.
 With ``bias=True`` and ``norm_eps=1e-5`` it computes exactly what ``GPT2LMHeadModel`` computes.
 """
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from models.fused_qkv import split_heads
 from models.init import seeded_normal_
 from models.loss import TokenCrossEntropy
 
@@ -70,11 +71,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         d = cfg.d_model
-        self.n_head = cfg.n_head
+        self.head_dim = d // cfg.n_head
         self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
-        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        # One matmul for q, k and v: under tensor parallelism one column-parallel input (one
+        # all-reduce of its gradient) instead of three.
+        self.c_attn = nn.Linear(d, 3 * d, bias=cfg.bias)
         self.c_proj = nn.Linear(d, d, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -82,14 +83,9 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, _ = x.shape
-        # Head count from the weight, not the config: under tensor parallelism each rank holds
+        # Heads from the output, not the config: under tensor parallelism each rank holds
         # n_head / tp heads and the same code runs unchanged.
-        head_dim = x.shape[-1] // self.n_head
-        n_local = self.q_proj.weight.shape[0] // head_dim
-        q, k, v = (
-            p(x).view(b, t, n_local, head_dim).transpose(1, 2)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q, k, v = split_heads(self.c_attn(x), self.head_dim, 3)
         if kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)
@@ -105,7 +101,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        y = y.transpose(1, 2).reshape(b, t, n_local * head_dim)
+        y = y.transpose(1, 2).reshape(b, t, -1)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
 

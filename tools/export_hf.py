@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.fused_qkv import fuse, unfuse
 from trainer import checkpoint
 from trainer.errors import SeqtrainError
 
@@ -30,16 +31,18 @@ def gpt_to_gpt2_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in ("ln_f.weight", "ln_f.bias"):
         if name in sd:
             out[f"transformer.{name}"] = sd[name]
+    head_dim = model.cfg.d_model // model.cfg.n_head
     for i in range(model.cfg.n_layer):
         p, q = f"h.{i}.", f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
             for part in ("weight", "bias"):
                 if f"{p}{ln}.{part}" in sd:
                     out[f"{q}{ln}.{part}"] = sd[f"{p}{ln}.{part}"]
-        out[f"{q}attn.c_attn.weight"] = torch.cat(
-            [sd[f"{p}attn.{x}_proj.weight"] for x in "qkv"], dim=0).t().contiguous()
-        if f"{p}attn.q_proj.bias" in sd:
-            out[f"{q}attn.c_attn.bias"] = torch.cat([sd[f"{p}attn.{x}_proj.bias"] for x in "qkv"])
+        # Ours is head-major (models/fused_qkv.py), GPT-2's q, k, v blocks one after another.
+        for part in ("weight", "bias"):
+            if f"{p}attn.c_attn.{part}" in sd:
+                w = torch.cat(unfuse(sd[f"{p}attn.c_attn.{part}"], head_dim, 3))
+                out[f"{q}attn.c_attn.{part}"] = w.t().contiguous() if part == "weight" else w
         for lin in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             out[f"{q}{lin}.weight"] = sd[f"{p}{lin}.weight"].t().contiguous()
             if f"{p}{lin}.bias" in sd:
@@ -47,7 +50,7 @@ def gpt_to_gpt2_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def gpt2_to_gpt_state_dict(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+def gpt2_to_gpt_state_dict(sd: dict[str, torch.Tensor], n_layer: int, head_dim: int) -> dict[str, torch.Tensor]:
     """The inverse of ``gpt_to_gpt2_state_dict``: GPT-2 weights under our names and layouts."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
@@ -57,12 +60,8 @@ def gpt2_to_gpt_state_dict(sd: dict[str, torch.Tensor], n_layer: int) -> dict[st
         p = f"h.{i}."
         for part in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
             out[p + part] = sd[p + part]
-        w = sd[p + "attn.c_attn.weight"].t()
-        b = sd[p + "attn.c_attn.bias"]
-        for j, x in enumerate("qkv"):
-            d = w.shape[0] // 3
-            out[f"{p}attn.{x}_proj.weight"] = w[j * d:(j + 1) * d].contiguous()
-            out[f"{p}attn.{x}_proj.bias"] = b[j * d:(j + 1) * d].contiguous()
+        for part, t in (("weight", sd[p + "attn.c_attn.weight"].t()), ("bias", sd[p + "attn.c_attn.bias"])):
+            out[f"{p}attn.c_attn.{part}"] = fuse(t.chunk(3), head_dim).contiguous()
         for lin in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             out[f"{p}{lin}.weight"] = sd[f"{p}{lin}.weight"].t().contiguous()
             out[f"{p}{lin}.bias"] = sd[f"{p}{lin}.bias"]

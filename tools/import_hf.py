@@ -43,7 +43,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, name: str | None = None) -> P
         activation=ACTIVATIONS[hf_cfg.activation_function],
     )
     model = build(model_cfg)
-    model.load_state_dict(gpt2_to_gpt_state_dict(hf.state_dict(), hf_cfg.n_layer))
+    model.load_state_dict(gpt2_to_gpt_state_dict(hf.state_dict(), hf_cfg.n_layer, hf_cfg.n_embd // hf_cfg.n_head))
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))
     (out / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())

@@ -78,7 +78,7 @@ def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
     model = gpt_pipeline(cfg.model, dims.topology, cfg.train.seed, cfg.train.activation_checkpointing, cut)
     if cfg.train.init_from:
         checkpoint.load_weights(model, cfg.train.init_from, lambda n: single_device_name(n, cfg.model),
-                                label=f"train.init_from={cfg.train.init_from!r}")
+                                label=f"train.init_from={cfg.train.init_from!r}", model_cfg=cfg.model)
     _tensor_parallel(cfg, dims, model)  # the rest: the loss, the random-number regions
     return model
 
@@ -104,7 +104,7 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
     values = mat.initial_values(model)
     if cfg.train.init_from:
         label = f"train.init_from={cfg.train.init_from!r}"
-        stored = checkpoint.read_weights(cfg.train.init_from, label)
+        stored = checkpoint.read_weights(cfg.train.init_from, label, cfg.model)
         pairs = checkpoint.match_weights(model, stored, label=label, shape_of=mat.whole_shape)
         source = {n: src for _, n, src in pairs}
         values = lambda name, shape: stored[source[name]]  # noqa: E731

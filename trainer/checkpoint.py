@@ -32,11 +32,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from models import fused_qkv
 from trainer import distributed
 from trainer.errors import CheckpointError
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+FORMAT = 2
+"""Written into every manifest. 2: fused, head-major attention projections (``models/fused_qkv.py``);
+1 (no ``format`` key): separate q, k and v tensors."""
 
 
 def tag_for(step: int) -> str:
@@ -70,6 +74,7 @@ def write_manifest(ckpt: Path, step: int, extra: dict[str, Any]) -> None:
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
         "step": step,
+        "format": FORMAT,
         **extra,
         "files": {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     }
@@ -263,7 +268,10 @@ def load(module, ckpt_root: Path, cfg, tokenizer_sha256: str, warn=print) -> Res
     if ckpt is None:
         return None
     check_compatible(ckpt, cfg.model.model_dump(mode="json"), tokenizer_sha256)
-    if layout_of(saved_config(ckpt)) != layout_of(cfg):
+    # Before format 2, attention projections were separate tensors: DeepSpeed's own loader
+    # would put them in the fused parameters' places, so the resharding reader maps them.
+    legacy = manifest(ckpt).get("format", 1) < FORMAT and cfg.model.family in fused_qkv.LEGACY
+    if layout_of(saved_config(ckpt)) != layout_of(cfg) or legacy:
         return _load_resharded(module, ckpt, cfg, warn)
     refuse_unsafe_files(ckpt)  # DeepSpeed's loader unpickles without restrictions
     client_state = module.load_checkpoint(ckpt_root, ckpt.name)
@@ -347,8 +355,7 @@ def resolve(path: str | Path) -> Path:
     )
 
 
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU)."""
+def _model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     cfg = saved_config(ckpt)
     if cfg.parallel.zero_stage >= 1:
         from trainer.parallel.reshard import weights
@@ -364,6 +371,15 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{ckpt}: no model states file (an incomplete checkpoint)")
     # Memory-mapped: a reader that takes one tensor at a time touches only that tensor's pages.
     return {k: v.float() for k, v in safe_load(files[0], mmap=True)["module"].items()}
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU), under
+    today's names (a checkpoint from before the q/k/v fusion is fused)."""
+    from models.fused_qkv import upgrade
+
+    state, m = _model_state(ckpt), saved_config(ckpt).model
+    return upgrade(state, m.family, m.d_model // m.n_head) if hasattr(m, "n_head") else state
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -459,9 +475,35 @@ class Weights(Mapping):
         return len(self.shapes)
 
 
-def read_weights(source: str | Path, label: str) -> Weights:
+def read_weights(source: str | Path, label: str, model_cfg) -> Weights:
     """Whole weights from a checkpoint or run directory (any layout, consolidated) or a
-    ``.safetensors`` file."""
+    ``.safetensors`` file, under the names of today's ``model_cfg`` model (checkpoints from
+    before the q/k/v fusion are fused as they are read)."""
+    return with_fused_qkv(_read_weights(source, label), model_cfg)
+
+
+def with_fused_qkv(stored: Weights, model_cfg) -> Weights:
+    """``stored`` with the separate q/k/v projections of a checkpoint from before the fusion
+    (``models/fused_qkv.py``) presented as today's fused tensors, each fused when it is read."""
+
+    fusions = fused_qkv.legacy_names(list(stored), model_cfg.family) if model_cfg is not None else {}
+    if not fusions:
+        return stored
+    head_dim = model_cfg.d_model // model_cfg.n_head
+    old = {s for srcs in fusions.values() for s in srcs}
+    shapes = {k: v for k, v in stored.shapes.items() if k not in old}
+    for new, srcs in fusions.items():
+        rows, *rest = stored.shapes[srcs[0]]
+        shapes[new] = (rows * len(srcs), *rest)
+
+    def get(name: str) -> torch.Tensor:
+        srcs = fusions.get(name)
+        return stored[name] if srcs is None else fused_qkv.fuse([stored[s] for s in srcs], head_dim)
+
+    return Weights(shapes, get)
+
+
+def _read_weights(source: str | Path, label: str) -> Weights:
     from safetensors import safe_open
 
     path = Path(source)
@@ -517,16 +559,18 @@ def match_weights(model: torch.nn.Module, stored: Mapping, rename=None, label: s
 
 
 def load_weights(model: torch.nn.Module, source: str | Path | dict[str, torch.Tensor],
-                 rename=None, label: str | None = None) -> None:
+                 rename=None, label: str | None = None, model_cfg=None) -> None:
     """Copy whole single-device weights into a materialised ``model``: the one weight loader
     (inference, evaluation, export, pipeline stages' ``init_from``; sharded construction reads
     through ``match_weights`` itself).
 
     ``source``: a checkpoint or run directory of any layout, a safetensors file, or a state
-    dict.
+    dict. ``model_cfg``: the model's config (default: ``model.cfg``; a pipeline stage has none).
     """
     label = label or str(source)
-    stored = source if isinstance(source, dict) else read_weights(source, label)
+    model_cfg = model_cfg or getattr(model, "cfg", None)
+    stored = with_fused_qkv(Weights.of(source), model_cfg) if isinstance(source, dict) else \
+        read_weights(source, label, model_cfg)
     with torch.no_grad():
         for p, _, src in match_weights(model, stored, rename, label):
             p.copy_(stored[src])

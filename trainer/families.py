@@ -60,9 +60,12 @@ def _scheduled_sampling():
 
 
 _GPT_PLAN = {
-    # Leading wildcards: the same plan fits GPT (``h.3.attn.q_proj``) and its pipeline stages
-    # (``5.attn.q_proj``, ``tied_modules.embed.wte``).
+    # Leading wildcards: the same plan fits GPT (``h.3.attn.c_attn``) and its pipeline stages
+    # (``5.attn.c_attn``, ``tied_modules.embed.wte``). Fused projections are head-major, so a
+    # column cut gives each rank whole heads (models/fused_qkv.py).
     "*wte": "vocab_embedding",
+    "*attn.c_attn": "colwise",
+    # The separate projections of checkpoints from before the fusion: how their shards merge.
     "*attn.q_proj": "colwise", "*attn.k_proj": "colwise", "*attn.v_proj": "colwise",
     "*attn.c_proj": "rowwise",
     "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
@@ -70,6 +73,8 @@ _GPT_PLAN = {
 }
 _ENCDEC_PLAN = {
     "src_embed": "vocab_embedding", "tgt_embed": "vocab_embedding",
+    "*.*.self_attn.qkv_proj": "colwise", "*.*.cross_attn.kv_proj": "colwise",
+    # Cross-attention's q, and the separate projections of checkpoints from before the fusion.
     "*.*.*_attn.q_proj": "colwise", "*.*.*_attn.k_proj": "colwise", "*.*.*_attn.v_proj": "colwise",
     "*.*.*_attn.o_proj": "rowwise",
     "*.*.ff.fc1": "colwise", "*.*.ff.fc2": "rowwise",
@@ -79,7 +84,7 @@ _ENCDEC_PLAN = {
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
-        tp_plan=_GPT_PLAN, tp_rng_regions=(("*attn", "c_proj"),), blocks=("h",), pipeline=True,
+        tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), blocks=("h",), pipeline=True,
     ),
     "encdec": FamilySpec(
         "encdec", *models.FAMILIES["encdec"], vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"},

@@ -10,6 +10,7 @@ from torch import nn
 
 from models import EncDecConfig, build
 from models.encdec import sinusoidal_table
+from models.fused_qkv import unfuse
 
 PAD = 1
 
@@ -29,9 +30,15 @@ def test_sinusoidal_table_matches_the_paper():
 
 
 def _copy_attention(ours, ref: nn.MultiheadAttention) -> None:
+    """torch's in_proj holds q, k and v block after block; ours is head-major (fused_qkv.py)."""
+    def blocks(part: str) -> torch.Tensor:
+        if ours.cross:
+            return torch.cat([getattr(ours.q_proj, part), *unfuse(getattr(ours.kv_proj, part), ours.head_dim, 2)])
+        return torch.cat(unfuse(getattr(ours.qkv_proj, part), ours.head_dim, 3))
+
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        ref.in_proj_weight.copy_(blocks("weight"))
+        ref.in_proj_bias.copy_(blocks("bias"))
         ref.out_proj.weight.copy_(ours.o_proj.weight)
         ref.out_proj.bias.copy_(ours.o_proj.bias)
 

@@ -42,7 +42,7 @@ def test_weights_are_seeded_by_name_not_construction_order():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=na)
     # A deeper model shares the first blocks' initial weights: a stage built alone agrees.
     deep = dict(build(tiny(n_layer=4), seed=3).named_parameters())
-    torch.testing.assert_close(deep["h.1.attn.q_proj.weight"], dict(a.named_parameters())["h.1.attn.q_proj.weight"])
+    torch.testing.assert_close(deep["h.1.attn.c_attn.weight"], dict(a.named_parameters())["h.1.attn.c_attn.weight"])
     assert not torch.equal(dict(build(tiny(), seed=4).named_parameters())["wte.weight"], a.wte.weight)
 
 

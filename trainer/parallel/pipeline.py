@@ -1,7 +1,7 @@
 """The GPT as a DeepSpeed ``PipelineModule``: token embedding, positions, blocks, final norm, head.
 
 Layers are built from the model's own classes (``models/gpt.py``) and initialised with the names
-they have in ``GPT`` (``h.3.attn.q_proj.weight`` ...), so a stage that builds only its own layers
+they have in ``GPT`` (``h.3.attn.c_attn.weight`` ...), so a stage that builds only its own layers
 starts from exactly the numbers the whole single-device model would have. The input embedding
 and the output head are one ``TiedLayerSpec``: the first and last stages each hold a copy, and
 DeepSpeed all-reduces the two gradients before every step.
@@ -99,7 +99,7 @@ def gpt_pipeline(cfg: GPTConfig, topology, seed: int, activation_checkpointing: 
     ``shard`` is applied to each layer with weights as it is built.
 
     Batches are ``(input_ids, labels)``; stages are balanced by block count. Names of its
-    parameters (``tied_modules.embed.wte.weight``, ``3.attn.q_proj.weight`` ...) map back to the
+    parameters (``tied_modules.embed.wte.weight``, ``3.attn.c_attn.weight`` ...) map back to the
     single-device names through ``single_device_name``.
     """
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec

@@ -89,8 +89,16 @@ def read(ckpt: Path, cfg, keys: tuple[str, ...] = KEYS) -> LayoutFreeState:
         per_tp.append(merged)
     if len(steps) != 1:
         raise CheckpointError(f"{ckpt}: ranks disagree on Adam's step count {sorted(steps)}")
-    tensors = {k: merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family) for k in keys}
+    tensors = {k: _today(merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family), cfg.model) for k in keys}
     return LayoutFreeState(tensors, steps.pop(), safe_load(_model_states_file(ckpt, p.zero_stage, 0)))
+
+
+def _today(tensors: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
+    """Per-parameter tensors of a checkpoint from before the q/k/v fusion under today's names:
+    weights and Adam's moments alike (fusing is a permutation of rows, elementwise exact)."""
+    from models.fused_qkv import upgrade
+
+    return upgrade(tensors, m.family, m.d_model // m.n_head) if hasattr(m, "n_head") else tensors
 
 
 def _model_states_file(ckpt: Path, stage: int, mp: int) -> Path:
@@ -185,7 +193,7 @@ def _zero0_weights(ckpt: Path, cfg, states: dict[str, Any], mp: int, names: list
 
 
 def _layer_key(name: str) -> str:
-    """``tied_modules.embed.wte.weight`` ► ``0.wte.weight``; ``3.attn.q_proj.weight`` as is."""
+    """``tied_modules.embed.wte.weight`` ► ``0.wte.weight``; ``3.attn.c_attn.weight`` as is."""
     parts = name.split(".")
     return "0." + ".".join(parts[2:]) if parts[0] == "tied_modules" else name
 

@@ -110,3 +110,66 @@ def test_old_checkpoints_without_parameter_names_are_refused_in_one_line(straigh
     torch.save(states, f)
     with pytest.raises(CheckpointError, match="saved before checkpoints named their optimizer's parameters"):
         reshard.read(old, saved_config(old))
+
+
+def _as_format_1(ckpt) -> None:
+    """Rewrite a ZeRO-0 checkpoint the way seqtrain wrote it before the q/k/v fusion: separate
+    q/k/v weights and Adam moments (each rank's own heads), no ``format`` in the manifest."""
+    import json
+
+    import torch
+
+    from models.fused_qkv import unfuse
+    from trainer.checkpoint import MANIFEST, saved_config, sha256_file
+    from trainer.parallel import reshard
+
+    head_dim = saved_config(ckpt).model.d_model // saved_config(ckpt).model.n_head
+
+    def split(name: str) -> list[str] | None:
+        return [name.replace("c_attn", f"{x}_proj") for x in "qkv"] if ".c_attn." in name else None
+
+    for f in ckpt.glob("mp_rank_*_model_states.pt"):
+        st = torch.load(f, weights_only=False)
+        module = {}
+        for k, v in st["module"].items():
+            module.update(zip(split(k), unfuse(v, head_dim, 3), strict=True) if split(k) else {k: v})
+        st["module"] = module
+        opt, names = st["optimizer"], st[reshard.NAMES_KEY]
+        name_of = dict(zip([i for g in opt["param_groups"] for i in g["params"]], names, strict=True))
+        state, new_names = {}, []
+        for g in opt["param_groups"]:
+            params = []
+            for i in g["params"]:
+                name, old = name_of[i], opt["state"][i]
+                parts = split(name) or [name]
+                pieces = ({k: unfuse(old[k], head_dim, 3) for k in ("exp_avg", "exp_avg_sq")} if split(name)
+                          else {k: [old[k]] for k in ("exp_avg", "exp_avg_sq")})
+                for j, part in enumerate(parts):
+                    state[len(state)] = {"step": old["step"].clone(), **{k: v[j].clone() for k, v in pieces.items()}}
+                    params.append(len(state) - 1)
+                    new_names.append(part)
+            g["params"] = params
+        opt["state"], st[reshard.NAMES_KEY] = state, new_names
+        torch.save(st, f)
+    m = json.loads((ckpt / MANIFEST).read_text())
+    assert m.pop("format") == 2
+    for rel in m["files"]:
+        m["files"][rel] = {"size": (ckpt / rel).stat().st_size, "sha256": sha256_file(ckpt / rel)}
+    (ckpt / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("first", ["one", "tp2"])
+def test_checkpoints_from_before_the_fused_qkv_resume_exactly(straight, cache_dir, tmp_path, first):
+    """A run saved with separate q/k/v tensors resumes, weights and Adam moments mapped, with
+    the losses of the straight run (in one process and under tp2, where each rank held its own
+    heads' q, k and v)."""
+    args, ref, _ = straight
+    run = tmp_path / "run"
+    nproc, extra = LAYOUTS[first]
+    run_cli(["train", GPT, "--run-dir", str(run), *sets(*args, *extra)], cache_dir, nproc=nproc,
+            env={"SEQTRAIN_FAULT": "usr1@4"})
+    _as_format_1(run / "checkpoints/step_00000004")
+    p = run_cli(["train", GPT, "--run-dir", str(run), *sets(*args)], cache_dir, env={"SEQTRAIN_FAULT": "usr1@8"})
+    assert "resharded step_00000004" in p.stdout, p.stdout[-2000:]
+    rows, _ = read_metrics(run)
+    _assert_same_losses(ref, {r["step"]: r for r in rows}, 8)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from models import build
 from models.encdec import EncDecConfig
+from models.fused_qkv import fuse
 from models.gpt import GPTConfig
 from trainer.distributed import free_port
 from trainer.families import FAMILIES
@@ -104,11 +105,9 @@ def _dropout(rank: int, world: int) -> None:
     # the same weights: the attention outputs (row-parallel inputs) then differ only by dropout.
     attn = model.h[0].attn
     with torch.no_grad():
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            proj.bias.zero_()
-        attn.q_proj.weight.zero_()
-        attn.k_proj.weight.zero_()
-        attn.v_proj.weight.copy_(torch.eye(32)[:16])
+        attn.c_attn.bias.zero_()
+        zero = torch.zeros(16, 32)
+        attn.c_attn.weight.copy_(fuse([zero, zero, torch.eye(32)[:16]], attn.head_dim))
     seen: list[torch.Tensor] = []
     attn.c_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     for train in (False, True):
