@@ -82,10 +82,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, _ = x.shape
-        # Heads from the output, not the config: under tensor parallelism each rank holds
-        # n_head / tp heads and the same code runs unchanged.
+        # Heads and length from the projection, not the config or ``x``: under tensor
+        # parallelism each rank holds n_head / tp heads, and under sequence parallelism ``x`` is
+        # 1/tp of the sequence the projection gathers; the same code runs unchanged.
         q, k, v = split_heads(self.c_attn(x), self.head_dim, 3)
+        t = q.shape[2]
         if kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)
@@ -101,7 +102,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        y = y.transpose(1, 2).reshape(b, t, -1)
+        y = y.transpose(1, 2).flatten(2)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
 

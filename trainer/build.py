@@ -84,10 +84,14 @@ def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
 
 
 def _tensor_parallel(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> None:
-    if dims.tp > 1:
+    spec = cfg.family
+    if cfg.parallel.sequence_parallel:
+        from trainer.parallel.sequence import apply_sequence_parallel
+
+        apply_sequence_parallel(model, spec.tp_plan, spec.sp_plan, dims.tp_group, getattr(cfg.model, spec.head_vocab))
+    elif dims.tp > 1:
         from trainer.parallel.tensor import apply_tensor_parallel
 
-        spec = cfg.family
         apply_tensor_parallel(model, spec.tp_plan, dims.tp_group, spec.tp_rng_regions,
                               getattr(cfg.model, spec.head_vocab))
 

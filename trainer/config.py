@@ -221,6 +221,11 @@ class ParallelConfig(_Section):
     """Pipeline-parallel degree (stages)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
+    sequence_parallel: bool = False
+    """With ``tp`` ≥ 2: LayerNorms, dropouts and residuals hold 1/tp of the sequence, and each
+    block's all-reduces become reduce-scatters and all-gathers of the same volume
+    (``trainer/parallel/sequence.py``). Training only; evaluation runs plain tensor parallelism.
+    Checkpoints are the same with or without it."""
     vocab_multiple: int = Field(1, ge=1)
     """Round vocabulary sizes taken from the tokenizer (``model.*vocab_size: null``) up to a
     multiple of this, so tensor parallelism can split them (Megatron pads to 128 · tp). The
@@ -391,11 +396,28 @@ class Config(_Section):
             )
         if p.pp > 1:
             self._check_pipeline()
+        if p.sequence_parallel:
+            self._check_sequence_parallel()
         if p.tp > 1:
             heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
             for key, n in heads.items():
                 if n % p.tp:
                     raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}")
+
+    def _check_sequence_parallel(self) -> None:
+        p, spec = self.parallel, self.family
+        if spec.sp_plan is None:
+            raise ConfigError(f"parallel.sequence_parallel: available for model.family {_one_of('sp_plan')} "
+                              f"only, not {self.model.family}")
+        if p.tp < 2:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp ≥ 2 (it cuts the "
+                              f"sequence across the tensor-parallel ranks); parallel.tp={p.tp}")
+        if p.pp > 1:
+            raise ConfigError(f"parallel.sequence_parallel with parallel.pp={p.pp} is not supported "
+                              "yet; use tp with dp/ZeRO, or pipeline without sequence parallelism")
+        if self.data.seq_len % p.tp:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={p.tp}, "
+                              "as parallel.sequence_parallel needs")
 
     def _check_pipeline(self) -> None:
         p, m = self.parallel, self.model

@@ -43,6 +43,9 @@ class FamilySpec:
     tp_rng_regions: tuple[tuple[str, str], ...] = ()
     """Where activations are sharded under tensor parallelism, from a module's entry to its
     row-parallel child (start pattern, child name): dropout there draws per tensor rank."""
+    sp_plan: dict[str, str] | None = None
+    """Sequence parallelism: modules run on a sequence shard with whole parameters (``norm``,
+    ``positions``), added to ``tp_plan``; ``None``: unsupported."""
     head_vocab: str = "vocab_size"
     """Vocabulary field of the output head (the full size for the vocab-parallel loss)."""
     blocks: tuple[str, ...] = ()
@@ -71,6 +74,7 @@ _GPT_PLAN = {
     "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
     "*lm_head": "vocab_head", "loss_fn": "vocab_loss",
 }
+_GPT_SP_PLAN = {"*wpe": "positions", "*ln_1": "norm", "*ln_2": "norm", "*ln_f": "norm"}
 _ENCDEC_PLAN = {
     "src_embed": "vocab_embedding", "tgt_embed": "vocab_embedding",
     "*.*.self_attn.qkv_proj": "colwise", "*.*.cross_attn.kv_proj": "colwise",
@@ -84,7 +88,7 @@ _ENCDEC_PLAN = {
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
-        tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), blocks=("h",), pipeline=True,
+        tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), sp_plan=_GPT_SP_PLAN, blocks=("h",), pipeline=True,
     ),
     "encdec": FamilySpec(
         "encdec", *models.FAMILIES["encdec"], vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"},

@@ -116,6 +116,13 @@ def test_every_field_is_documented():
         ("gpt/debug.yaml", ["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by parallel.tp × parallel.pp = 4"),
         ("gpt/debug.yaml", ["parallel.pp=2", "eval.batches=3", "train.micro_batch_size=8"], 4, "eval.batches=3 is not a multiple of dp=2"),
         ("gpt/debug.yaml", ["parallel.pp=2", "train.compile=true"], 2, "parallel.pp=2 does not combine with train.compile"),
+        ("gpt/debug.yaml", ["parallel.sequence_parallel=true"], 2, "sequence_parallel=true needs parallel.tp ≥ 2"),
+        ("encdec/debug.yaml", ["parallel.tp=2", "parallel.sequence_parallel=true"], 2,
+         "parallel.sequence_parallel: available for model.family gpt only, not encdec"),
+        ("gpt/debug.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 4,
+         "parallel.sequence_parallel with parallel.pp=2 is not supported"),
+        ("gpt/debug.yaml", ["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=126"], 4,
+         "data.seq_len=126 is not divisible by parallel.tp=4"),
     ],
 )
 def test_unsupported_parallel_layouts_are_refused_in_one_line(preset, overrides, world, expected):

@@ -253,8 +253,10 @@ plans themselves (submodule pattern ► style) are data in each family's spec
 
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
                           rng_regions: list[tuple[str, str]] = (),
-                          full_vocab: int | None = None) -> nn.Module:
-    """Replace the submodules ``plan`` names by their sharded versions, in place."""
+                          full_vocab: int | None = None,
+                          layers: dict[str, type[nn.Module]] = LAYERS) -> nn.Module:
+    """Replace the submodules ``plan`` names by their sharded versions (``layers``: the class of
+    each style; sequence parallelism passes its own), in place."""
     cache: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
     done: dict[int, tuple[nn.Module, nn.Module]] = {}  # a module reachable under two names (shared embeddings) is sharded once
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
@@ -265,17 +267,17 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         full = getattr(parent, attr)
-        if isinstance(full, SHARDED):  # sharded already (a pipeline layer, as it was built)
+        if isinstance(full, (*SHARDED, *layers.values())):  # sharded already (a pipeline layer, as it was built)
             continue
         if id(full) in done:
             setattr(parent, attr, done[id(full)][1])
             continue
         if style == "vocab_loss":
             new: nn.Module = VocabParallelCrossEntropy(full_vocab or 0, group, full.label_smoothing)
-        elif style in LAYERS:
-            new = LAYERS[style](full, group, cache)
+        elif style in layers:
+            new = layers[style](full, group, cache)
         else:
-            raise ValueError(f"unknown tensor-parallel style {style!r}; one of {[*LAYERS, 'vocab_loss']}")
+            raise ValueError(f"unknown tensor-parallel style {style!r}; one of {[*layers, 'vocab_loss']}")
         new.train(full.training)
         done[id(full)] = (full, new)
         setattr(parent, attr, new)
@@ -298,20 +300,28 @@ def _tensor_parallel_rng(start: nn.Module, end: nn.Module, tp_rank: int) -> None
     saved: list = []
 
     def enter(mod, args):
-        if not mod.training:
-            return
-        seed = int(torch.randint(0, 2**62, (1,)))
-        saved.append((torch.get_rng_state(),
-                      torch.cuda.get_rng_state() if torch.cuda.is_available() else None))
-        torch.manual_seed(seed + 7919 * tp_rank)  # also seeds the current CUDA device
+        if mod.training:
+            saved.append(seed_per_rank(tp_rank))
 
     def leave(mod, args):
-        if not saved:
-            return
-        cpu, cuda = saved.pop()
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+        if saved:
+            restore_rng(saved.pop())
 
     start.register_forward_pre_hook(enter)
     end.register_forward_pre_hook(leave)
+
+
+def seed_per_rank(tp_rank: int) -> tuple:
+    """Switch the global generators to a stream of this tensor rank's own, seeded from the shared
+    stream; returns the shared state for ``restore_rng``."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    torch.manual_seed(seed + 7919 * tp_rank)  # also seeds the current CUDA device
+    return saved
+
+
+def restore_rng(saved: tuple) -> None:
+    cpu, cuda = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)

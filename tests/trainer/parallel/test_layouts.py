@@ -38,6 +38,8 @@ LAYOUTS = {
     "pp2-activation-checkpointing": (2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "dp2xtp2-zero2": (4, ["parallel.tp=2", "parallel.zero_stage=2"]),
+    "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "dp2xtp2-sp-zero2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
     "dp2xpp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
 }
 
@@ -92,12 +94,15 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
         assert len(exported) > 10 and all(torch.equal(exported[k], whole[k]) for k in exported)
 
 
-def test_tensor_parallel_dropout_survives_activation_recomputation(reference, cache_dir, tmp_path):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_dropout_survives_activation_recomputation(sp, reference, cache_dir, tmp_path):
     """Dropout on under tp2: recomputing a block in backward must redraw exactly the masks of
-    its forward, in replicated regions and in each rank's own head-parallel region, so the run
-    with activation checkpointing equals the run without it."""
+    its forward, in replicated regions and in each rank's own head-parallel region (with
+    sequence parallelism: in each rank's own part of the sequence), so the run with activation
+    checkpointing equals the run without it."""
     corpus = reference[0]
-    base = [*GPT_ARGS, f"data.source={corpus}", "model.dropout=0.2", "parallel.tp=2"]
+    base = [*GPT_ARGS, f"data.source={corpus}", "model.dropout=0.2", "parallel.tp=2",
+            f"parallel.sequence_parallel={str(sp).lower()}"]
     plain, _ = _train(GPT, base, tmp_path / "plain", cache_dir, 2)
     ckpt, _ = _train(GPT, [*base, "train.activation_checkpointing=true"], tmp_path / "ckpt", cache_dir, 2)
     assert [r["loss"] for r in plain] == [r["loss"] for r in ckpt]
