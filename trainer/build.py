@@ -39,9 +39,10 @@ def setup(cfg: Config) -> Runtime:
     distributed.init_process_group()
     if uses_deepspeed(cfg, distributed.world_size()):
         distributed.quiet_deepspeed()
-    dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank())
+    dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank(), cfg.parallel.cp)
     if dims.tp * dims.pp > 1:
         dims.grid  # noqa: B018 (creates the process groups: a collective)
+    dims.cp_group  # noqa: B018 (likewise)
     device = distributed.device()
     host_memory.configure(cfg.train.host_allocator, device)
     return Runtime(cfg, dims, device)
@@ -79,11 +80,13 @@ def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
     if cfg.train.init_from:
         checkpoint.load_weights(model, cfg.train.init_from, lambda n: single_device_name(n, cfg.model),
                                 label=f"train.init_from={cfg.train.init_from!r}", model_cfg=cfg.model)
-    _tensor_parallel(cfg, dims, model)  # the rest: the loss, the random-number regions
+    _parallelize(cfg, dims, model)  # the rest: the loss, the random-number regions
     return model
 
 
-def _tensor_parallel(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> None:
+def _parallelize(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> None:
+    """Tensor (and sequence) parallelism, context parallelism: module swaps that keep every
+    parameter's name, so checkpoints and the initial values do not depend on them."""
     spec = cfg.family
     if cfg.parallel.sequence_parallel:
         from trainer.parallel.sequence import apply_sequence_parallel
@@ -94,6 +97,14 @@ def _tensor_parallel(cfg: Config, dims: ParallelDims, model: torch.nn.Module) ->
 
         apply_tensor_parallel(model, spec.tp_plan, dims.tp_group, spec.tp_rng_regions,
                               getattr(cfg.model, spec.head_vocab))
+    if dims.cp > 1:
+        from trainer.parallel.context import apply_context_parallel
+
+        apply_context_parallel(model, dims.cp_group)
+        if dims.rank == 0:
+            n = cfg.data.seq_len
+            print(f"context parallel: each of {dims.cp} ranks holds {n // dims.cp} of every {n} tokens "
+                  f"and {cfg.model.n_head // dims.cp} of {cfg.model.n_head} heads in attention", flush=True)
 
 
 def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
@@ -104,7 +115,7 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
 
     with mat.on_meta():
         model = models.build(cfg.model, seed=cfg.train.seed)
-    _tensor_parallel(cfg, dims, model)
+    _parallelize(cfg, dims, model)
     values = mat.initial_values(model)
     if cfg.train.init_from:
         label = f"train.init_from={cfg.train.init_from!r}"
@@ -136,7 +147,7 @@ def _initial_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tor
         model = models.build(cfg.model, seed=cfg.train.seed)
         if cfg.train.init_from:
             checkpoint.load_weights(model, cfg.train.init_from, label=f"train.init_from={cfg.train.init_from!r}")
-        _tensor_parallel(cfg, dims, model)
+        _parallelize(cfg, dims, model)
     if cfg.train.init_from and dims.rank == 0:
         print(f"initialised from {cfg.train.init_from}", flush=True)
     return model

@@ -290,7 +290,7 @@ def _load_resharded(module, ckpt: Path, cfg, warn) -> Restored:
     state = reshard.read(ckpt, saved)
     dims = module.dims
     reshard.apply(module, state, cfg, dims)
-    fmt = lambda p: f"dp {p.dp}, tp {p.tp}, pp {p.pp}, zero {p.zero_stage}"  # noqa: E731
+    fmt = lambda p: f"dp {p.dp}, tp {p.tp}, pp {p.pp}, {f'cp {p.cp}, ' if p.cp > 1 else ''}zero {p.zero_stage}"  # noqa: E731
     warn(f"resharded {ckpt.name} from {fmt(saved.parallel)} to {fmt(cfg.parallel)} "
          "(weights, Adam moments and step, LR schedule, data position, rank 0's RNG state)")
     if any(ckpt.glob("rank_state_*.pt")):
@@ -303,7 +303,10 @@ def layout_of(cfg) -> dict[str, int]:
     """What DeepSpeed's own loader needs unchanged to reload its shards (dp only matters where
     ZeRO partitions by it); any other change of layout goes through ``reshard``."""
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, **({"dp": p.dp} if p.zero_stage else {})}
+    cp = getattr(p, "cp", 1)
+    # ZeRO partitions over dp · cp ranks (parallel/dims.py).
+    return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, **({"dp": p.dp} if p.zero_stage else {}),
+            **({"cp": cp} if cp > 1 else {})}
 
 
 NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}

@@ -221,6 +221,11 @@ class ParallelConfig(_Section):
     """Pipeline-parallel degree (stages)."""
     zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters."""
+    cp: int = Field(1, ge=1)
+    """Context-parallel degree: each sequence is split across ``cp`` ranks, attention sees it
+    whole through two all-to-alls per block (DeepSpeed-Ulysses: sequence ► heads and back,
+    ``trainer/parallel/context.py``). GPT, with dp and ZeRO; ``model.n_head`` and
+    ``data.seq_len`` must divide by it. Training only; evaluation runs each sequence whole."""
     sequence_parallel: bool = False
     """With ``tp`` ≥ 2: LayerNorms, dropouts and residuals hold 1/tp of the sequence, and each
     block's all-reduces become reduce-scatters and all-gathers of the same volume
@@ -347,14 +352,17 @@ class Config(_Section):
         """Fill in dp, grad_accum and global batch from the world size; check their arithmetic."""
         p, t = self.parallel, self.train
         self._check_layout()
-        if world_size % (p.tp * p.pp):
+        model_ranks = p.tp * p.pp * p.cp
+        cp = " × parallel.cp" if p.cp > 1 else ""
+        if world_size % model_ranks:
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
+                f"world size {world_size} is not divisible by parallel.tp × parallel.pp{cp} = {model_ranks}"
             )
-        dp = world_size // (p.tp * p.pp)
+        dp = world_size // model_ranks
         if p.dp is not None and p.dp != dp:
             raise ConfigError(
-                f"parallel.dp={p.dp} but world size {world_size} / (tp {p.tp} × pp {p.pp}) = {dp}; "
+                f"parallel.dp={p.dp} but world size {world_size} / (tp {p.tp} × pp {p.pp}"
+                f"{f' × cp {p.cp}' if p.cp > 1 else ''}) = {dp}; "
                 "drop parallel.dp to derive it or launch a matching number of processes"
             )
         per_step = t.micro_batch_size * dp
@@ -398,6 +406,8 @@ class Config(_Section):
             self._check_pipeline()
         if p.sequence_parallel:
             self._check_sequence_parallel()
+        if p.cp > 1:
+            self._check_context_parallel()
         if p.tp > 1:
             heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
             for key, n in heads.items():
@@ -418,6 +428,18 @@ class Config(_Section):
         if self.data.seq_len % p.tp:
             raise ConfigError(f"data.seq_len={self.data.seq_len} is not divisible by parallel.tp={p.tp}, "
                               "as parallel.sequence_parallel needs")
+
+    def _check_context_parallel(self) -> None:
+        p, m = self.parallel, self.model
+        if not self.family.context_parallel:
+            raise ConfigError(f"parallel.cp={p.cp}: context parallelism is available for model.family "
+                              f"{_one_of('context_parallel')} only, not {m.family}")
+        if p.tp > 1 or p.pp > 1:
+            raise ConfigError(f"parallel.cp={p.cp} with parallel.tp={p.tp}, parallel.pp={p.pp}: context "
+                              "parallelism composes with data parallelism and ZeRO only (tp = pp = 1)")
+        for key, n in {"model.n_head": m.n_head, "data.seq_len": self.data.seq_len}.items():
+            if n % p.cp:
+                raise ConfigError(f"{key}={n} is not divisible by parallel.cp={p.cp}")
 
     def _check_pipeline(self) -> None:
         p, m = self.parallel, self.model

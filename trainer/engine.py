@@ -19,7 +19,9 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed JSON config implied by ours (``cfg`` must be resolved)."""
     t, p = cfg.train, cfg.parallel
     ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed counts the cp ranks of a replica as data ranks (dims.py says why), each with
+        # its own micro-batch: in its arithmetic the global batch is cp times ours.
+        "train_batch_size": t.global_batch_size * p.cp,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,

@@ -46,6 +46,9 @@ class FamilySpec:
     sp_plan: dict[str, str] | None = None
     """Sequence parallelism: modules run on a sequence shard with whole parameters (``norm``,
     ``positions``), added to ``tp_plan``; ``None``: unsupported."""
+    context_parallel: bool = False
+    """Sequences can be split across ranks (``trainer/parallel/context.py``: the ``wte``,
+    ``wpe``, ``*.attn.c_attn``/``c_proj`` and ``loss_fn`` names of a GPT)."""
     head_vocab: str = "vocab_size"
     """Vocabulary field of the output head (the full size for the vocab-parallel loss)."""
     blocks: tuple[str, ...] = ()
@@ -88,7 +91,7 @@ _ENCDEC_PLAN = {
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
-        tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), sp_plan=_GPT_SP_PLAN, blocks=("h",), pipeline=True,
+        tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), sp_plan=_GPT_SP_PLAN, context_parallel=True, blocks=("h",), pipeline=True,
     ),
     "encdec": FamilySpec(
         "encdec", *models.FAMILIES["encdec"], vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"},

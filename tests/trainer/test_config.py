@@ -123,6 +123,11 @@ def test_every_field_is_documented():
          "parallel.sequence_parallel with parallel.pp=2 is not supported"),
         ("gpt/debug.yaml", ["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=126"], 4,
          "data.seq_len=126 is not divisible by parallel.tp=4"),
+        ("encdec/debug.yaml", ["parallel.cp=2"], 2, "context parallelism is available for model.family gpt only, not encdec"),
+        ("gpt/debug.yaml", ["parallel.cp=2", "parallel.pp=2"], 4, "composes with data parallelism and ZeRO only"),
+        ("gpt/debug.yaml", ["parallel.cp=4"], 4, "model.n_head=6 is not divisible by parallel.cp=4"),
+        ("gpt/debug.yaml", ["parallel.cp=2", "data.seq_len=127"], 2, "data.seq_len=127 is not divisible by parallel.cp=2"),
+        ("gpt/debug.yaml", ["parallel.cp=2"], 3, "world size 3 is not divisible by parallel.tp × parallel.pp × parallel.cp = 2"),
     ],
 )
 def test_unsupported_parallel_layouts_are_refused_in_one_line(preset, overrides, world, expected):

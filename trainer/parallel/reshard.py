@@ -123,7 +123,7 @@ def _rank_tensors(ckpt: Path, cfg, mp: int, keys: tuple[str, ...]) -> tuple[dict
     states = safe_load(_model_states_file(ckpt, p.zero_stage, mp))
     if p.zero_stage == 0:
         return _zero0_tensors(ckpt, cfg, states, mp)
-    optim = _optim_files(ckpt, p.dp, mp)
+    optim = _optim_files(ckpt, p.dp * p.cp, mp)  # ZeRO partitions over dp · cp ranks
     z3 = p.zero_stage == 3
     base = [o["optimizer_state_dict" if z3 else "base_optimizer_state"] for o in optim]
     # Per data rank, per parameter group: that rank's slice of the group's flat buffer.

@@ -21,7 +21,7 @@ on the parameter), so every rank holds the whole gradient, as without sequence p
 Evaluation mode (``model.eval()``) runs plain tensor parallelism: decoding one token at a time
 has no sequence to cut, and nothing is saved for backward there anyway. Every dropout in
 training then acts on a shard (of the sequence or of the heads), so the whole forward draws from
-a stream of its own per tensor rank (``_per_rank_dropout``).
+a stream of its own per tensor rank (``per_rank_dropout``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ from trainer.parallel.tensor import (
     VocabParallelHead,
     apply_tensor_parallel,
     copy_to_tp,
-    restore_rng,
-    seed_per_rank,
+    per_rank_dropout,
 )
 
 SEQ_DIM = 1
@@ -198,23 +197,5 @@ def apply_sequence_parallel(model: nn.Module, tp_plan: dict[str, str], sp_plan: 
     """Tensor parallelism with the sequence-parallel layers, in place; ``sp_plan`` names the
     modules that run on a sequence shard with whole parameters (norms, positions)."""
     apply_tensor_parallel(model, {**sp_plan, **tp_plan}, group, full_vocab=full_vocab, layers=SP_LAYERS)
-    _per_rank_dropout(model, dist.get_rank(group))
+    per_rank_dropout(model, dist.get_rank(group))
     return model
-
-
-def _per_rank_dropout(model: nn.Module, tp_rank: int) -> None:
-    """The whole training forward draws dropout from a stream of its own per tensor rank: every
-    activation is a shard. Activation checkpointing replays it (it saves the generator state at
-    each block's entry, inside this stream)."""
-    saved: list[tuple] = []
-
-    def enter(mod, args):
-        if mod.training:
-            saved.append(seed_per_rank(tp_rank))
-
-    def leave(mod, args, out):
-        if saved:
-            restore_rng(saved.pop())
-
-    model.register_forward_pre_hook(enter)
-    model.register_forward_hook(leave)

@@ -325,3 +325,22 @@ def restore_rng(saved: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda)
+
+
+def per_rank_dropout(model: nn.Module, rank: int) -> None:
+    """The whole training forward of ``model`` draws dropout from a stream of its own per
+    ``rank`` (of the group whose ranks hold different parts of every activation: sequence or
+    context parallelism). Activation checkpointing replays it: it saves the generator state at
+    each block's entry, inside this stream."""
+    saved: list[tuple] = []
+
+    def enter(mod, args):
+        if mod.training:
+            saved.append(seed_per_rank(rank))
+
+    def leave(mod, args, out):
+        if saved:
+            restore_rng(saved.pop())
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave)

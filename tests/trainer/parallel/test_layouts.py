@@ -40,12 +40,16 @@ LAYOUTS = {
     "dp2xtp2-zero2": (4, ["parallel.tp=2", "parallel.zero_stage=2"]),
     "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "dp2xtp2-sp-zero2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
+    "cp2": (2, ["parallel.cp=2"]),
+    "cp2-zero3": (2, ["parallel.cp=2", "parallel.zero_stage=3"]),
+    "dp2xcp2-zero2": (4, ["parallel.cp=2", "parallel.zero_stage=2"]),
     "dp2xpp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
 }
 
 
 def _train(preset: str, args: list[str], run_dir, cache_dir, nproc: int = 1):
-    run_cli(["train", preset, "--run-dir", str(run_dir), *sets(*args)], cache_dir, nproc=nproc)
+    p = run_cli(["train", preset, "--run-dir", str(run_dir), *sets(*args)], cache_dir, nproc=nproc)
+    (run_dir / "stdout.txt").write_text(p.stdout)
     return read_metrics(run_dir)
 
 
@@ -78,7 +82,9 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
     rows, evals = _train(GPT, [*GPT_ARGS, f"data.source={corpus}", *extra], tmp_path / layout, cache_dir, nproc)
     assert_same_run(ref_rows, rows, ref_evals, evals)
     resolved = yaml.safe_load((tmp_path / layout / "config.yaml").read_text())["parallel"]
-    assert resolved["dp"] * resolved["tp"] * resolved["pp"] == nproc
+    assert resolved["dp"] * resolved["tp"] * resolved["pp"] * resolved["cp"] == nproc
+    if resolved["cp"] > 1:  # split for real (whole sequences on every rank would also match)
+        assert "each of 2 ranks holds 16 of every 32 tokens" in (tmp_path / layout / "stdout.txt").read_text()
     # The checkpoint consolidates to the single-process run's weights, whatever its layout
     # (Adam divides by sqrt(v): rounding-level differences grow to ~1e-5 in 6 steps).
     from trainer.checkpoint import load_model_state, resolve

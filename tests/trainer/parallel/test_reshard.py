@@ -23,10 +23,13 @@ LAYOUTS = {
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2": (2, ["parallel.tp=2"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "cp2-zero2": (2, ["parallel.cp=2", "parallel.zero_stage=2"]),
+    "cp2-zero3": (2, ["parallel.cp=2", "parallel.zero_stage=3"]),
 }
 DESCRIBED = {"one": "dp 1, tp 1, pp 1, zero 0", "dp2-zero1": "dp 2, tp 1, pp 1, zero 1",
              "dp2-zero2": "dp 2, tp 1, pp 1, zero 2", "dp2-zero3": "dp 2, tp 1, pp 1, zero 3",
-             "tp2": "dp 1, tp 2, pp 1, zero 0", "tp2xpp2": "dp 1, tp 2, pp 2, zero 0"}
+             "tp2": "dp 1, tp 2, pp 1, zero 0", "tp2xpp2": "dp 1, tp 2, pp 2, zero 0",
+             "cp2-zero2": "dp 1, tp 1, pp 1, cp 2, zero 2", "cp2-zero3": "dp 1, tp 1, pp 1, cp 2, zero 3"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,13 @@ def _assert_same_losses(ref: dict[int, dict], got: dict[int, dict], steps: int) 
 def test_one_to_zero2_to_tp2xpp2_to_one(straight, cache_dir, tmp_path):
     args, ref, _ = straight
     got = _chain(["one", "dp2-zero2", "tp2xpp2", "one"], args, tmp_path / "run", cache_dir)
+    _assert_same_losses(ref, got, 16)
+
+
+def test_context_parallel_zero3_to_one_to_zero2_to_one(straight, cache_dir, tmp_path):
+    """ZeRO partitions over dp · cp ranks: read from and written into context-parallel layouts."""
+    args, ref, _ = straight
+    got = _chain(["cp2-zero3", "one", "cp2-zero2", "one"], args, tmp_path / "run", cache_dir)
     _assert_same_losses(ref, got, 16)
 
 
