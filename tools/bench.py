@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from trainer import comm
+
 # Speed features, each measured on and off against the configuration as given.
 FEATURES: dict[str, list[str]] = {
     "baseline": [],
@@ -198,16 +200,22 @@ def _measure(module, data, cfg, dims, device: torch.device, steps: int, warmup: 
     steady = int(n_tok) / (time.perf_counter() - t0)  # this replica's tokens/s (replicas run in lockstep)
     timer = PhaseTimer(device)
     _comm.update(on=True, calls=0)
+    counter = comm.counter()
+    if counter is not None:
+        counter.take()  # count the timed steps only
     for s in range(warmup + half, warmup + steps):
         timer.start()
         loss, _ = step(s, timer)
     _comm["on"] = False
+    traffic = counter.take() if counter is not None else {}
     if isinstance(source, Prefetcher):
         source.close()
     n_timed = steps - half
     return {"steady": steady, "final_loss": float(loss),
             "ms_per_step": {k: v / n_timed for k, v in timer.ms.items()},
-            "collectives_per_step": _comm["calls"] / n_timed}
+            "collectives_per_step": _comm["calls"] / n_timed,
+            # This rank's collectives per step by group and kind: calls and payload bytes.
+            "comm": {k: {"calls": v["calls"] / n_timed, "bytes": v["bytes"] / n_timed} for k, v in traffic.items()}}
 
 
 def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
@@ -239,6 +247,7 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         # taken out of the phase it happened in.
         "ms_per_step": m["ms_per_step"],
         "collectives_per_step": m["collectives_per_step"],
+        "comm": m["comm"],
         "mfu": m["steady"] * dims.dp / dims.world_size * module.flops_per_token / module.peak_flops,
         "flops_per_token": module.flops_per_token,
         "flops_per_token_6n": whole.flops_per_token(cfg.data.seq_len)[1],

@@ -43,6 +43,10 @@ def setup(cfg: Config) -> Runtime:
     if dims.tp * dims.pp > 1:
         dims.grid  # noqa: B018 (creates the process groups: a collective)
     dims.cp_group  # noqa: B018 (likewise)
+    if dims.world_size > 1:
+        from trainer import comm
+
+        comm.install(dims)
     device = distributed.device()
     host_memory.configure(cfg.train.host_allocator, device)
     return Runtime(cfg, dims, device)

@@ -61,6 +61,9 @@ def init_process_group() -> None:
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend, rank=0, world_size=1)
         return
+    from trainer import comm
+
+    comm.install()  # before DeepSpeed's backend binds torch.distributed's functions
     import deepspeed
 
     # Adopts an existing process group, or creates one from the environment (env://).

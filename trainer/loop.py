@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import comm
 from trainer.callbacks import Callback
 from trainer.config import Config
 from trainer.data.build import Data
@@ -54,6 +55,8 @@ class Trainer:
         self._consecutive_skips = 0
         self.prefetcher = None
         self._said_eval_cap = False
+        self._logged_step = 0
+        self._comm: dict[str, dict[str, int]] = {}  # collectives of the steps since the last row
         self.startup: dict[str, float] = {}
         """Start-up laps for the next logged row (only the first)."""
 
@@ -104,8 +107,17 @@ class Trainer:
         """One optimizer step: (mean loss, target tokens), on the device."""
         source = self.prefetcher or self.data.train
         micro = (source.micro_batch(self.step, m, self.dims.dp_rank) for m in range(self.cfg.train.grad_accum))
+        counter = comm.counter()
+        if counter is not None:
+            counter.take()  # what ran between steps (evaluation, saves, logging) is not the step's
         with sdpa_context(self.cfg.train.sdpa_backend):
-            return self.module.train_batch(micro, getattr(self.data.train, "after_forward", None))
+            out = self.module.train_batch(micro, getattr(self.data.train, "after_forward", None))
+        if counter is not None:
+            for key, v in counter.take().items():
+                acc = self._comm.setdefault(key, {"calls": 0, "bytes": 0})
+                acc["calls"] += v["calls"]
+                acc["bytes"] += v["bytes"]
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -174,6 +186,10 @@ class Trainer:
         n_tokens = int(round(float(self.dims.dp_mean(tokens.float())) * self.dims.dp))
         self.tokens_seen += n_tokens
         tok_s = n_tokens / (time.perf_counter() - since)
+        steps = self.step - self._logged_step
+        self._logged_step = self.step
+        traffic = comm.per_step(self._comm, steps) if self._comm else {}
+        self._comm = {}
         return {
             "step": self.step,
             "loss": mean_loss,
@@ -183,6 +199,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "epoch": self.data.train.epoch_of(self.step),
             **self.module.step_metrics(),
+            **traffic,  # this rank's collectives per step (trainer/comm.py)
         }
 
     def _lap(self, name: str) -> None:
@@ -213,6 +230,7 @@ class Trainer:
                                          self.step, self.cfg.train.steps)
         steps, every = self.cfg.train.steps, self.cfg.train.log_every
         t_last, tokens_window = time.perf_counter(), torch.zeros((), device=self.device, dtype=torch.long)
+        self._logged_step = self.step
         while self.step < steps and self.stop_reason is None:
             for cb in self.callbacks:
                 cb.on_step_start(self)

@@ -68,6 +68,8 @@ def test_bench_under_data_parallelism_times_communication_once_per_step(tiny_cor
     assert 1 <= engine["collectives_per_step"] < 4  # gradients once, plus the non-finite check
     for v in (engine, plain):
         assert v["ms_per_step"]["communication"] > 0
+        # The comm block: the whole fp32 gradient, once per step (a few scalars beside it).
+        assert 0 <= v["comm"]["dp.all_reduce"]["bytes"] - 4 * v["params"] <= 64, v["comm"]
 
 
 @pytest.mark.distributed

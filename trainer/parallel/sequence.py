@@ -14,9 +14,9 @@ The volume is that of the all-reduces it replaces (a ring all-reduce is a reduce
 all-gather). A column-parallel linear keeps only this rank's part of its input for backward and
 gathers it again there (Megatron does the same), so no whole-sequence tensor outlives its layer.
 
-Parameters used on a sequence shard (LayerNorms, positions, the row-parallel bias) see only
-their rank's tokens: their gradients are summed over the tensor group in backward (``copy_to_tp``
-on the parameter), so every rank holds the whole gradient, as without sequence parallelism.
+Parameters used on a sequence shard (LayerNorms, the row-parallel bias) see only their rank's
+tokens: their gradients are summed over the tensor group in backward (``copy_to_tp`` on the
+parameter), so every rank holds the whole gradient, as without sequence parallelism.
 
 Evaluation mode (``model.eval()``) runs plain tensor parallelism: decoding one token at a time
 has no sequence to cut, and nothing is saved for backward there anyway. Every dropout in
@@ -82,6 +82,19 @@ class _ScatterSequence(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         return reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return gather_sequence(g, ctx.group), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    """This rank's part of a replicated tensor forward, the whole gradient gathered backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return sequence_shard(x, group).contiguous()
 
     @staticmethod
     def backward(ctx, g):
@@ -170,7 +183,11 @@ class SequenceParallelNorm(nn.Module):
 
 
 class SequenceParallelPositions(nn.Module):
-    """Learned positions: called with the whole sequence's positions, returns this rank's rows."""
+    """Learned positions: called with the whole sequence's positions, returns this rank's rows.
+
+    Looked up whole and split (Megatron's scatter to the sequence-parallel region): backward
+    gathers the (s, h) gradient, so the table's gradient is whole on every rank without an
+    all-reduce of the table."""
 
     style = "positions"
 
@@ -181,7 +198,7 @@ class SequenceParallelPositions(nn.Module):
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.embedding(pos, self.weight)
-        return F.embedding(sequence_shard(pos[None], self.group)[0], copy_to_tp(self.weight, self.group))
+        return _SplitSequence.apply(F.embedding(pos, self.weight)[None], self.group)[0]
 
 
 SP_LAYERS: dict[str, type[nn.Module]] = {

@@ -83,6 +83,7 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
     assert_same_run(ref_rows, rows, ref_evals, evals)
     resolved = yaml.safe_load((tmp_path / layout / "config.yaml").read_text())["parallel"]
     assert resolved["dp"] * resolved["tp"] * resolved["pp"] * resolved["cp"] == nproc
+    _assert_analytic_traffic(rows[-1], tmp_path / layout)
     if resolved["cp"] > 1:  # split for real (whole sequences on every rank would also match)
         assert "each of 2 ranks holds 16 of every 32 tokens" in (tmp_path / layout / "stdout.txt").read_text()
     # The checkpoint consolidates to the single-process run's weights, whatever its layout
@@ -98,6 +99,25 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
         run_cli(["export", str(tmp_path / layout), "--format", "safetensors", "--out", str(tmp_path / "x")], cache_dir)
         exported = load_file(tmp_path / "x" / "model.safetensors")
         assert len(exported) > 10 and all(torch.equal(exported[k], whole[k]) for k in exported)
+
+
+def _assert_analytic_traffic(row: dict, run_dir) -> None:
+    """Rank 0's counted collectives of the tensor, sequence and context-parallel regions (our
+    own) equal ``trainer/comm_volume.py``'s formulas, to DeepSpeed's few scalars (a gradient
+    norm) on the same groups. DeepSpeed's ZeRO and pipeline traffic is compared, with its
+    differences explained, in docs/benchmarks.md (``python -m tools.bench_comm``)."""
+    from tools.bench_comm import measured
+    from trainer.comm_volume import step_shape, volumes
+    from trainer.config import load_config
+
+    shape = step_shape(load_config(str(run_dir / "config.yaml"), []))
+    got, want = measured(row), volumes(shape)
+    # (With dp 1, DeepSpeed's data group is the cp group: its ZeRO traffic lands on "cp.*".)
+    ours = [k for k in want if k in ("tp.all_reduce", "tp.reduce_scatter", "cp.all_to_all")
+            or (k == "tp.all_gather" and shape.pp == 1)]
+    assert ours or shape.tp * shape.cp == 1
+    for key in ours:
+        assert 0 <= got.get(key, 0) - want[key] <= 16, (key, got, want)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
