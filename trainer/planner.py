@@ -29,12 +29,14 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   context and allocator slack.
 - **Step time**: the exact training FLOPs (``flops_per_token``, a third more with activation
   checkpointing) at ``--efficiency`` of the GPU's dense peak, stretched by the pipeline bubble
-  ``(m + pp - 1) / m``; plus communication, not overlapped (an upper bound): tensor-parallel
-  all-reduces of ``s·b·h`` per block (4 per micro-batch, 6 with recomputation) and data-parallel
-  gradient all-reduce (ZeRO 0-2: ``2(dp-1)/dp`` of the gradient bytes; ZeRO-3: ``3(dp-1)/dp`` of
-  the weight bytes) as rings at the link's bandwidth, inside a node over NVLink, across nodes
-  over the network; pipeline sends of ``s·b·h`` per micro-batch and boundary. MFU is the model's
-  FLOPs (without recomputation) over the step time and the peaks of every GPU.
+  ``(m + pp - 1) / m``; plus communication, not overlapped (an upper bound): the analytic
+  volumes of ``trainer/comm_volume.py`` (tensor-parallel all-reduces of ``s·b·h``, 4 per block
+  and micro-batch, 6 with recomputation, plus the embedding's and the head's; data-parallel
+  gradients, ZeRO 0-2: ``2(dp-1)/dp`` of the gradient bytes, ZeRO-3: ``3(dp-1)/dp``; pipeline
+  sends of ``s·b·h/tp`` per micro-batch and boundary each way, the tied embedding's gradient),
+  the volumes ``trainer/comm.py`` measures, as rings at the link's bandwidth, inside a node
+  over NVLink, across nodes over the network. MFU is the model's FLOPs (without
+  recomputation) over the step time and the peaks of every GPU.
 """
 
 from __future__ import annotations
@@ -167,18 +169,34 @@ def step_time_s(s: Shape, lay: Layout, gpu: Gpu, nodes: int, efficiency: float) 
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
     flops = s.flops_per_token * s.global_batch * s.seq_len * (4 / 3 if lay.activation_checkpointing else 1)
     compute = flops / world / (peak * efficiency) * (m + lay.pp - 1) / m
-    w = s.bytes_per_value
-    intra, inter = gpu.intra_node_gbps * 1e9, gpu.inter_node_gbps * 1e9
+    return compute + comm_time_s(s, lay, gpu, nodes)
+
+
+def comm_time_s(s: Shape, lay: Layout, gpu: Gpu, nodes: int) -> float:
+    """The step's communication, not overlapped: ``trainer/comm_volume.py``'s volumes (what
+    ``trainer/comm.py`` measures) as rings at the link's bandwidth."""
+    from trainer.comm_volume import StepShape, data_group, volumes, wire
+
     layers = -(-s.n_layer // lay.pp)
-    msg = s.seq_len * lay.micro_batch_size * s.d_model * w
-    # Tensor ranks are adjacent (inside a node); data ranks cross nodes when there are several.
-    tp = layers * m * (6 if lay.activation_checkpointing else 4) * 2 * (lay.tp - 1) / lay.tp * msg / intra
-    held = (layers * s.block_params + s.embedding_params) / lay.tp * w
-    link = inter if nodes > 1 else intra
-    dp = (3 if lay.zero_stage == 3 else 2) * (lay.dp - 1) / lay.dp * held / link
-    # Stages share a node when a whole model replica fits in one.
-    pp = 2 * m * msg / (intra if lay.tp * lay.pp <= world // nodes else inter) if lay.pp > 1 else 0.0
-    return compute + tp + dp + pp
+    x = StepShape(n_layer=s.n_layer, d_model=s.d_model, seq_len=s.seq_len, micro_batch=lay.micro_batch_size,
+                  grad_accum=s.global_batch // (lay.dp * lay.micro_batch_size), vocab=s.vocab,
+                  bytes_per_value=s.bytes_per_value,
+                  held_params=(layers * s.block_params + s.embedding_params) // lay.tp,
+                  dp=lay.dp, tp=lay.tp, pp=lay.pp, zero_stage=lay.zero_stage,
+                  activation_checkpointing=lay.activation_checkpointing)
+    payload = volumes(x)
+    sent = wire(x, payload)
+    intra, inter = gpu.intra_node_gbps * 1e9, gpu.inter_node_gbps * 1e9
+    world = lay.dp * lay.tp * lay.pp
+    # Tensor ranks are adjacent (inside a node); data ranks cross nodes when there are several;
+    # stages share a node when a whole model replica fits in one. A boundary's transfers are
+    # on the critical path both ways: the activations forward, their gradients backward.
+    pp_link = intra if lay.tp * lay.pp <= world // nodes else inter
+    p2p = payload.get("pp.send", 0.0) + payload.get("pp.recv", 0.0)
+    tied = sent.get("pp", 0.0) - payload.get("pp.send", 0.0)  # the tied embedding's all-reduce
+    data = data_group(x)
+    dp = sent.get(data, 0.0) / (inter if nodes > 1 else intra) if data else 0.0
+    return sent.get("tp", 0.0) / intra + dp + (p2p + tied) / pp_link
 
 
 def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:

@@ -100,3 +100,25 @@ def test_a_degree_that_does_not_divide_the_gpus_is_one_line(cache_dir):
     assert p.returncode == 2
     assert p.stderr.strip() == ("seqtrain: error: parallel.tp=1 × parallel.pp=3 does not divide 8 GPUs; "
                                 "choose degrees whose product divides the GPU count")
+
+
+def test_step_communication_is_the_measured_volume_at_link_speed():
+    """The planner times ``trainer/comm_volume.py``'s volumes, the ones the parity matrix
+    measures (``test_layouts.py``): tp2 × pp2 inside a node, Megatron's per-layer count."""
+    from trainer.comm_volume import StepShape, volumes, wire
+    from trainer.planner import _gpu, comm_time_s
+
+    gpu = _gpu("h100-80gb")
+    s = Shape(params=0, block_params=1000, embedding_params=500, n_layer=4, d_model=64, vocab=256, seq_len=128,
+              global_batch=8, flops_per_token=0.0, bytes_per_value=2, mixed_precision=True, dropout=False)
+    lay = Layout(dp=1, tp=2, pp=2, zero_stage=0, micro_batch_size=2, activation_checkpointing=False)
+    bsh = 2 * 128 * 64 * 2
+    m, layers = 4, 2  # micro-batches per step, blocks of the first stage
+    # Ring factors at n = 2: all-reduce 2(n-1)/n = 1, all-gather (n-1)/n = 1/2.
+    tp = m * (1 + 4 * layers) * bsh * 1  # all-reduces: embedding, 2 forward + 2 backward per block (no head)
+    tp += m * bsh / 2  # the boundary gradient's halves all-gathered on arrival
+    p2p = 2 * m * bsh / 2 + 256 * 64 * 2 / 2 * 1  # 1/tp each way per micro-batch; the tied embedding
+    x = StepShape(n_layer=4, d_model=64, seq_len=128, micro_batch=2, grad_accum=m, vocab=256, bytes_per_value=2,
+                  held_params=(2 * 1000 + 500) // 2, tp=2, pp=2)
+    assert wire(x, volumes(x))["tp"] == pytest.approx(tp)
+    assert comm_time_s(s, lay, gpu, nodes=1) == pytest.approx((tp + p2p) / (gpu.intra_node_gbps * 1e9))
