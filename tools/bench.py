@@ -54,6 +54,7 @@ def _time_collectives() -> None:
     for name in COLLECTIVES:
         fn = getattr(dist, name)
 
+        @functools.wraps(fn)  # keeps the signature trainer/comm.py reads the payload by
         def timed(*args, _fn=fn, **kwargs):
             if not _comm["on"]:
                 return _fn(*args, **kwargs)

@@ -36,6 +36,7 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "cp2": (2, ["parallel.cp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
+    "pp2-activation-checkpointing": (2, ["parallel.pp=2", "train.activation_checkpointing=true"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "dp2xtp2-zero2": (4, ["parallel.tp=2", "parallel.zero_stage=2"]),
     "dp2xtp2-sp-zero2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"]),
