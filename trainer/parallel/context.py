@@ -22,15 +22,13 @@ decoding one token at a time has nothing to split.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.parallel.sequence import sequence_shard
-from trainer.parallel.tensor import per_rank_dropout
+from trainer.parallel.tensor import conjugate, per_rank_dropout, planned
 
 PLAN = {"wte": "tokens", "wpe": "positions", "*.attn.c_attn": "to_heads", "*.attn.c_proj": "to_tokens",
         "loss_fn": "loss"}
@@ -64,26 +62,8 @@ def heads_to_tokens(x: torch.Tensor, group) -> torch.Tensor:
     return parts.permute(2, 1, 0, 3).reshape(b, s // n, n * c_local)
 
 
-class _TokensToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return tokens_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return heads_to_tokens(g, ctx.group), None
-
-
-class _HeadsToTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return heads_to_tokens(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return tokens_to_heads(g, ctx.group), None
+_TokensToHeads = conjugate(tokens_to_heads, heads_to_tokens)
+_HeadsToTokens = conjugate(heads_to_tokens, tokens_to_heads)
 
 
 # --------------------------------------------------------------------------- layers
@@ -161,13 +141,7 @@ ROLES: dict[str, type[nn.Module]] = {
 def apply_context_parallel(model: nn.Module, group, plan: dict[str, str] = PLAN) -> nn.Module:
     """Swap the modules ``plan`` names for their context-parallel versions, in place; every
     dropout then draws per cp rank (each holds other tokens)."""
-    for name, _ in list(model.named_modules()):
-        role = next((r for pat, r in plan.items() if fnmatch.fnmatchcase(name, pat)), None)
-        if role is None:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        full = getattr(parent, attr)
+    for parent, attr, full, role in planned(model, plan):
         new = ROLES[role](full, group)
         new.train(full.training)
         setattr(parent, attr, new)

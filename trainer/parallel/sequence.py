@@ -38,6 +38,7 @@ from trainer.parallel.tensor import (
     VocabParallelEmbedding,
     VocabParallelHead,
     apply_tensor_parallel,
+    conjugate,
     copy_to_tp,
     per_rank_dropout,
 )
@@ -75,30 +76,14 @@ def sequence_shard(x: torch.Tensor, group) -> torch.Tensor:
     return x.chunk(dist.get_world_size(group), dim=SEQ_DIM)[dist.get_rank(group)]
 
 
-class _ScatterSequence(torch.autograd.Function):
-    """Reduce-scatter forward (leaving a row-parallel region), all-gather backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return gather_sequence(g, ctx.group), None
+def _split_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return sequence_shard(x, group).contiguous()
 
 
-class _SplitSequence(torch.autograd.Function):
-    """This rank's part of a replicated tensor forward, the whole gradient gathered backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return sequence_shard(x, group).contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        return gather_sequence(g, ctx.group), None
+# Leaving a row-parallel region: reduce-scatter forward, all-gather backward.
+_ScatterSequence = conjugate(reduce_scatter_sequence, gather_sequence)
+# This rank's part of a replicated tensor forward, the whole gradient gathered backward.
+_SplitSequence = conjugate(_split_sequence, gather_sequence)
 
 
 class _GatherLinear(torch.autograd.Function):

@@ -16,6 +16,7 @@ split between them, so one block costs two all-reduces forward and two backward.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -36,41 +37,43 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-class _Copy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def conjugate(forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function computing ``forward(x, group)`` and, for the gradient,
+    ``backward(g, group)``: each parallel region is such a pair of collectives (or of one
+    collective and the identity or a slice)."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+    class Region(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
+        @staticmethod
+        def backward(ctx, g):
+            return backward(g, ctx.group), None
 
-class _Reduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    Region.__name__ = Region.__qualname__ = f"Region[{forward.__name__}, {backward.__name__}]"
+    return Region
 
 
-class _Gather(torch.autograd.Function):
-    """All-gather along the last dim forward; keep this rank's slice of the gradient backward."""
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
 
-    @staticmethod
-    def backward(ctx, g):
-        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return g.chunk(n, dim=-1)[r].contiguous(), None
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    """All ranks' ``x`` side by side along the last dim."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _mine_of_last(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
+
+
+_Copy = conjugate(_identity, _all_reduce)
+_Reduce = conjugate(_all_reduce, _identity)
+_Gather = conjugate(_gather_last, _mine_of_last)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
@@ -251,6 +254,20 @@ plans themselves (submodule pattern ► style) are data in each family's spec
 (``trainer/families.py``)."""
 
 
+def planned(model: nn.Module, plan: dict[str, str]) -> Iterator[tuple[nn.Module, str, nn.Module, str]]:
+    """(parent, attribute, module, style) of each submodule ``plan`` names (its first matching
+    pattern), under every name it has; each is looked up when reached, so the caller may
+    replace the ones before."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for name in names:
+        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(name, pat)), None)
+        if style is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        yield parent, attr, getattr(parent, attr), style
+
+
 def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
                           rng_regions: list[tuple[str, str]] = (),
                           full_vocab: int | None = None,
@@ -259,14 +276,7 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, str], group,
     each style; sequence parallelism passes its own), in place."""
     cache: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
     done: dict[int, tuple[nn.Module, nn.Module]] = {}  # a module reachable under two names (shared embeddings) is sharded once
-    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    for name in names:
-        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(name, pat)), None)
-        if style is None:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        full = getattr(parent, attr)
+    for parent, attr, full, style in planned(model, plan):
         if isinstance(full, (*SHARDED, *layers.values())):  # sharded already (a pipeline layer, as it was built)
             continue
         if id(full) in done:
