@@ -59,6 +59,7 @@ class StepShape:
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
     bias: bool = True
+    tied_embeddings: bool = True
 
 
 def volumes(x: StepShape) -> dict[str, float]:
@@ -88,7 +89,8 @@ def volumes(x: StepShape) -> dict[str, float]:
         out["pp.recv"] += m * bsh / x.tp
         if x.tp > 1:
             out["tp.all_gather"] += m * bsh
-        out["pp.all_reduce"] += x.vocab * x.d_model * x.bytes_per_value / x.tp  # tied embedding
+        if x.tied_embeddings:  # the first and last stages' copies of the embedding
+            out["pp.all_reduce"] += x.vocab * x.d_model * x.bytes_per_value / x.tp
     data = data_group(x)
     if data is not None:
         grads = x.held_params * x.bytes_per_value
@@ -146,4 +148,5 @@ def step_shape(cfg) -> StepShape:
         n_layer=m.n_layer, d_model=m.d_model, seq_len=cfg.data.seq_len, micro_batch=t.micro_batch_size,
         grad_accum=t.grad_accum, vocab=m.vocab_size, bytes_per_value=4 if t.precision == "fp32" else 2,
         held_params=held, dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, zero_stage=p.zero_stage,
-        sequence_parallel=p.sequence_parallel, activation_checkpointing=t.activation_checkpointing, bias=m.bias)
+        sequence_parallel=p.sequence_parallel, activation_checkpointing=t.activation_checkpointing, bias=m.bias,
+        tied_embeddings=m.tie_embeddings)
