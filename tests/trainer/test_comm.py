@@ -13,6 +13,7 @@ from tests.trainer.parallel.test_tensor import _spawn
 from trainer.comm import CommCounter
 from trainer.comm_volume import StepShape, volumes, wire
 from trainer.parallel import ParallelDims
+from trainer.parallel.sequence import gather_sequence  # imported before the counter installs
 
 pytestmark = pytest.mark.distributed
 
@@ -23,6 +24,7 @@ def _counts(rank: int, world: int) -> None:
         x = torch.ones(6)  # 24 bytes
         dist.all_reduce(tensor=x)  # by keyword, as DeepSpeed calls it
         dist.all_gather_into_tensor(torch.empty(12), x)  # deprecated: forwards to all_gather_single
+        gather_sequence(torch.ones(1, 2, 3), dist.group.WORLD)  # (1, 4, 3) fp32 gathered: 48 bytes
         dist.reduce_scatter_single(torch.empty(3), x)
         dist.all_to_all_single(torch.empty(6), x)
         if rank == 0:
@@ -37,7 +39,7 @@ def _counts(rank: int, world: int) -> None:
     finally:
         counter.uninstall()
     p2p = {"tp.send": {"calls": 1, "bytes": 24}} if rank == 0 else {"tp.recv": {"calls": 1, "bytes": 24}}
-    assert got == {"tp.all_reduce": {"calls": 1, "bytes": 24}, "tp.all_gather": {"calls": 1, "bytes": 48},
+    assert got == {"tp.all_reduce": {"calls": 1, "bytes": 24}, "tp.all_gather": {"calls": 2, "bytes": 96},
                    "tp.reduce_scatter": {"calls": 1, "bytes": 24}, "tp.all_to_all": {"calls": 1, "bytes": 24},
                    **p2p}
     assert counter.take() == {}  # take resets

@@ -46,10 +46,17 @@ from trainer.parallel.tensor import (
 SEQ_DIM = 1
 """Activations are (batch, sequence, hidden)."""
 
-# The one-tensor collectives (NCCL's own all-gather and reduce-scatter; gloo has them too)
-# under their torch ≥ 2.13 names, where older releases call them *_into_tensor / *_tensor.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    # The one-tensor collectives (NCCL's own; gloo has them too) under their torch ≥ 2.13
+    # names, where older releases say *_into_tensor / *_tensor. Looked up at each call, so
+    # the communication counter (trainer/comm.py) sees them whenever it was installed.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
 
 # --------------------------------------------------------------------------- collectives
 
