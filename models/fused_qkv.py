@@ -58,6 +58,13 @@ def legacy_names(names: Sequence[str], family: str) -> dict[str, tuple[str, ...]
     return out
 
 
+def upgrade_for(sd: Mapping[str, torch.Tensor], model_cfg) -> dict[str, torch.Tensor]:
+    """``upgrade`` for a model of config ``model_cfg`` (families without attention as they are)."""
+    if not hasattr(model_cfg, "n_head"):
+        return dict(sd)
+    return upgrade(sd, model_cfg.family, model_cfg.d_model // model_cfg.n_head)
+
+
 def upgrade(sd: Mapping[str, torch.Tensor], family: str, head_dim: int) -> dict[str, torch.Tensor]:
     """A state dict (weights, or any per-parameter tensors such as Adam's moments) of a checkpoint
     from before the fusion, under today's names and layout; unchanged when it has none."""

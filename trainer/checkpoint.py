@@ -303,10 +303,9 @@ def layout_of(cfg) -> dict[str, int]:
     """What DeepSpeed's own loader needs unchanged to reload its shards (dp only matters where
     ZeRO partitions by it); any other change of layout goes through ``reshard``."""
     p = cfg.parallel
-    cp = getattr(p, "cp", 1)
     # ZeRO partitions over dp · cp ranks (parallel/dims.py).
     return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, **({"dp": p.dp} if p.zero_stage else {}),
-            **({"cp": cp} if cp > 1 else {})}
+            **({"cp": p.cp} if p.cp > 1 else {})}
 
 
 NOT_SHAPE = {"dropout", "label_smoothing", "init_std"}
@@ -379,10 +378,7 @@ def _model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, whatever its layout (consolidated on the CPU), under
     today's names (a checkpoint from before the q/k/v fusion is fused)."""
-    from models.fused_qkv import upgrade
-
-    state, m = _model_state(ckpt), saved_config(ckpt).model
-    return upgrade(state, m.family, m.d_model // m.n_head) if hasattr(m, "n_head") else state
+    return fused_qkv.upgrade_for(_model_state(ckpt), saved_config(ckpt).model)
 
 
 # --------------------------------------------------------------------------- safe loading

@@ -10,7 +10,7 @@ training traffic).
 
 Bytes are each call's **payload**: the tensor of an all-reduce, broadcast or send, the whole
 gathered output of an all-gather, the whole input of a reduce-scatter, this rank's input of an
-all-to-all. What a ring puts on each link follows from it (``wire_factor``); the analytic
+all-to-all. What a ring puts on each link follows from it (``WIRE``); the analytic
 volumes (``trainer/comm_volume.py``) are payloads too, so the two compare directly.
 
 Groups are named by the axes their ranks differ along (``ParallelDims``): ``tp``, ``dp``,
@@ -109,10 +109,9 @@ class CommCounter:
             return "world"
         if self.dims is None:
             return f"group{len(ranks)}"
-        d = self.dims
-        coords = [(r // (d.tp * d.cp * d.dp), r // (d.tp * d.cp) % d.dp, r // d.tp % d.cp, r % d.tp) for r in ranks]
+        coords = [self.dims.coordinates(r) for r in ranks]
         varies = [name for i, name in enumerate(("pp", "dp", "cp", "tp")) if len({c[i] for c in coords}) > 1]
-        if len(varies) > 1 and len(ranks) == d.world_size and not set(varies) <= {"dp", "cp"}:
+        if len(varies) > 1 and len(ranks) == self.dims.world_size and not set(varies) <= {"dp", "cp"}:
             return "world"
         return "+".join(varies) or "self"
 

@@ -32,6 +32,7 @@ under ZeRO-2, scalars) is measured and explained in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -112,11 +113,8 @@ def data_group(x: StepShape) -> str | None:
 
 
 def group_size(x: StepShape, group: str) -> int:
-    sizes = {"self": 1, "tp": x.tp, "pp": x.pp, "cp": x.cp, "dp": x.dp}
-    n = 1
-    for axis in ("world" if group == "world" else group).split("+"):
-        n *= x.dp * x.tp * x.pp * x.cp if axis == "world" else sizes[axis]
-    return n
+    sizes = {"self": 1, "tp": x.tp, "pp": x.pp, "cp": x.cp, "dp": x.dp, "world": x.dp * x.tp * x.pp * x.cp}
+    return math.prod(sizes[axis] for axis in group.split("+"))
 
 
 def wire(x: StepShape, payloads: dict[str, float]) -> dict[str, float]:

@@ -75,7 +75,12 @@ class ParallelDims:
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.dp * self.cp)
+
+    def coordinates(self, rank: int) -> tuple[int, int, int, int]:
+        """(pp, dp, cp, tp) coordinates of any ``rank`` of this layout."""
+        other = ParallelDims(self.dp, self.tp, self.pp, rank, self.cp)
+        return other.pp_rank, other.dp_rank, other.cp_rank, other.tp_rank
 
     @cached_property
     def grid(self):

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from models.fused_qkv import upgrade_for
 from trainer.checkpoint import safe_load
 from trainer.errors import CheckpointError
 from trainer.parallel.consolidate import merge_tensor_parallel, shard_dim
@@ -89,16 +90,11 @@ def read(ckpt: Path, cfg, keys: tuple[str, ...] = KEYS) -> LayoutFreeState:
         per_tp.append(merged)
     if len(steps) != 1:
         raise CheckpointError(f"{ckpt}: ranks disagree on Adam's step count {sorted(steps)}")
-    tensors = {k: _today(merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family), cfg.model) for k in keys}
+    # Weights and Adam's moments of a checkpoint from before the q/k/v fusion under today's
+    # names (fusing is a permutation of rows, elementwise exact).
+    tensors = {k: upgrade_for(merge_tensor_parallel([r[k] for r in per_tp], cfg.model.family), cfg.model)
+               for k in keys}
     return LayoutFreeState(tensors, steps.pop(), safe_load(_model_states_file(ckpt, p.zero_stage, 0)))
-
-
-def _today(tensors: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
-    """Per-parameter tensors of a checkpoint from before the q/k/v fusion under today's names:
-    weights and Adam's moments alike (fusing is a permutation of rows, elementwise exact)."""
-    from models.fused_qkv import upgrade
-
-    return upgrade(tensors, m.family, m.d_model // m.n_head) if hasattr(m, "n_head") else tensors
 
 
 def _model_states_file(ckpt: Path, stage: int, mp: int) -> Path:

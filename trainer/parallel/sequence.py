@@ -142,10 +142,7 @@ class SequenceParallelEmbedding(VocabParallelEmbedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(ids)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
-        return _ScatterSequence.apply(out, self.group)
+        return _ScatterSequence.apply(self.partial(ids), self.group)
 
 
 class SequenceParallelHead(VocabParallelHead):

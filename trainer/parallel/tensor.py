@@ -178,10 +178,13 @@ class VocabParallelEmbedding(nn.Module):
         self.start = dist.get_rank(group) * self.weight.shape[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp(self.partial(ids), self.group)
+
+    def partial(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the vectors (zeros for ids outside its range), before the sum."""
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.group)
+        return F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
 
 
 class VocabParallelHead(nn.Module):
