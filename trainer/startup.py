@@ -42,4 +42,6 @@ class Stopwatch:
 
     def line(self) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.laps.items())
-        return f"first step {self.total():.2f} s after the process started ({parts})"
+        # The total as ``metrics`` rounds it: formatting the raw value could round the other way
+        # (2.61495 prints 2.61 while the row's 2.615 prints 2.62).
+        return f"first step {round(self.total(), 3):.2f} s after the process started ({parts})"
