@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 
-from trainer import comm
+from trainer import distributed
+from trainer.accounting import comm
+from trainer.accounting.flops import measured_peak, peak_flops
+from trainer.build import build_data, build_model, build_module, setup, whole_model
+from trainer.config import load_config
+from trainer.data.prefetch import Prefetcher
+from trainer.engine.initialize import build_optimizer, build_scheduler
+from trainer.engine.train_module import count_targets, model_loss
+from trainer.errors import SeqtrainError
+from trainer.launch import python_launcher
+from trainer.loop import sdpa_context
 
 # Speed features, each measured on and off against the configuration as given.
 FEATURES: dict[str, list[str]] = {
@@ -54,7 +64,7 @@ def _time_collectives() -> None:
     for name in COLLECTIVES:
         fn = getattr(dist, name)
 
-        @functools.wraps(fn)  # keeps the signature trainer/comm.py reads the payload by
+        @functools.wraps(fn)  # keeps the signature trainer/accounting/comm.py reads the payload by
         def timed(*args, _fn=fn, **kwargs):
             if not _comm["on"]:
                 return _fn(*args, **kwargs)
@@ -86,9 +96,6 @@ class PlainLoop:
     hand; no tensor or pipeline parallelism)."""
 
     def __init__(self, cfg, model: torch.nn.Module, dims, device: torch.device) -> None:
-        from trainer.engine import build_optimizer, build_scheduler
-        from trainer.flops import peak_flops
-
         self.cfg, self.model, self.dims, self.device = cfg, model, dims, device
         self.opt = build_optimizer(model, cfg)
         self.sched = build_scheduler(self.opt, cfg)
@@ -100,14 +107,10 @@ class PlainLoop:
             # autocast (DeepSpeed's bf16 instead keeps bf16 weights with an fp32 master copy).
             self.autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
         elif cfg.train.precision == "fp16":
-            from trainer.errors import SeqtrainError
-
             raise SeqtrainError("seqtrain bench: the plain loop runs fp32 and bf16, not fp16 "
                                 "(it has no loss scaler); bench train.precision=bf16 instead")
 
     def train_batch(self, micro_batches, on_output=None, mark=lambda phase: None):
-        from trainer.train_module import count_targets, model_loss
-
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device, dtype=torch.long)
@@ -174,9 +177,6 @@ class PhaseTimer:
 def _measure(module, data, cfg, dims, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     """Warm-up steps, then half the steps as the loop runs them (a host sync only at the logging
     cadence) for tokens/s, then the other half synchronised at every phase boundary."""
-    from trainer.data.prefetch import Prefetcher
-    from trainer.loop import sdpa_context
-
     t = cfg.train
     on_output = getattr(data.train, "after_forward", None)
     source = (Prefetcher(data.train, dims.dp_rank, t.grad_accum, 0, steps + warmup)
@@ -221,10 +221,6 @@ def _measure(module, data, cfg, dims, device: torch.device, steps: int, warmup: 
 
 def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
     """One variant in this process: the trainer's own builders, then ``_measure``."""
-    from trainer import distributed
-    from trainer.build import build_data, build_model, build_module, setup, whole_model
-    from trainer.config import load_config
-
     cfg = load_config(config, [*overrides, "tracking.enabled=false", f"train.steps={steps + warmup}"])
     if distributed.world_size() > 1:
         _time_collectives()  # before DeepSpeed initialises (it keeps references)
@@ -261,9 +257,6 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
 def _with_cpu_peak(config: str, overrides: list[str]) -> list[str]:
     """One CPU peak per precision for every variant: each worker probing its own would add
     noise to MFU."""
-    from trainer.config import load_config
-    from trainer.flops import measured_peak
-
     t = load_config(config, overrides).train
     if t.peak_tflops is not None or torch.cuda.is_available():
         return overrides
@@ -282,15 +275,11 @@ def failure_line(stderr: str) -> str:
 
 def run_variant(variant: str, config: str, overrides: list[str], steps: int, warmup: int,
                 nproc: int = 1) -> dict[str, Any]:
-    from trainer.launch import python_launcher
-
     overrides = _with_cpu_peak(config, overrides)
     cmd = [*python_launcher(nproc), "-m", "tools.bench", "worker", "--variant", variant, config,
            "--steps", str(steps), "--warmup", str(warmup), *(a for o in overrides for a in ("--set", o))]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if p.returncode != 0:
-        from trainer.errors import SeqtrainError
-
         raise SeqtrainError(f"bench worker ({variant} {' '.join(overrides)}) exited {p.returncode}: "
                             f"{failure_line(p.stderr)}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -300,8 +289,6 @@ def _variants(config: str, overrides: list[str], plain_overrides: list[str],
               features: bool) -> dict[str, tuple[str, list[str]]]:
     """Name ► (worker variant, overrides). The plain loop is data-parallel only: a layout with
     tensor or pipeline parallelism benches the trainer alone."""
-    from trainer.config import load_config
-
     p = load_config(config, overrides).parallel
     variants: dict[str, tuple[str, list[str]]] = {"engine": ("engine", overrides)}
     if p.tp * p.pp == 1:
@@ -399,7 +386,6 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
     result = worker(a.variant, a.config, a.overrides, a.steps, a.warmup)
-    from trainer import distributed
 
     if distributed.rank() == 0:
         print(json.dumps(result), flush=True)

@@ -23,6 +23,8 @@ from models.gpt import GPTConfig
 from trainer.config import load_config
 from trainer.distributed import free_port
 from trainer.families import FAMILIES
+from trainer.parallel.sequence import apply_sequence_parallel
+from trainer.parallel.tensor import apply_tensor_parallel
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
@@ -48,10 +50,7 @@ def _model(cfg: GPTConfig, layout: str) -> torch.nn.Module:
         return model
     spec = FAMILIES["gpt"]
     if layout.endswith("+ sp"):
-        from trainer.parallel.sequence import apply_sequence_parallel
-
         return apply_sequence_parallel(model, spec.tp_plan, spec.sp_plan, dist.group.WORLD, cfg.vocab_size)
-    from trainer.parallel.tensor import apply_tensor_parallel
 
     return apply_tensor_parallel(model, spec.tp_plan, dist.group.WORLD, spec.tp_rng_regions, cfg.vocab_size)
 

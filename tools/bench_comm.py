@@ -5,7 +5,7 @@
 Trains the parity matrix's tiny GPT (``tests/trainer/parallel/test_layouts.py``'s shape: 4
 blocks, d 32, 2 heads, vocabulary 320, 32-token windows, micro-batch 2, global batch 8, fp32)
 for 4 steps in each layout, reads rank 0's counted collectives per step from the last metrics
-row (``trainer/comm.py``) and prints them beside ``trainer/comm_volume.py``'s formulas for
+row (``trainer/accounting/comm.py``) and prints them beside ``trainer/accounting/comm_volume.py``'s formulas for
 the same layout, per process group and kind.
 """
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.comm_volume import StepShape, step_shape, volumes, wire
+from trainer.accounting.comm_volume import StepShape, step_shape, volumes, wire
 from trainer.config import load_config
 from trainer.launch import torchrun
 

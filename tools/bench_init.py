@@ -17,6 +17,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from trainer.build import build_data, build_model, setup, whole_model
+from trainer.callbacks import memory
+from trainer.config import load_config
+from trainer.startup import Stopwatch
+
 
 def kept_mb(model: torch.nn.Module) -> float:
     """Parameter bytes this rank holds (a ZeRO-3 parameter's partition, not its empty shell)."""
@@ -24,11 +29,6 @@ def kept_mb(model: torch.nn.Module) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer import memory
-    from trainer.build import build_data, build_model, setup, whole_model
-    from trainer.config import load_config
-    from trainer.startup import Stopwatch
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.accounting.planner import RUNTIME_BYTES, Layout, memory_bytes, shape_of
+from trainer.config import load_config
 from trainer.launch import torchrun
 
 PRESET = "configs/gpt/gpt2-124m.yaml"
@@ -52,9 +54,6 @@ def measure(name: str, steps: int, work: Path) -> list[dict]:
 
 
 def predict(name: str) -> dict[str, float]:
-    from trainer.config import load_config
-    from trainer.planner import RUNTIME_BYTES, Layout, memory_bytes, shape_of
-
     dp, tp, pp, zero, ac = LAYOUTS[name]
     cfg = load_config(PRESET, overrides(dp, tp, pp, zero, ac, 1))
     m = memory_bytes(shape_of(cfg), Layout(dp, tp, pp, zero, 4, ac))

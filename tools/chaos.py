@@ -1,7 +1,7 @@
 """Chaos run: train under a schedule of injected faults, restarting the way a cluster does, and
 compare the final weights with a fault-free run of the same config.
 
-Faults come from ``SEQTRAIN_FAULT`` (``trainer/faults.py``; each fires once per run directory).
+Faults come from ``SEQTRAIN_FAULT`` (``trainer/callbacks/faults.py``; each fires once per run directory).
 Each launch is ``torchrun --max-restarts`` (crashes and hangs: the agent restarts the workers,
 which resume from the last checkpoint); a launch that ends cleanly before the last step (a
 SIGTERM/SIGUSR1 stop, as before a preemption) is launched again, as a Slurm requeue would.
@@ -19,13 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import load_model_state
+from trainer.config import load_config
+from trainer.launch import torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _launch(config: str, run_dir: Path, overrides: list[str], nproc: int, env: dict[str, str],
             max_restarts: int) -> subprocess.CompletedProcess:
-    from trainer.launch import torchrun
-
     cmd = [*torchrun(nproc, max_restarts=max_restarts), "-m", "trainer", "train", config,
            "--run-dir", str(run_dir), *(a for o in overrides for a in ("--set", o))]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
@@ -42,9 +44,6 @@ def chaos_run(config: str, overrides: list[str], faults: str, run_dir: Path, ref
     import os
 
     import torch
-
-    from trainer.checkpoint import load_model_state
-    from trainer.config import load_config
 
     steps = load_config(config, overrides).train.steps
     base = {**(env or os.environ), "PYTHONPATH": str(REPO)}

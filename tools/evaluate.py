@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from trainer import checkpoint
-from trainer.config import Config, load_config
+from trainer.callbacks.checkpointing import FINISHED
+from trainer.callbacks.tracking import open_run
+from trainer.config import Config, TrackingConfig, load_config
+from trainer.data import prepare
+from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
+from trainer.evaluation.inference import encode_sources, load_for_inference, translate_ids
 from trainer.families import spec
 
 if TYPE_CHECKING:
@@ -85,7 +90,6 @@ def _lm_tokens(run_dir: Path, cfg: Config, tok, text_file: str | None, data: str
             raise DataError(f"--text-file {text_file}: no such file")
         return np.array(tok.encode(p.read_text(encoding="utf-8", errors="replace"),
                                    add_special_tokens=False).ids, dtype=np.int64)
-    from trainer.data import prepare
 
     data_cfg = (load_config(data).data if data else cfg.data).model_copy(deep=True)
     # Never a tokenizer trained anew here: the model only knows the run's own.
@@ -97,8 +101,6 @@ def _lm_tokens(run_dir: Path, cfg: Config, tok, text_file: str | None, data: str
 def _pairs(cfg: Config, data: str | None, split: str, limit: int) -> list[tuple[str, str]]:
     """Pairs to translate: a ``.tsv``/``.jsonl`` file, or ``split`` of a config's data (``--data``)
     or of the run's own (official files where the config names them, else its hash slices)."""
-    from trainer.data.seq2seq import read_pair_file, read_splits
-
     if data and Path(data).suffix in (".tsv", ".jsonl"):
         return read_pair_file(cfg.data, data, None, "--data")[:limit]
     data_cfg = load_config(data).data if data else cfg.data
@@ -115,8 +117,6 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
                         harness: Harness | None = None) -> dict[str, Any]:
     """Metrics of one checkpoint: lm-eval tasks with ``harness``, else perplexity and bits
     (language models) or BLEU/chrF (sequence-to-sequence)."""
-    from trainer.inference import load_for_inference
-
     ckpt = checkpoint.resolve(path)
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt),
@@ -142,8 +142,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
                          samples: int) -> dict[str, Any]:
     """Exact match, BLEU and chrF of the decoded (detokenized) outputs against the references."""
-    from trainer.inference import encode_sources, translate_ids
-    from trainer.metrics import text_metrics
+    from trainer.evaluation.metrics import text_metrics
 
     eos = tgt_tok.token_to_id(EOS)
     src = encode_sources(src_tok, [s for s, _ in pairs], eos)
@@ -172,8 +171,6 @@ def evaluate_run(run_dir: str | Path, follow: bool = False, every_seconds: float
     appended), a curve PNG and MLflow metrics. Rows already there for the same checkpoint and
     settings are not scored again. With ``follow``, keep watching for new checkpoints until
     the run has written ``finished.json`` and every checkpoint is scored."""
-    from trainer.callbacks import FINISHED
-
     run_dir = Path(run_dir)
     results_file = run_dir / "eval" / "results.jsonl"
     settings = _settings(kw)
@@ -263,9 +260,6 @@ def _log_mlflow(run_dir: Path, results: list[dict[str, Any]], png: Path) -> None
     """Metrics ``eval/<name>`` at each checkpoint's step, into the training run when it has one."""
     import mlflow
     import yaml
-
-    from trainer.config import TrackingConfig
-    from trainer.tracking import open_run
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     tracking = TrackingConfig.model_validate(cfg.get("tracking", {}))

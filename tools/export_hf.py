@@ -14,7 +14,9 @@ from torch import nn
 
 from models.fused_qkv import fuse, unfuse
 from trainer import checkpoint
+from trainer.data.tokenizer import EOS, PAD, UNK
 from trainer.errors import SeqtrainError
+from trainer.evaluation.inference import load_for_inference
 
 # Our ``model.activation`` ► transformers' ``activation_function`` (GPT-2's own is ``gelu_new``).
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
@@ -73,9 +75,6 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> dict[str, float]:
     ``PreTrainedTokenizerFast`` to ``out``; reload it and return the logit difference."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    from trainer.data.tokenizer import EOS, PAD, UNK
-    from trainer.inference import load_for_inference
-
     model, tok, _, cfg = load_for_inference(ckpt_path)
     c = cfg.model
     if c.family != "gpt":  # by name, on purpose: the GPT-2 format holds our GPT and nothing else
@@ -126,8 +125,6 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> dict[str, float]:
 def export_safetensors(ckpt_path: str | Path, out: str | Path) -> Path:
     """Full fp32 weights of any family and layout (ZeRO-3 included) as one safetensors file."""
     from safetensors.torch import save_model
-
-    from trainer.inference import load_for_inference
 
     model, _, _, _ = load_for_inference(ckpt_path)
     out = Path(out)

@@ -37,6 +37,13 @@ from typing import Any
 
 import torch
 
+import models
+from tools.bench import run_variant
+from tools.export_hf import HF_ACTIVATION, gpt_to_gpt2_state_dict
+from trainer.accounting.flops import cpu_model
+from trainer.accounting.planner import RUNTIME_BYTES, Layout, memory_bytes, shape_of
+from trainer.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 GPU = {"config": "configs/gpt/gpt2-124m.yaml", "steps": 10, "warmup": 3,
        "set": ["train.precision=bf16", "train.compile=false", "train.micro_batch_size=8",
@@ -49,8 +56,6 @@ RUNS = {"base": [], "compile": ["train.compile=true"], "zero2": ["parallel.zero_
 
 
 def _bench_runs(spec: dict) -> dict[str, dict]:
-    from tools.bench import run_variant
-
     return {name: run_variant("engine", spec["config"], [*spec["set"], *extra], spec["steps"], spec["warmup"])
             for name, extra in RUNS.items()}
 
@@ -60,9 +65,6 @@ def _throughput(r: dict) -> dict:
 
 
 def _planner(spec: dict, runs: dict[str, dict]) -> dict:
-    from trainer.config import load_config
-    from trainer.planner import RUNTIME_BYTES, Layout, memory_bytes, shape_of
-
     out = {}
     for name, extra in RUNS.items():
         if name == "compile":
@@ -78,9 +80,6 @@ def _planner(spec: dict, runs: dict[str, dict]) -> dict:
 
 
 def _model_and_batch(spec: dict, device: torch.device):
-    import models
-    from trainer.config import load_config
-
     cfg = load_config(spec["config"], spec["set"])
     c = cfg.model.model_copy(update={"vocab_size": 50304 if "gpt2" in spec["config"] else 512, "dropout": 0.0})
     model = models.build(c, seed=0).to(device)
@@ -128,8 +127,6 @@ def _adamw(spec: dict, device: torch.device) -> dict:
 def _hf_export(spec: dict, device: torch.device) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tools.export_hf import HF_ACTIVATION, gpt_to_gpt2_state_dict
-
     model, x, _, c = _model_and_batch(spec, device)
     model.eval()
     hf = GPT2LMHeadModel(GPT2Config(
@@ -161,8 +158,6 @@ def _attempt(results: dict, name: str, fn: Callable[[], dict]) -> None:
 
 
 def run(out: Path, dry_run: bool) -> dict:
-    from trainer.flops import cpu_model
-
     cuda = torch.cuda.is_available() and not dry_run
     spec = GPU if cuda else DRY
     device = torch.device("cuda" if cuda else "cpu")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from models import GPTConfig, build
+from tools.export_hf import gpt2_to_gpt_state_dict
+from trainer.config import Config
 from trainer.errors import CheckpointError
 
 # transformers' ``activation_function`` ► our ``model.activation``: both of transformers' tanh GELUs
@@ -19,10 +22,6 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu"
 def import_hf(hf_dir: str | Path, out: str | Path, name: str | None = None) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoConfig, GPT2LMHeadModel
-
-    from models import GPTConfig, build
-    from tools.export_hf import gpt2_to_gpt_state_dict
-    from trainer.config import Config
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").is_file():

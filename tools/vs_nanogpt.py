@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.accounting.flops import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs/gpt/nanogpt-char.yaml"
 DEFAULT_NANOGPT = REPO.parent / "shared/anchors/nanogpt/run.sh"
@@ -84,8 +86,6 @@ def compare(text: Path, pairs: int, script: Path, extra: list[str]) -> dict:
 
 
 def machine() -> str:
-    from trainer.flops import cpu_model
-
     return f"{os.cpu_count()} CPUs, {cpu_model()}"
 
 

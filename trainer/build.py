@@ -15,12 +15,21 @@ import torch
 
 import models
 from trainer import checkpoint, distributed, host_memory
+from trainer.accounting import comm
+from trainer.accounting.flops import PeakFlops
 from trainer.config import Config
 from trainer.data.build import Data, build_data
-from trainer.engine import uses_deepspeed
+from trainer.deepspeed_private import zero3_partitioner
+from trainer.engine.initialize import deepspeed_config, initialize, uses_deepspeed
 from trainer.parallel import ParallelDims
+from trainer.parallel import materialize as mat
+from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+from trainer.parallel.context import apply_context_parallel
+from trainer.parallel.pipeline import gpt_pipeline, single_device_name
+from trainer.parallel.sequence import apply_sequence_parallel
+from trainer.parallel.tensor import apply_tensor_parallel
 
-__all__ = ["Data", "Runtime", "build_data", "build_model", "build_module", "reference_model", "setup"]
+__all__ = ["Data", "Runtime", "build_data", "build_model", "build_module", "setup"]
 
 
 class Runtime(NamedTuple):
@@ -44,27 +53,10 @@ def setup(cfg: Config) -> Runtime:
         dims.grid  # noqa: B018 (creates the process groups: a collective)
     dims.cp_group  # noqa: B018 (likewise)
     if dims.world_size > 1:
-        from trainer import comm
-
         comm.install(dims)
     device = distributed.device()
     host_memory.configure(cfg.train.host_allocator, device)
     return Runtime(cfg, dims, device)
-
-
-def reference_model(cfg: Config) -> torch.nn.Module:
-    """The whole single-device model on the meta device (no memory, no init): for parameter
-    counts and FLOPs when this rank holds only a shard or a stage of it, and for the scaling
-    planner.
-
-    Built under ``torch.device("meta")`` (``materialize.on_meta``), not accelerate's
-    ``init_empty_weights``: that one re-registers every parameter as it is assigned, which unties
-    tied weights (the GPT's head and embedding), so tied models would count their embedding twice.
-    """
-    from trainer.parallel.materialize import on_meta
-
-    with on_meta():
-        return models.build(cfg.model, seed=cfg.train.seed)
 
 
 def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
@@ -72,9 +64,6 @@ def _stage(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
     slices as soon as it is built: a rank holds its slices and one whole layer, never its stage
     (DeepSpeed's ``PipelineModule`` moves and synchronises layers as it builds them, which meta
     tensors cannot do). With ``train.init_from`` the stage is built whole, loaded, then cut."""
-    from trainer.parallel.pipeline import gpt_pipeline, single_device_name
-    from trainer.parallel.tensor import apply_tensor_parallel
-
     def shard(layer: torch.nn.Module) -> None:
         apply_tensor_parallel(layer, cfg.family.tp_plan, dims.tp_group)
         host_memory.release_freed_memory()  # the whole layer's pages (materialize.py says why)
@@ -93,17 +82,11 @@ def _parallelize(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> Non
     parameter's name, so checkpoints and the initial values do not depend on them."""
     spec = cfg.family
     if cfg.parallel.sequence_parallel:
-        from trainer.parallel.sequence import apply_sequence_parallel
-
         apply_sequence_parallel(model, spec.tp_plan, spec.sp_plan, dims.tp_group, getattr(cfg.model, spec.head_vocab))
     elif dims.tp > 1:
-        from trainer.parallel.tensor import apply_tensor_parallel
-
         apply_tensor_parallel(model, spec.tp_plan, dims.tp_group, spec.tp_rng_regions,
                               getattr(cfg.model, spec.head_vocab))
     if dims.cp > 1:
-        from trainer.parallel.context import apply_context_parallel
-
         apply_context_parallel(model, dims.cp_group)
         if dims.rank == 0:
             n = cfg.data.seq_len
@@ -115,8 +98,6 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
     """The model built on the meta device, tensor-parallel there, then materialised one
     parameter at a time: this rank's slices, and under ZeRO-3 its partition of them
     (``trainer/parallel/materialize.py``)."""
-    from trainer.parallel import materialize as mat
-
     with mat.on_meta():
         model = models.build(cfg.model, seed=cfg.train.seed)
     _parallelize(cfg, dims, model)
@@ -129,9 +110,6 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
         values = lambda name, shape: stored[source[name]]  # noqa: E731
     dtype, partition = None, None
     if cfg.parallel.zero_stage == 3:
-        from trainer.deepspeed_private import zero3_partitioner
-        from trainer.engine import deepspeed_config
-
         # DeepSpeed casts a model it partitions itself; one partitioned here it takes as it is.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         partition = zero3_partitioner(deepspeed_config(cfg), dims.dp_group)
@@ -141,11 +119,9 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
 def _initial_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
     """This rank's part of the model with its initial weights (name-seeded, or
     ``train.init_from``'s); a resumed run then overrides them from its checkpoint."""
-    from trainer.parallel.materialize import supported
-
     if dims.pp > 1:
         model = _stage(cfg, dims)
-    elif (dims.tp > 1 or cfg.parallel.zero_stage == 3) and supported(cfg.family.model):
+    elif (dims.tp > 1 or cfg.parallel.zero_stage == 3) and mat.supported(cfg.family.model):
         model = _sharded(cfg, dims, device)
     else:  # the rank keeps the whole model (or a small recurrent baseline): built whole
         model = models.build(cfg.model, seed=cfg.train.seed)
@@ -171,7 +147,6 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
     torch.manual_seed(cfg.train.seed)
     model = model.to(device)
     if cfg.train.activation_checkpointing and dims.pp == 1:  # the pipeline checkpoints its own layers
-        from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, cfg.family.blocks)
     if cfg.train.compile:
@@ -185,15 +160,12 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
 def whole_model(cfg: Config, model: torch.nn.Module, dims: ParallelDims) -> torch.nn.Module:
     """The whole model for counts and FLOPs: ``model`` itself, or its meta-device reference
     when this rank holds only a shard, a stage or a ZeRO-3 partition."""
-    return reference_model(cfg) if dims.tp * dims.pp > 1 or cfg.parallel.zero_stage == 3 else model
+    return mat.reference_model(cfg) if dims.tp * dims.pp > 1 or cfg.parallel.zero_stage == 3 else model
 
 
 def build_module(cfg: Config, model: torch.nn.Module, dims: ParallelDims, device: torch.device):
     """DeepSpeed over ``model`` (always the last wrapper), as a train module that knows the
     model's FLOPs per token and the device's peak (MFU)."""
-    from trainer import engine
-    from trainer.flops import PeakFlops
-
     flops_per_token, _ = whole_model(cfg, model, dims).flops_per_token(cfg.data.seq_len)
     peak = PeakFlops(device, cfg.train.precision, cfg.train.peak_tflops)
-    return engine.initialize(model, cfg, dims, device, flops_per_token, peak)
+    return initialize(model, cfg, dims, device, flops_per_token, peak)

@@ -168,7 +168,7 @@ class TrainConfig(_Section):
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
     memory_check: bool = True
     """On GPUs, before anything is allocated: refuse (one line, exit 2) a layout whose predicted
-    memory per GPU (``seqtrain plan``'s model, ``trainer/planner.py``) exceeds the device's,
+    memory per GPU (``seqtrain plan``'s model, ``trainer/accounting/planner.py``) exceeds the device's,
     naming the fastest layout that fits. GPT family; CPU runs are not checked."""
     engine: Literal["auto", "deepspeed"] = "auto"
     """``auto``: DeepSpeed's engine, except for one process in fp32 without ZeRO, tensor or
@@ -195,7 +195,7 @@ class TrainConfig(_Section):
     hang_timeout_s: float = Field(1800.0, ge=0)
     """Seconds a rank may go without finishing a step (or its hooks) before the hang watchdog
     writes every rank's Python stacks to ``run_dir/hang/``, names the stuck rank and ends the
-    job with exit code 5 (``trainer/watchdog.py``); 0 turns it off. Keep it above the longest
+    job with exit code 5 (``trainer/callbacks/watchdog.py``); 0 turns it off. Keep it above the longest
     step, evaluation or checkpoint save."""
     init_from: str | None = None
     """Start from these weights instead of a fresh init: a ``model.safetensors`` in our layout

@@ -18,8 +18,8 @@ upgrade moves or renames one. Keep this list and that test in step.
 | ``DeepSpeedEngine.global_steps``, ``global_samples`` | the engine's counters, restored by its own loader | restored by ours when resharding |
 
 Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,
-``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint.py``
-and ``trainer/parallel/consolidate.py`` read them, and the consolidation tests of every layout
+``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint/``
+and ``trainer/checkpoint/consolidate.py`` read them, and the consolidation tests of every layout
 (``tests/trainer/parallel/test_layouts.py``, ZeRO-3 export) fail if they change.
 """
 

@@ -11,6 +11,8 @@ import socket
 
 import torch
 
+from trainer.accounting import comm
+
 
 def setup_environment() -> None:
     """CPU accelerator on a machine without CUDA; single-process rendezvous defaults."""
@@ -61,7 +63,6 @@ def init_process_group() -> None:
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend, rank=0, world_size=1)
         return
-    from trainer import comm
 
     comm.install()  # before DeepSpeed's backend binds torch.distributed's functions
     import deepspeed

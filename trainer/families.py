@@ -12,8 +12,7 @@ are data, applied from outside by ``trainer/parallel/tensor.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 from torch import nn
@@ -55,14 +54,13 @@ class FamilySpec:
     """Attributes holding ``nn.ModuleList`` s of repeated blocks (activation checkpointing)."""
     pipeline: bool = False
     """Can be split into DeepSpeed pipeline stages (``trainer/parallel/pipeline.py``)."""
-    callbacks: tuple[Callable[[], object], ...] = field(default_factory=tuple)
-    """Factories of family-specific loop callbacks."""
-
-
-def _scheduled_sampling():
-    from trainer.callbacks import ScheduledSampling
-
-    return ScheduledSampling()
+    planned: bool = False
+    """The layout planner (``trainer/accounting/planner.py``) models it: its parameter,
+    activation and communication formulas are this family's. ``seqtrain plan`` and the
+    launch-time memory check take only such families."""
+    callbacks: tuple[str, ...] = ()
+    """Names of family-specific loop callbacks (``trainer/train.py``'s ``FAMILY_CALLBACKS``):
+    named, not imported, so the registry stays below the loop."""
 
 
 _GPT_PLAN = {
@@ -92,6 +90,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
         tp_plan=_GPT_PLAN, tp_rng_regions=(("*.attn", "c_proj"),), sp_plan=_GPT_SP_PLAN, context_parallel=True, blocks=("h",), pipeline=True,
+        planned=True,
     ),
     "encdec": FamilySpec(
         "encdec", *models.FAMILIES["encdec"], vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"},
@@ -104,7 +103,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "rnn_seq2seq": FamilySpec(
         "rnn_seq2seq", *models.FAMILIES["rnn_seq2seq"],
         vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"}, pairs=True,
-        scheduled_sampling=True, head_vocab="tgt_vocab_size", callbacks=(_scheduled_sampling,),
+        scheduled_sampling=True, head_vocab="tgt_vocab_size", callbacks=("scheduled_sampling",),
     ),
 }
 assert FAMILIES.keys() == models.FAMILIES.keys(), "every model family needs a spec"

@@ -1,28 +1,30 @@
 """The one train loop: micro-batches ► train module step ► callbacks.
 
 ``Trainer`` knows the schedule (steps, logging cadence, evaluation slice, stopping) and nothing
-of the engine: a train module (``trainer/train_module.py``) runs each step. Optional behaviour
-(metrics file, progress bar, evaluation, checkpoints, signals, tracking) lives in callbacks.
+of the engine: a train module (``trainer/engine/train_module.py``) runs each step. Optional behaviour
+(metrics file, progress bar, evaluation, checkpoints, signals, tracking) lives in callbacks:
+``Callback`` below names the hooks, ``trainer/callbacks/`` holds one module per behaviour.
 
 Host syncs: the step itself is not read back except at the logging cadence
 (``train.log_every``), where the loss and token count are all-reduced and read. Two checks
-read one scalar every step when they are on: the non-finite guard (``trainer/nonfinite.py``,
-``train.nonfinite_patience`` > 0) and the stop-signal check (``trainer/preemption.py``).
+read one scalar every step when they are on: the non-finite guard (``trainer/engine/nonfinite.py``,
+``train.nonfinite_patience`` > 0) and the stop-signal check (``trainer/callbacks/preemption.py``).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer import comm
-from trainer.callbacks import Callback
+from trainer.accounting import comm
 from trainer.config import Config
 from trainer.data.build import Data
+from trainer.data.prefetch import Prefetcher
 from trainer.startup import Stopwatch
 
 
@@ -38,13 +40,28 @@ def sdpa_context(backend: str):
                         "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend])
 
 
+class Callback:
+    def on_load(self, trainer: Trainer) -> None:
+        """Before ``on_train_start`` of any callback: restore state (the checkpoint callback
+        resumes here, so every train-start hook sees the restored step)."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_step_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
 class Trainer:
     def __init__(self, cfg: Config, module, data: Data, callbacks: list[Callback],
-                 clock: Stopwatch | None = None) -> None:
+                 clock: Stopwatch | None = None,
+                 evaluators: Sequence[Callable[[Trainer], dict[str, float]]] = ()) -> None:
         """``module``: a train module; ``data``: the batches (``trainer.data.build``);
         ``callbacks``: hooks run in list order; ``clock``: the start-up laps so far (the first
-        logged row and a log line get the time to the first step)."""
+        logged row and a log line get the time to the first step); ``evaluators``: metrics
+        computed with the validation loss (``trainer/evaluation/decode.py``), each a collective."""
         self.cfg, self.module, self.data, self.callbacks = cfg, module, data, callbacks
+        self.evaluators = list(evaluators)
         self.clock = clock
         self.dims, self.device = module.dims, module.device
         self.step = 0
@@ -134,7 +151,7 @@ class Trainer:
         total = self.module.eval_loss_sum(batches, counted, getattr(self.data.val, "after_eval_forward", None))
         # Collective + host sync.
         metrics = {"val_loss": float(self.dims.dp_mean(total)) * dp / n}
-        for fn in self.data.evaluators:
+        for fn in self.evaluators:
             metrics.update(fn(self))
         self.module.train()
         return metrics
@@ -199,7 +216,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "epoch": self.data.train.epoch_of(self.step),
             **self.module.step_metrics(),
-            **traffic,  # this rank's collectives per step (trainer/comm.py)
+            **traffic,  # this rank's collectives per step (trainer/accounting/comm.py)
         }
 
     def _lap(self, name: str) -> None:
@@ -224,8 +241,6 @@ class Trainer:
         self._lap("callbacks")  # tracking (MLflow) set-up, mostly
         # Stateful batches (truncated BPTT) need the previous output: no reading ahead there.
         if self.cfg.data.prefetch and not hasattr(self.data.train, "after_forward"):
-            from trainer.data.prefetch import Prefetcher
-
             self.prefetcher = Prefetcher(self.data.train, self.dims.dp_rank, self.cfg.train.grad_accum,
                                          self.step, self.cfg.train.steps)
         steps, every = self.cfg.train.steps, self.cfg.train.log_every

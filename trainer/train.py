@@ -9,18 +9,32 @@ before the first step.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
-from trainer import distributed, memory
+import torch
+
+from trainer import distributed
+from trainer.accounting.planner import check_fits
 from trainer.build import build_data, build_model, build_module, setup, whole_model
-from trainer.callbacks import Callback, Checkpoint, Evaluate, MetricsFile, ProgressBar, RunFinished
+from trainer.callbacks import memory
+from trainer.callbacks.checkpointing import Checkpoint, RunFinished
+from trainer.callbacks.evaluation import Evaluate
+from trainer.callbacks.faults import FaultInjection
+from trainer.callbacks.metrics_file import MetricsFile
+from trainer.callbacks.preemption import StopOnSignal
+from trainer.callbacks.progress_bar import ProgressBar
+from trainer.callbacks.scheduled_sampling import ScheduledSampling
+from trainer.callbacks.tracking import MLflowTracker
+from trainer.callbacks.watchdog import HangWatchdog
 from trainer.config import Config
-from trainer.faults import FaultInjection
-from trainer.loop import Trainer
-from trainer.preemption import StopOnSignal
+from trainer.evaluation.decode import evaluators
+from trainer.loop import Callback, Trainer
 from trainer.startup import Stopwatch
 
+FAMILY_CALLBACKS: dict[str, type[Callback]] = {"scheduled_sampling": ScheduledSampling}
+"""The loop callbacks a family spec may name (``FamilySpec.callbacks``)."""
 
 def _say(msg: str) -> None:
     if distributed.rank() == 0:
@@ -29,7 +43,7 @@ def _say(msg: str) -> None:
 
 def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Callback, ...] = ()) -> list[Callback]:
     """The loop's callbacks, in the order their hooks run (``extra`` after the standard ones)."""
-    cbs: list[Callback] = [*(make() for make in cfg.family.callbacks)]
+    cbs: list[Callback] = [FAMILY_CALLBACKS[name]() for name in cfg.family.callbacks]
     faults = FaultInjection.from_env(run_dir)
     if faults is not None:
         cbs.insert(0, faults)  # before StopOnSignal, so a signal at step s stops at s
@@ -37,13 +51,9 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Ca
     cbs += [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
             Checkpoint(run_dir / "checkpoints", tokenizer_sha256), RunFinished(run_dir)]
     if cfg.tracking.enabled:
-        from trainer.tracking import MLflowTracker
-
         cbs.append(MLflowTracker(run_dir))
     cbs += extra
     if cfg.train.hang_timeout_s:
-        from trainer.watchdog import HangWatchdog
-
         # Last: its step-start hook marks the start of the step's work, its step-end hook the
         # end of every other hook.
         cbs.append(HangWatchdog(run_dir, cfg.train.hang_timeout_s, distributed.rank(), distributed.world_size()))
@@ -61,12 +71,6 @@ def _write_run_dir(cfg: Config, run_dir: Path, tokenizer_files: list[Path], rank
 
 
 def _check_memory(cfg: Config, device) -> None:
-    import os
-
-    import torch
-
-    from trainer.planner import check_fits
-
     props = torch.cuda.get_device_properties(device)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     check_fits(cfg, distributed.world_size(), per_node, props.total_memory, props.name)
@@ -75,7 +79,7 @@ def _check_memory(cfg: Config, device) -> None:
 def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer:
     clock = clock or Stopwatch()
     cfg, dims, device = setup(cfg)
-    if cfg.train.memory_check and device.type == "cuda" and cfg.model.family == "gpt":
+    if cfg.train.memory_check and device.type == "cuda" and cfg.family.planned:
         _check_memory(cfg, device)
     clock.lap("setup")  # the process group (and DeepSpeed's import where the run needs it)
     baseline_mb = memory.current_mb(device)  # imports and process group; no data, no model
@@ -92,7 +96,8 @@ def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer
     module = build_module(cfg, model, dims, device)
     clock.lap("engine")
     report = memory.MemoryReport(run_dir, device, baseline_mb, init_peak_mb, memory.peak_mb(device))
-    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)), clock)
+    trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)), clock,
+                      evaluators(cfg, data))
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "

@@ -56,7 +56,7 @@ def test_beam_one_equals_greedy_on_real_models():
 def test_a_source_longer_than_the_positions_is_cut_to_them():
     """Official test sets are not length-filtered: a 40-token source on a 16-position encoder
     translates as its first 16 tokens do (it once crashed the end-of-training evaluation)."""
-    from trainer.inference import translate_ids
+    from trainer.evaluation.inference import translate_ids
 
     cfg = EncDecConfig(n_enc_layers=1, n_dec_layers=1, d_model=16, n_head=2, src_vocab_size=30,
                        tgt_vocab_size=30, dropout=0.0, max_seq_len=16)

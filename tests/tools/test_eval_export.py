@@ -10,7 +10,7 @@ import sacrebleu
 import torch
 
 from tests.conftest import REPO, TINY, read_metrics, run_cli, sets
-from trainer.metrics import text_metrics
+from trainer.evaluation.metrics import text_metrics
 
 PRESET = str(REPO / "configs/gpt/debug.yaml")
 
@@ -18,7 +18,7 @@ PRESET = str(REPO / "configs/gpt/debug.yaml")
 def test_export_hf_loads_with_equal_logits_and_generates(gpt_run, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.inference import load_for_inference
+    from trainer.evaluation.inference import load_for_inference
 
     root, _, _ = gpt_run
     out = tmp_path / "hf"
@@ -85,7 +85,7 @@ def test_lm_metrics_relations_and_known_values(gpt_run, tmp_path):
     model scores ln(vocab)."""
     from models import GPTConfig, build
     from tools.evaluate import evaluate_checkpoint, lm_metrics
-    from trainer.inference import load_for_inference
+    from trainer.evaluation.inference import load_for_inference
 
     root, _, _ = gpt_run
     text = "the bird draws a red box.\nour teacher finds the old tree.\n" * 30

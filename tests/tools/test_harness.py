@@ -30,7 +30,7 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, 
 
 
 def _independent_scores(ckpt) -> dict[str, float]:
-    from trainer.inference import load_for_inference
+    from trainer.evaluation.inference import load_for_inference
 
     model, tok, _, _ = load_for_inference(ckpt)
     docs = [json.loads(ln) for ln in (TASK_DIR / "cloze.jsonl").read_text().splitlines()]
@@ -87,7 +87,7 @@ def test_rolling_loglikelihood_and_greedy_generation_are_the_models(gpt_run):
     """The other two request kinds: a whole text's log-likelihood after EOS (one window here),
     and greedy generation cut at the first stop string."""
     from tools.harness import SeqtrainLM
-    from trainer.inference import load_for_inference
+    from trainer.evaluation.inference import load_for_inference
 
     model, tok, _, _ = load_for_inference(gpt_run[0] / "run")
     lm = SeqtrainLM(model, tok)

@@ -158,7 +158,7 @@ def test_gpt2_preset_has_the_shape_of_transformers_gpt2_small():
     the meta device (no memory, no init)."""
     import transformers
 
-    from trainer.build import reference_model
+    from trainer.parallel.materialize import reference_model
 
     cfg = load_config(str(REPO / "configs/gpt/gpt2-124m.yaml"), ["model.vocab_size=50304"])
     ours = reference_model(cfg).num_params()
@@ -179,7 +179,7 @@ def test_larger_gpt2_presets_count_what_transformers_counts(preset, shape, publi
     count (the sizes OpenAI released)."""
     import transformers
 
-    from trainer.build import reference_model
+    from trainer.parallel.materialize import reference_model
 
     for vocab in (50304, 50257):
         cfg = load_config(str(REPO / f"configs/gpt/{preset}.yaml"), [f"model.vocab_size={vocab}"])
@@ -193,7 +193,7 @@ def test_larger_gpt2_presets_count_what_transformers_counts(preset, shape, publi
 def test_7b_preset_counts_its_closed_form():
     """12·L·d² + 13·L·d per block (q, k, v, out, two MLP matrices, their biases, two norms),
     embeddings (V + P)·d tied with the head, a final norm: 6.66 B; ZeRO-3 shards it."""
-    from trainer.build import reference_model
+    from trainer.parallel.materialize import reference_model
 
     cfg = load_config(str(REPO / "configs/gpt/gpt-7b.yaml"), ["model.vocab_size=50304"])
     L, d, V, P = 32, 4096, 50304, 2048

@@ -92,3 +92,26 @@ def test_gpt_memorises_a_tiny_corpus(tiny_corpus, cache_dir, tmp_path):
         "train.global_batch_size=4", "train.log_every=10")], cache_dir)
     rows, _ = read_metrics(run)
     assert rows[-1]["loss"] < 0.1
+
+
+def test_every_callback_a_family_names_exists():
+    """The registry names its callbacks (it sits below the loop); the assembly resolves them."""
+    from trainer.families import FAMILIES
+    from trainer.train import FAMILY_CALLBACKS
+
+    named = {n for s in FAMILIES.values() for n in s.callbacks}
+    assert named, "rnn_seq2seq names scheduled_sampling"
+    assert named <= FAMILY_CALLBACKS.keys()
+
+
+def test_the_planner_refuses_a_family_it_does_not_model(tmp_path):
+    """What the planner covers is the registry's ``planned``, not a family name in its code."""
+    from trainer.accounting.planner import shape_of
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+    from trainer.families import having
+
+    assert having("planned") == ["gpt"]
+    cfg = load_config(str(REPO / "configs/rnn/lstm-lm-debug.yaml"), [])
+    with pytest.raises(ConfigError, match="covers model.family in \\['gpt'\\]; rnn_lm"):
+        shape_of(cfg)

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from trainer.callbacks import Callback
 from trainer.config import load_config
 from trainer.data.build import Data
-from trainer.loop import Trainer
+from trainer.engine.train_module import EngineModule
+from trainer.loop import Callback, Trainer
 from trainer.parallel import ParallelDims
-from trainer.train_module import EngineModule
 
 
 class FakeModule:
@@ -114,7 +113,7 @@ def _trainer(overrides=(), dims: ParallelDims | None = None, callbacks=()):
                        "data.prefetch=false",
                        "eval.batches=3", *overrides]).resolve(dims.world_size)
     module = FakeModule(dims)
-    data = Data(cfg, FakeBatches(), FakeBatches(), [], [])
+    data = Data(cfg, FakeBatches(), FakeBatches(), [])
     return Trainer(cfg, module, data, list(callbacks)), module
 
 
@@ -196,7 +195,7 @@ def test_evaluation_reads_a_short_validation_split_once_not_its_head_twice(capsy
     short = FakeBatches()
     short.eval_capacity = 4
     t, module = _trainer(dims=ParallelDims(2, 1, 1, 0), overrides=["train.grad_accum=1", "eval.batches=7"])
-    t.data = Data(t.cfg, FakeBatches(), short, [], [])
+    t.data = Data(t.cfg, FakeBatches(), short, [])
     metrics = t.evaluate()
     t.evaluate()
     assert module.eval_calls == [(2, 2), (2, 2)]  # global batches 0 and 2 on this rank
@@ -204,6 +203,6 @@ def test_evaluation_reads_a_short_validation_split_once_not_its_head_twice(capsy
     assert capsys.readouterr().out.count("eval.batches=7 is more than the validation split holds") == 1
     roomy = FakeBatches()
     roomy.eval_capacity = 40
-    t.data = Data(t.cfg, FakeBatches(), roomy, [], [])
+    t.data = Data(t.cfg, FakeBatches(), roomy, [])
     t.evaluate()
     assert module.eval_calls[-1] == (4, 4)  # 7 over dp 2: 4 rounds, global batches 0, 2, 4, 6

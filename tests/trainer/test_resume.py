@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, TINY, read_metrics, run_cli, sets
+from trainer.callbacks.faults import Fault, parse
 from trainer.errors import ConfigError
-from trainer.faults import Fault, parse
 
 PRESET = str(REPO / "configs/gpt/debug.yaml")
 

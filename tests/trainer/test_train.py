@@ -142,8 +142,8 @@ def test_meta_reference_model_counts_what_the_real_model_has(preset, tie):
     """The meta-device model (FLOPs and counts of tp/pp runs, the scaling planner) keeps tied
     weights tied: its parameter count and FLOPs equal the materialised model's."""
     from models import build
-    from trainer.build import reference_model
     from trainer.config import load_config
+    from trainer.parallel.materialize import reference_model
 
     cfg = load_config(str(REPO / "configs" / preset), [])
     for key in ("vocab_size", "src_vocab_size", "tgt_vocab_size"):

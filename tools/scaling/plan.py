@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
+from trainer.parallel.materialize import reference_model
 
 CSV_FIELDS = ["point", "budget", "family", "shape", "params", "nonemb_params", "flops_per_token",
               "flops_per_token_6n", "tokens", "tokens_per_param", "steps", "global_batch_size",
@@ -124,8 +125,6 @@ def _model_cfg(base: Config, ladder: Ladder, s: int) -> Config:
 
 def _measure(cfg: Config) -> tuple[int, int, float, float]:
     """(total params, non-embedding params, exact FLOPs/token, 6N FLOPs/token) of a shape."""
-    from trainer.build import reference_model
-
     m = reference_model(cfg)
     exact, six_n = m.flops_per_token(cfg.data.seq_len)
     return m.num_params(), m.num_params(non_embedding=True), exact, six_n

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.scaling.fit import Points, budgets_of, law, optimal_allocation  # noqa: E402
+from trainer.errors import DataError
 
 
 def plot_all(pts: Points, result: dict, out: Path) -> list[Path]:
@@ -99,8 +100,6 @@ def compare_plot(plans: list[Path], out: Path) -> Path:
     """Final loss against non-embedding parameters for several ladders (as Kaplan et al. 2020
     compare Transformers and LSTMs): one IsoFLOP curve per (ladder, budget), one colour per
     ladder, darker for larger budgets."""
-    from trainer.errors import DataError
-
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for k, plan in enumerate(plans):
         f = plan / "results.csv"

@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from trainer.inference import generate_text, translate
+    from trainer.evaluation.inference import generate_text, translate
 
     if args.source or args.input:
         sources = list(args.source)

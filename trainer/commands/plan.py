@@ -25,9 +25,9 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     import json
 
+    from trainer.accounting.planner import plan, table
     from trainer.config import load_config
     from trainer.errors import ConfigError
-    from trainer.planner import plan, table
 
     if not 0 < args.efficiency <= 1:
         raise ConfigError(f"--efficiency {args.efficiency}: a share of the peak, in (0, 1]")

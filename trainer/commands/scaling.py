@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from tools.scaling.fit import fit_command
+    from tools.scaling.report import fit_command
 
     with json_only(args.json):
         result = fit_command(args)

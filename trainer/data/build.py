@@ -8,13 +8,13 @@ the run directory see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from trainer import distributed
 from trainer.config import Config
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
+from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
 from trainer.data.shards import prepare
 from trainer.errors import DataError
 from trainer.parallel import ParallelDims
@@ -30,9 +30,18 @@ class Data(NamedTuple):
     """Validation batches: ``eval_batches(dp_rank, dp, n)``."""
     tokenizer_files: list[Path]
     """Tokenizer files copied into the run directory (and hashed into checkpoint manifests)."""
-    evaluators: list[Callable[[Any], dict[str, float]]]
-    """Extra evaluations run with the validation loss (``trainer/evaluators.py``): each takes the
-    trainer and returns metrics."""
+    decodable: Decodable | None = None
+    """What decoding the validation pairs needs (sequence-to-sequence data), for the
+    evaluations beside the validation loss (``trainer/evaluation/decode.py``)."""
+
+
+class Decodable(NamedTuple):
+    tokenizer: Any
+    """The target side's tokenizer (detokenizes hypotheses and references)."""
+    split: Any
+    """The validation pairs (``src(i)``, ``tgt(i)``)."""
+    eos: int
+    """End of sequence, also the decoder's start token."""
 
 
 def _say(msg: str) -> None:
@@ -77,14 +86,12 @@ def _lm_data(cfg: Config, dims: ParallelDims) -> Data:
     files = [prep.dir / "tokenizer.json"]
     if cfg.data.tbptt:
         b = StreamBatches(train, val, t.micro_batch_size, t.grad_accum, dims.dp)
-        return Data(cfg, b, b, files, [])
+        return Data(cfg, b, b, files)
     return Data(cfg, LMBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed, cfg.data.sampling),
-                LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed), files, [])
+                LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed), files)
 
 
 def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
-    from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
-
     t = cfg.train
     prep = _on_local_rank0_first(lambda log: prepare_pairs(cfg.data, t.seed, log=log))
     cfg = cfg.with_vocab(prep.meta["vocab_size"], prep.dir, pad_id=prep.meta["pad_id"])
@@ -97,9 +104,4 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     # BOS of the decoder is the EOS token (as GPT-2 does): no extra symbol to learn.
     train_b = PairBatches(train_split, buckets, t.grad_accum, dims.dp, pad, eos, eos, t.seed)
     val_b = PairBatches(val_split, val_buckets, 1, dims.dp, pad, eos, eos, t.seed, shuffle=False)
-    evaluators = []
-    if cfg.eval.decode_samples:
-        from trainer.evaluators import DecodeValidation
-
-        evaluators.append(DecodeValidation(cfg, prep.tokenizer("tgt"), val_split, eos))
-    return Data(cfg, train_b, val_b, prep.tokenizer_files(), evaluators)
+    return Data(cfg, train_b, val_b, prep.tokenizer_files(), Decodable(prep.tokenizer("tgt"), val_split, eos))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.rnn import detach_state
+
 
 class WindowDataset:
     """Non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted labels)."""
@@ -168,8 +170,6 @@ class StreamBatches:
         return batch
 
     def after_forward(self, micro: int, out) -> None:
-        from models.rnn import detach_state
-
         self.states[micro] = detach_state(out[1])
 
     def eval_batches(self, rank: int, dp: int, n: int):
@@ -188,8 +188,6 @@ class StreamBatches:
             yield batch
 
     def after_eval_forward(self, out) -> None:
-        from models.rnn import detach_state
-
         self._eval_state = detach_state(out[1])
 
     def epoch_of(self, step: int) -> float:

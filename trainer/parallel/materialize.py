@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+import models
 from trainer import host_memory
+from trainer.config import Config
 
 Values = Callable[[str, tuple[int, ...]], torch.Tensor]
 """(single-device name, whole shape) ► the whole tensor on the CPU."""
@@ -86,3 +88,16 @@ def materialize(model: nn.Module, values: Values, device: torch.device, dtype: t
     if any(b.is_meta for b in model.buffers()):
         model.init_buffers(device)
     return model
+
+
+def reference_model(cfg: Config) -> torch.nn.Module:
+    """The whole single-device model on the meta device (no memory, no init): for parameter
+    counts and FLOPs when this rank holds only a shard or a stage of it, and for the scaling
+    planner.
+
+    Built under ``torch.device("meta")`` (``materialize.on_meta``), not accelerate's
+    ``init_empty_weights``: that one re-registers every parameter as it is assigned, which unties
+    tied weights (the GPT's head and embedding), so tied models would count their embedding twice.
+    """
+    with on_meta():
+        return models.build(cfg.model, seed=cfg.train.seed)

@@ -51,7 +51,7 @@ SEQ_DIM = 1
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
     # The one-tensor collectives (NCCL's own; gloo has them too) under their torch ≥ 2.13
     # names, where older releases say *_into_tensor / *_tensor. Looked up at each call, so
-    # the communication counter (trainer/comm.py) sees them whenever it was installed.
+    # the communication counter (trainer/accounting/comm.py) sees them whenever it was installed.
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
 
 

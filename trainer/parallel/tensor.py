@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.deepspeed_private import mark_tensor_parallel
+from trainer.families import spec
 
 # --------------------------------------------------------------------------- regions
 
@@ -357,3 +358,12 @@ def per_rank_dropout(model: nn.Module, rank: int) -> None:
 
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave)
+
+
+def shard_dim(name: str, family: str) -> int | None:
+    """The dimension tensor parallelism splits parameter ``name`` along (``None``: every tensor
+    rank holds it whole): the family's plan, looked up the way ``apply_tensor_parallel`` applies it."""
+    module, _, kind = name.rpartition(".")
+    style = next((s for pat, s in (spec(family).tp_plan or {}).items() if fnmatch.fnmatchcase(module, pat)), None)
+    # Not in the plan, or a replicated bias: every rank holds the whole tensor.
+    return SHARD_DIMS[style][kind != "weight"] if style else None

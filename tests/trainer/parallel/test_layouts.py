@@ -103,11 +103,11 @@ def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
 
 def _assert_analytic_traffic(row: dict, run_dir) -> None:
     """Rank 0's counted collectives of the tensor, sequence and context-parallel regions (our
-    own) equal ``trainer/comm_volume.py``'s formulas, to DeepSpeed's few scalars (a gradient
+    own) equal ``trainer/accounting/comm_volume.py``'s formulas, to DeepSpeed's few scalars (a gradient
     norm) on the same groups. DeepSpeed's ZeRO and pipeline traffic is compared, with its
     differences explained, in docs/benchmarks.md (``python -m tools.bench_comm``)."""
     from tools.bench_comm import measured
-    from trainer.comm_volume import step_shape, volumes
+    from trainer.accounting.comm_volume import step_shape, volumes
     from trainer.config import load_config
 
     shape = step_shape(load_config(str(run_dir / "config.yaml"), []))

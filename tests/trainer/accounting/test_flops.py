@@ -1,0 +1,52 @@
+"""MFU that cannot lie: a peak probed while another job shared the cores is measured again
+when training beats it, the best figure a machine has shown is kept across runs, and a figure
+still below the achieved rate gives way to it: MFU never exceeds 100 %."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.accounting import flops
+from trainer.accounting.flops import PeakFlops, measured_peak
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def probes(monkeypatch, tmp_path):
+    """The start-up probe reads 1 GFLOP/s (cores shared); probing again reads 4 GFLOP/s."""
+    monkeypatch.setenv("SEQTRAIN_CACHE", str(tmp_path))
+    calls = []
+
+    def contended(device, precision):
+        calls.append("start-up")
+        return 1e9
+
+    def again(device, precision, reps):
+        calls.append("again")
+        return 4e9
+
+    contended.__wrapped__ = again
+    monkeypatch.setattr(flops, "matmul_peak", contended)
+    return calls
+
+
+def test_a_low_probe_is_measured_again_and_mfu_never_exceeds_one(probes, capsys):
+    peak = PeakFlops(CPU, "fp32")
+    assert peak.value == 1e9 and peak.mfu(0.5e9) == 0.5 and probes == ["start-up"]
+    assert peak.mfu(2e9) == 0.5 and probes == ["start-up", "again"] and peak.value == 4e9
+    assert peak.mfu(5e9) == 1.0  # beyond every probe: the achieved rate is the floor of the peak
+    assert "above the peak figure" in capsys.readouterr().err
+    assert peak.mfu(2.5e9) == 0.5
+
+
+def test_the_best_figure_of_a_machine_is_kept_across_runs(probes):
+    assert measured_peak(CPU, "fp32", fresh=True) == 4e9  # an uncontended probe, cached
+    assert PeakFlops(CPU, "fp32").value == 4e9  # a later contended probe (1e9) does not win
+    assert PeakFlops(CPU, "bf16").value == 1e9  # another precision: its own figure
+
+
+def test_a_configured_peak_is_not_probed_but_still_caps_mfu(probes):
+    peak = PeakFlops(CPU, "fp32", override_tflops=0.002)
+    assert peak.mfu(1e9) == 0.5 and peak.mfu(3e9) == 1.0 and probes == []

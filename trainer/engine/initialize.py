@@ -1,0 +1,120 @@
+"""The engine: our config ► a DeepSpeed config, AdamW, LR schedule, ``deepspeed.initialize``
+► a train module (``trainer/engine/train_module.py``). A run of one process in fp32 without ZeRO,
+tensor or pipeline parallelism gets the same engine in plain PyTorch
+(``trainer/engine/local.py``) unless ``train.engine=deepspeed``: it never imports DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import distributed
+from trainer.config import Config
+from trainer.engine.local import LocalEngine
+from trainer.engine.nonfinite import NonFiniteGuard
+from trainer.engine.train_module import EngineModule, PipelineModule
+from trainer.parallel import ParallelDims
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed JSON config implied by ours (``cfg`` must be resolved)."""
+    t, p = cfg.train, cfg.parallel
+    ds: dict[str, Any] = {
+        # DeepSpeed counts the cp ranks of a replica as data ranks (dims.py says why), each with
+        # its own micro-batch: in its arithmetic the global batch is cp times ours.
+        "train_batch_size": t.global_batch_size * p.cp,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log ourselves, on rank 0 only
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        # Dynamic loss scaling: start at 2^16, halve on overflow (the step is skipped), grow after
+        # 1000 clean steps.
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); never biases or norm gains."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            # A parameter ZeRO-3 partitioned at construction is empty here; its shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    impl = t.optimizer_impl
+    if impl == "auto":
+        # Fused (one kernel per dtype/device group) wherever torch has it: CUDA, and CPU since
+        # torch 2.4, where it beats foreach by a wide margin (docs/benchmarks.md); foreach
+        # elsewhere (MPS, XPU builds without it).
+        impl = "fused" if next(model.parameters()).device.type in ("cuda", "cpu") else "foreach"
+    return torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
+        fused=impl == "fused", foreach=impl == "foreach",
+    )
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
+
+
+def uses_deepspeed(cfg: Config, world_size: int) -> bool:
+    """Whether this run needs DeepSpeed's engine: more than one process, ZeRO, tensor or
+    pipeline parallelism, fp16/bf16 (DeepSpeed's mixed-precision optimizers), or
+    ``train.engine=deepspeed``."""
+    p = cfg.parallel
+    return (cfg.train.engine == "deepspeed" or world_size > 1 or p.zero_stage > 0 or p.tp > 1
+            or p.pp > 1 or cfg.train.precision != "fp32")
+
+
+def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.device,
+               flops_per_token: float = 0.0, peak=None):
+    """``deepspeed.initialize`` (always the last wrapper applied), wrapped in the train module
+    of its kind.
+
+    A ``PipelineModule`` gives a pipeline engine, which builds its groups from the module's
+    topology (passing ``mpu`` too is refused); tensor parallelism alone passes our grid as
+    ``mpu`` so DeepSpeed reduces gradients over data-parallel ranks only.
+    """
+    opt = build_optimizer(model, cfg)
+    guard = None
+    if cfg.train.nonfinite_patience:
+        guard = NonFiniteGuard(opt)  # wraps opt.step, so before the scheduler hooks it too
+    sched = build_scheduler(opt, cfg)
+    if not uses_deepspeed(cfg, dims.world_size):
+        engine = LocalEngine(model, opt, sched, deepspeed_config(cfg))
+        return EngineModule(engine, sched, dims, device, guard, flops_per_token, peak)
+    import deepspeed
+
+    distributed.quiet_deepspeed()
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg), mpu=dims.mpu,
+    )
+    kind = PipelineModule if dims.pp > 1 else EngineModule
+    return kind(engine, sched, dims, device, guard, flops_per_token, peak)
