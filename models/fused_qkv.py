@@ -41,6 +41,34 @@ def split_heads(y: torch.Tensor, head_dim: int, n_parts: int) -> tuple[torch.Ten
     return y.view(b, t, -1, n_parts, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
 
 
+def fuse_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Grouped-query attention's separate projections (``q``: ``n_head`` heads, ``k`` and ``v``:
+    ``n_kv_head``) as one fused tensor ordered by key/value group: a group's query heads, its
+    key head, its value head. With as many key/value heads as query heads this is ``fuse``."""
+    n_kv = k.shape[0] // head_dim
+    parts = (q.unflatten(0, (n_kv, -1)), k.unflatten(0, (n_kv, head_dim)), v.unflatten(0, (n_kv, head_dim)))
+    return torch.cat(parts, dim=1).flatten(0, 1)
+
+
+def unfuse_groups(fused: torch.Tensor, head_dim: int, group: int) -> list[torch.Tensor]:
+    """The inverse of ``fuse_groups``: ``[q, k, v]`` for ``group`` query heads per key/value head."""
+    per_group = fused.unflatten(0, (-1, (group + 2) * head_dim))
+    return [t.flatten(0, 1) for t in per_group.split([group * head_dim, head_dim, head_dim], dim=1)]
+
+
+def split_groups(y: torch.Tensor, head_dim: int, group: int) -> tuple[torch.Tensor, ...]:
+    """A ``fuse_groups`` projection's output ``(B, T, n_kv · (group + 2) · head_dim)`` as
+    ``q (B, n_kv · group, T, head_dim)``, ``k`` and ``v`` ``(B, n_kv, T, head_dim)``; query head
+    ``j`` reads key/value head ``j // group`` (what SDPA's ``enable_gqa`` and transformers'
+    ``repeat_kv`` assume). ``group`` 1 is ``split_heads(y, head_dim, 3)``."""
+    if group == 1:
+        return split_heads(y, head_dim, 3)
+    b, t, _ = y.shape
+    per_group = y.view(b, t, -1, group + 2, head_dim)
+    q = per_group[:, :, :, :group].flatten(2, 3).transpose(1, 2)
+    return q, per_group[:, :, :, group].transpose(1, 2), per_group[:, :, :, group + 1].transpose(1, 2)
+
+
 def legacy_names(names: Sequence[str], family: str) -> dict[str, tuple[str, ...]]:
     """Fused parameter name ► the separate names it is made from, for every fusion whose
     separate tensors ``names`` holds (a checkpoint from before the fusion); empty otherwise."""

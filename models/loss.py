@@ -11,10 +11,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class TokenCrossEntropy(nn.Module):
-    """Mean cross-entropy over tokens whose label is not -100, in fp32.
+class ZLoss:
+    """PaLM's auxiliary z-loss, ``z_loss · log²Z`` per token (Z: the softmax's normaliser), which
+    keeps the output logits from drifting; in training mode only. Mixed into a loss module:
+    ``z_loss`` is set from outside (``train.z_loss``), and the loss module keeps the running sum
+    of its term for the logs (``take_z_loss``), on the device: no host sync per step."""
 
-    Label smoothing applies in training mode only, so evaluation reports the plain loss.
+    z_loss: float = 0.0
+
+    def z_term(self, lse: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        """``z_loss`` · the sum of ``lse²`` over ``valid`` tokens / ``scale``; tracked for the logs."""
+        term = self.z_loss * (lse.square() * valid).sum() / scale
+        sums = getattr(self, "_z_sums", None)
+        self._z_sums = term.detach() if sums is None else sums + term.detach()
+        self._z_count = getattr(self, "_z_count", 0) + 1
+        return term
+
+    def take_z_loss(self) -> torch.Tensor | None:
+        """The mean z term of the forwards since the last call (a device tensor), then reset."""
+        sums, n = getattr(self, "_z_sums", None), getattr(self, "_z_count", 0)
+        self._z_sums, self._z_count = None, 0
+        return None if sums is None else sums / n
+
+
+class TokenCrossEntropy(ZLoss, nn.Module):
+    """Mean cross-entropy over tokens whose label is not -100, in fp32, plus the z-loss when set.
+
+    Label smoothing and the z-loss apply in training mode only, so evaluation reports the plain loss.
     """
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
@@ -22,7 +45,10 @@ class TokenCrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100,
-            label_smoothing=self.label_smoothing if self.training else 0.0,
-        )
+        x, y = logits.flatten(0, -2).float(), labels.flatten()
+        loss = F.cross_entropy(x, y, ignore_index=-100,
+                               label_smoothing=self.label_smoothing if self.training else 0.0)
+        if self.z_loss and self.training:
+            valid = y != -100
+            loss = loss + self.z_term(torch.logsumexp(x, dim=-1), valid, valid.sum())
+        return loss

@@ -164,6 +164,13 @@ class TrainConfig(_Section):
     """Skip any update whose gradients hold NaN/inf (the step still counts and is logged); stop
     the run, with a checkpoint of the last good weights, after this many skipped in a row.
     0 turns the check off (it costs one scalar all-reduce per step)."""
+    z_loss: float = Field(0.0, ge=0)
+    """PaLM's z-loss coefficient (1e-4 in PaLM and OLMo-2): ``z_loss · log²Z`` per target token is
+    added to the training loss (Z: the softmax normaliser of the output logits), keeping logits
+    from drifting in long bf16 runs. The logged ``loss`` is the objective (cross-entropy + z);
+    ``z_loss`` is logged beside it as its own metric; evaluation reports the plain cross-entropy.
+    0 turns it off. Every family, every layout (the vocab-parallel and context-parallel losses
+    compute the same term)."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
     memory_check: bool = True
@@ -409,10 +416,16 @@ class Config(_Section):
         if p.cp > 1:
             self._check_context_parallel()
         if p.tp > 1:
-            heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size}
+            # Grouped-query attention: each tensor rank takes whole key/value groups.
+            heads = {"model.n_head": m.n_head, "model.d_ff": m.ff_size,
+                     "model.n_kv_head": getattr(m, "kv_heads", m.n_head)}
             for key, n in heads.items():
                 if n % p.tp:
-                    raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp}")
+                    raise ConfigError(f"{key}={n} is not divisible by parallel.tp={p.tp} (tensor "
+                                      f"parallelism cuts it into equal parts); use a tp that divides {n}")
+            if getattr(m, "qk_norm", False):
+                raise ConfigError(f"model.qk_norm with parallel.tp={p.tp} is not supported yet (the per-head "
+                                  "norms' gradients would need a tensor-parallel sum); use dp/ZeRO or tp=1")
 
     def _check_sequence_parallel(self) -> None:
         p, spec = self.parallel, self.family
@@ -437,7 +450,9 @@ class Config(_Section):
         if p.tp > 1 or p.pp > 1:
             raise ConfigError(f"parallel.cp={p.cp} with parallel.tp={p.tp}, parallel.pp={p.pp}: context "
                               "parallelism composes with data parallelism and ZeRO only (tp = pp = 1)")
-        for key, n in {"model.n_head": m.n_head, "data.seq_len": self.data.seq_len}.items():
+        need = {"model.n_head": m.n_head, "model.n_kv_head": getattr(m, "kv_heads", m.n_head),
+                "data.seq_len": self.data.seq_len}
+        for key, n in need.items():  # Ulysses hands each rank whole key/value groups
             if n % p.cp:
                 raise ConfigError(f"{key}={n} is not divisible by parallel.cp={p.cp}")
 

@@ -72,7 +72,7 @@ _GPT_PLAN = {
     # The separate projections of checkpoints from before the fusion: how their shards merge.
     "*attn.q_proj": "colwise", "*attn.k_proj": "colwise", "*attn.v_proj": "colwise",
     "*attn.c_proj": "rowwise",
-    "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",
+    "*mlp.c_fc": "colwise", "*mlp.c_proj": "rowwise",  # SwiGLU's c_fc alternates gate and up units
     "*lm_head": "vocab_head", "loss_fn": "vocab_loss",
 }
 _GPT_SP_PLAN = {"*wpe": "positions", "*ln_1": "norm", "*ln_2": "norm", "*ln_f": "norm"}

@@ -31,6 +31,20 @@ def test_gpt_flops_per_token_match_torch_flop_counter():
     assert abs(approx_6n - counted) / counted > 0.05
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 1], ids=["mha", "mqa"])
+def test_llama_shape_flops_per_token_match_torch_flop_counter(n_kv_head):
+    """SwiGLU's three matrices and grouped-query attention's narrower k/v counted through the
+    parameters; the scores over every query head; RoPE and norms not counted (elementwise)."""
+    cfg = GPTConfig(n_layer=3, n_head=4, n_kv_head=n_kv_head, d_model=64, d_ff=176, max_seq_len=64,
+                    vocab_size=512, position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                    tie_embeddings=False)
+    model = build(cfg)
+    x = torch.randint(0, 512, (2, 64))
+    counted = counted_flops_per_token(model, {"input_ids": x, "labels": x}, x.numel())
+    exact, _ = model.flops_per_token(64)
+    assert exact == pytest.approx(counted, rel=0.01)
+
+
 def test_encdec_flops_per_token_match_torch_flop_counter():
     cfg = EncDecConfig(n_enc_layers=2, n_dec_layers=2, n_head=4, d_model=64, max_seq_len=32,
                        src_vocab_size=200, tgt_vocab_size=200, dropout=0.0)

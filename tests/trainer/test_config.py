@@ -128,6 +128,10 @@ def test_every_field_is_documented():
         ("gpt/debug.yaml", ["parallel.cp=4"], 4, "model.n_head=6 is not divisible by parallel.cp=4"),
         ("gpt/debug.yaml", ["parallel.cp=2", "data.seq_len=127"], 2, "data.seq_len=127 is not divisible by parallel.cp=2"),
         ("gpt/debug.yaml", ["parallel.cp=2"], 3, "world size 3 is not divisible by parallel.tp × parallel.pp × parallel.cp = 2"),
+        # The Llama shape: 6 query heads, 2 key/value heads; each rank takes whole groups.
+        ("gpt/llama-debug.yaml", ["parallel.tp=3", "model.d_ff=510"], 3, "model.n_kv_head=2 is not divisible by parallel.tp=3"),
+        ("gpt/llama-debug.yaml", ["parallel.cp=3", "data.seq_len=126"], 3, "model.n_kv_head=2 is not divisible by parallel.cp=3"),
+        ("gpt/llama-debug.yaml", ["parallel.tp=2", "model.qk_norm=true"], 2, "model.qk_norm with parallel.tp=2 is not supported yet"),
     ],
 )
 def test_unsupported_parallel_layouts_are_refused_in_one_line(preset, overrides, world, expected):
@@ -195,7 +199,7 @@ def test_7b_preset_counts_its_closed_form():
     embeddings (V + P)·d tied with the head, a final norm: 6.66 B; ZeRO-3 shards it."""
     from trainer.parallel.materialize import reference_model
 
-    cfg = load_config(str(REPO / "configs/gpt/gpt-7b.yaml"), ["model.vocab_size=50304"])
+    cfg = load_config(str(REPO / "configs/gpt/gpt2-6.7b.yaml"), ["model.vocab_size=50304"])
     L, d, V, P = 32, 4096, 50304, 2048
     assert reference_model(cfg).num_params() == L * (12 * d * d + 13 * d) + (V + P) * d + 2 * d == 6_658_596_864
     assert cfg.parallel.zero_stage == 3 and cfg.train.activation_checkpointing

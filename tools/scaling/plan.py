@@ -108,7 +108,8 @@ def shape_overrides(ladder: Ladder, s: int) -> dict[str, int]:
     its own shape rule and ladder fields (heads and aspect ratio, or width steps)."""
     if ladder.family == "gpt":
         d = ladder.head_dim * s
-        return {"n_layer": max(1, round(d / ladder.aspect)), "d_model": d, "n_head": s, "d_ff": 4 * d}
+        # d_ff from the activation's own rule: 4·d for GELU, 8d/3 for SwiGLU (models/gpt.py).
+        return {"n_layer": max(1, round(d / ladder.aspect)), "d_model": d, "n_head": s, "d_ff": None}
     d = ladder.width_step * s
     return {"n_layers": ladder.n_layers, "d_hidden": d, "d_embed": d}
 

@@ -16,7 +16,8 @@ stage's blocks, per micro-batch:
   backward's re-gathers of the column-parallel inputs, Megatron's trade of bytes for
   activation memory), the positions' ``s·h`` gradient gathered, and the gradients of the
   parameters used on a sequence shard (norms, row-parallel biases) all-reduced.
-- **context parallel** (Ulysses): four all-to-alls per block of ``3·bsh/cp`` and ``bsh/cp``
+- **context parallel** (Ulysses): four all-to-alls per block of ``3·bsh/cp`` (fewer with
+  grouped-query attention: ``(n_head + 2·n_kv_head)/n_head · bsh/cp``) and ``bsh/cp``
   (q/k/v and the attention output, forward and backward), and one fp32 token count.
 - **pipeline**: the first stage sends ``bsh`` forward and receives ``bsh`` of gradient per
   micro-batch, 1/tp of it under tensor parallelism, all-gathered over the tensor group on
@@ -63,6 +64,11 @@ class StepShape:
     activation_checkpointing: bool = False
     bias: bool = True
     tied_embeddings: bool = True
+    qkv_width: float = 3.0
+    """The fused q/k/v projection's width in hidden sizes: 3 for multi-head attention,
+    ``(n_head + 2 · n_kv_head) / n_head`` with grouped-query attention."""
+    learned_positions: bool = True
+    """A learned position table (GPT-2); RoPE has none, so sequence parallelism gathers none."""
 
 
 def volumes(x: StepShape) -> dict[str, float]:
@@ -77,13 +83,15 @@ def volumes(x: StepShape) -> dict[str, float]:
         n = 1 + 4 * layers + (2 * layers if x.activation_checkpointing else 0) + head
         out["tp.all_reduce"] += m * (n * bsh + head * 3 * tokens * 4)
     if x.sequence_parallel:
-        out["tp.all_gather"] += m * ((6 * layers + 3) * bsh + x.seq_len * x.d_model * x.bytes_per_value)
+        positions = x.seq_len * x.d_model * x.bytes_per_value if x.learned_positions else 0
+        out["tp.all_gather"] += m * ((6 * layers + 3) * bsh + positions)
         out["tp.reduce_scatter"] += m * (4 * layers + 2) * bsh
         per_block = 6 if x.bias else 2  # two norms' weight (and bias), two row-parallel biases
         out["tp.all_reduce"] += m * (3 * tokens * 4 + (per_block * layers + (2 if x.bias else 1)) * x.d_model * x.bytes_per_value)
     if x.cp > 1:
         recompute = 1.5 if x.activation_checkpointing else 1.0
-        out["cp.all_to_all"] += m * layers * 8 * bsh / x.cp * recompute
+        # Per block, forward and backward: q/k/v tokens ► heads, the output heads ► tokens.
+        out["cp.all_to_all"] += m * layers * 2 * (x.qkv_width + 1) * bsh / x.cp * recompute
         out["cp.all_reduce"] += m * 4
     if x.pp > 1:
         # Under tp each tensor rank sends its 1/tp of the boundary activation and the receiver
@@ -146,4 +154,5 @@ def step_shape(cfg) -> StepShape:
         grad_accum=t.grad_accum, vocab=m.vocab_size, bytes_per_value=4 if t.precision == "fp32" else 2,
         held_params=held, dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, zero_stage=p.zero_stage,
         sequence_parallel=p.sequence_parallel, activation_checkpointing=t.activation_checkpointing, bias=m.bias,
-        tied_embeddings=m.tie_embeddings)
+        tied_embeddings=m.tie_embeddings, qkv_width=(m.n_head + 2 * m.kv_heads) / m.n_head,
+        learned_positions=m.position == "learned")

@@ -18,7 +18,9 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
 - **Activations** per block and micro-batch (Korthikanti et al. 2022, with fused attention,
   which stores no s² scores): ``s·b·h·(4 + 12/tp)`` values in the training precision (their
   ``34·sbh`` bytes are 16-bit values and 1-byte masks: the two norms' inputs and outputs
-  replicated; q, k, v, the attention output and the MLP's two 4h-wide tensors sharded), plus a
+  replicated; q, k, v, the attention output and the MLP's two 4h-wide tensors sharded; for the
+  Llama shape, q/k/v at ``(n_head + 2·n_kv_head)/n_head`` and SwiGLU's four ``d_ff``-wide
+  tensors: ``Shape.sharded_widths``), plus a
   1-byte mask per dropout site when dropout is on; with activation checkpointing a block keeps
   its input only and one block is recomputed at a time. The head's logits in the training
   precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes). Under a
@@ -110,6 +112,11 @@ class Shape:
     bytes_per_value: int
     mixed_precision: bool
     dropout: bool
+    sharded_widths: float = 12.0
+    """Activation values a block saves per token on its tensor-parallel side, in hidden sizes:
+    q/k/v (3, less with grouped-query attention), the attention output (1) and the MLP's inner
+    tensors (2 of ``d_ff`` for GELU: 8 at 4·h; 4 of ``d_ff`` for SwiGLU: gate, its SiLU, up and
+    their product)."""
 
 
 def shape_of(cfg: Config) -> Shape:
@@ -120,14 +127,16 @@ def shape_of(cfg: Config) -> Shape:
         raise ConfigError(f"seqtrain plan covers model.family in {having('planned')}; "
                           f"{cfg.model.family} is not modelled yet")
     m = cfg.model
-    emb = model.wte.weight.numel() + model.wpe.weight.numel()
+    emb = model.wte.weight.numel() + (model.wpe.weight.numel() if m.position == "learned" else 0)
+    mlp = (4 if m.activation == "swiglu" else 2) * m.ff_size / m.d_model
     block = sum(p.numel() for p in model.h[0].parameters())
     return Shape(params=model.num_params(), block_params=block, embedding_params=emb, n_layer=m.n_layer,
                  d_model=m.d_model, vocab=model.wte.weight.shape[0], seq_len=cfg.data.seq_len,
                  global_batch=cfg.train.global_batch_size or cfg.train.micro_batch_size,
                  flops_per_token=model.flops_per_token(cfg.data.seq_len)[0],
                  bytes_per_value=4 if cfg.train.precision == "fp32" else 2,
-                 mixed_precision=cfg.train.precision != "fp32", dropout=m.dropout > 0)
+                 mixed_precision=cfg.train.precision != "fp32", dropout=m.dropout > 0,
+                 sharded_widths=(m.n_head + 2 * m.kv_heads) / m.n_head + 1 + mlp)
 
 
 def with_planned_vocab(cfg: Config) -> Config:
@@ -148,7 +157,7 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     optimizer = held * (12 if s.mixed_precision or lay.zero_stage else 8) / (lay.dp if lay.zero_stage >= 1 else 1)
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
     sbh = s.seq_len * lay.micro_batch_size * s.d_model
-    block = sbh * (4 + 12 / lay.tp) * w + (2 * sbh if s.dropout else 0)
+    block = sbh * (4 + s.sharded_widths / lay.tp) * w + (2 * sbh if s.dropout else 0)
     stored = layers * (sbh * w if lay.activation_checkpointing else block)
     recompute = block if lay.activation_checkpointing else 0
     logits = s.seq_len * lay.micro_batch_size * s.vocab / lay.tp * (w + 8) if lay.pp == 1 else 0
@@ -206,7 +215,7 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
     m, gb = cfg.model, cfg.train.global_batch_size or cfg.train.micro_batch_size
     out = []
     for tp, pp in itertools.product(_divisors(gpus_per_node), _divisors(m.n_layer)):
-        if world % (tp * pp) or m.n_head % tp or m.ff_size % tp:
+        if world % (tp * pp) or m.n_head % tp or m.kv_heads % tp or m.ff_size % tp:
             continue
         dp = world // (tp * pp)
         if gb % dp:

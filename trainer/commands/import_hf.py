@@ -1,4 +1,4 @@
-"""``seqtrain import-hf DIR --out OUT``: start a GPT run from a local GPT-2-style folder."""
+"""``seqtrain import-hf DIR --out OUT``: start a GPT run from a local GPT-2 or Llama folder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    im = sub.add_parser("import-hf", help="start a GPT run from a local GPT-2-style transformers folder")
+    im = sub.add_parser("import-hf", help="start a GPT run from a local GPT-2 or Llama transformers folder")
     im.add_argument("hf_dir", type=Path)
     im.add_argument("--out", required=True, type=Path)
     im.add_argument("--name")

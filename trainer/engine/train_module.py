@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.loss import ZLoss
 from trainer import deepspeed_private as ds_private
 from trainer.accounting.flops import PeakFlops
 from trainer.checkpoint.reshard import NAMES_KEY, optimizer_param_names
@@ -39,6 +40,13 @@ def _no_mark(phase: str) -> None: ...
 def model_loss(out) -> torch.Tensor:
     """Models return the loss, or (loss, recurrent state) for RNN language models."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def z_loss_of(model: nn.Module) -> torch.Tensor | None:
+    """The mean z-loss term since the last logged row (``train.z_loss``), or None when off."""
+    terms = [t for m in model.modules() if isinstance(m, ZLoss) and m.z_loss
+             for t in [m.take_z_loss()] if t is not None]
+    return sum(terms) if terms else None
 
 
 def count_targets(batch: Batch) -> torch.Tensor:
@@ -140,6 +148,9 @@ class EngineModule:
             scale = ds_private.loss_scale(self.engine.optimizer)
             if scale is not None:
                 out["loss_scale"] = scale
+        z = z_loss_of(self.model)
+        if z is not None:
+            out["z_loss"] = float(self.dims.dp_mean(z))  # a collective at the logging cadence
         return out
 
     def _clip_fp32_gradients(self) -> torch.Tensor:

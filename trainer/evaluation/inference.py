@@ -4,6 +4,7 @@ does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -57,6 +58,10 @@ def generate_text(
     eos = tok.token_to_id(EOS)
     # An empty prompt starts at a document boundary, as training documents do.
     ids = [eos] + tok.encode(prompt, add_special_tokens=False).ids
+    limit = getattr(cfg.model, "max_seq_len", None)  # recurrent models read any length
+    if limit is not None and len(ids) > limit:
+        print(f"the prompt's {len(ids)} tokens exceed model.max_seq_len={limit}: generating from its "
+              f"last {limit}", file=sys.stderr, flush=True)
     x = torch.tensor([ids] * num_samples)
     g = torch.Generator().manual_seed(seed)
     out = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_tokens=(eos,), generator=g)

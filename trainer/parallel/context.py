@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.loss import ZLoss
 from trainer.parallel.sequence import sequence_shard
 from trainer.parallel.tensor import conjugate, per_rank_dropout, planned
 
@@ -112,7 +113,7 @@ class ContextToTokens(_Wrapper):
         return F.linear(x, self.weight, self.bias)
 
 
-class ContextLoss(nn.Module):
+class ContextLoss(ZLoss, nn.Module):
     """This rank's share of the replica's mean token loss, scaled for an average over cp ranks:
     cp · (sum of its tokens' losses) / (the replica's target tokens)."""
 
@@ -127,9 +128,14 @@ class ContextLoss(nn.Module):
         labels = sequence_shard(labels, self.group).flatten()
         total = F.cross_entropy(logits.flatten(0, -2).float(), labels, ignore_index=-100,
                                 reduction="sum", label_smoothing=eps)
-        count = (labels != -100).sum().float()
+        valid = labels != -100
+        count = valid.sum().float()
         dist.all_reduce(count, group=self.group)  # a count: no gradient
-        return total * dist.get_world_size(self.group) / count
+        cp = dist.get_world_size(self.group)
+        loss = total * cp / count
+        if self.z_loss:  # scaled as the cross-entropy: the mean over dp · cp ranks is the replica's
+            loss = loss + self.z_term(torch.logsumexp(logits.flatten(0, -2).float(), dim=-1), valid, count / cp)
+        return loss
 
 
 ROLES: dict[str, type[nn.Module]] = {

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.gpt import Block, GPTConfig, init_param_
+from models.gpt import Block, GPTConfig, init_param_, make_norm
 from models.loss import TokenCrossEntropy
 
 Shard = Callable[[nn.Module], None] | None
@@ -50,14 +50,20 @@ def head_logits(embed: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
 
 
 class Positions(nn.Module):
+    """The learned position table and the embeddings' dropout (with RoPE the dropout alone:
+    rotary positions are applied inside attention)."""
+
     def __init__(self, cfg: GPTConfig, seed: int) -> None:
         super().__init__()
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.position == "learned":
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         _init(self, "", cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(torch.arange(x.shape[1], device=x.device))
+        return self.drop(x)
 
 
 class BlockPipe(Block):
@@ -74,7 +80,7 @@ class BlockPipe(Block):
 class FinalNorm(nn.Module):
     def __init__(self, cfg: GPTConfig, seed: int) -> None:
         super().__init__()
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         _init(self, "", cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

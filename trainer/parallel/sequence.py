@@ -153,21 +153,25 @@ class SequenceParallelHead(VocabParallelHead):
 
 
 class SequenceParallelNorm(nn.Module):
-    """A LayerNorm on this rank's tokens; its parameters stay whole (the same ``Parameter``
-    objects, so names and checkpoints do not change) with gradients summed over the group."""
+    """A LayerNorm or RMSNorm on this rank's tokens; its parameters stay whole (the same
+    ``Parameter`` objects, so names and checkpoints do not change) with gradients summed over
+    the group."""
 
     style = "norm"
 
-    def __init__(self, full: nn.LayerNorm, group, cache: dict) -> None:
+    def __init__(self, full: nn.LayerNorm | nn.RMSNorm, group, cache: dict) -> None:
         super().__init__()
         self.group, self.shape, self.eps = group, full.normalized_shape, full.eps
-        self.weight, self.bias = full.weight, full.bias
+        self.rms = isinstance(full, nn.RMSNorm)
+        self.weight, self.bias = full.weight, getattr(full, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if self.training:
             w = None if w is None else copy_to_tp(w, self.group)
             b = None if b is None else copy_to_tp(b, self.group)
+        if self.rms:
+            return F.rms_norm(x, self.shape, w, self.eps)
         return F.layer_norm(x, self.shape, w, b, self.eps)
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.loss import ZLoss
 from trainer.deepspeed_private import mark_tensor_parallel
 from trainer.families import spec
 
@@ -207,7 +208,7 @@ class VocabParallelHead(nn.Module):
         return logits if self.training else gather_from_tp(logits, self.group)
 
 
-class VocabParallelCrossEntropy(nn.Module):
+class VocabParallelCrossEntropy(ZLoss, nn.Module):
     """Cross-entropy over logits split by vocabulary, equal to ``F.cross_entropy`` on the whole.
 
     Three all-reduces of per-token scalars replace gathering (tokens × vocab) logits: the max
@@ -244,7 +245,10 @@ class VocabParallelCrossEntropy(nn.Module):
             mean_z = reduce_from_tp(z.sum(-1), self.group) / self.full_vocab
             loss = (1 - eps) * loss + eps * (lse - mean_z)
         valid = y != -100
-        return (loss * valid).sum() / valid.sum()
+        out = (loss * valid).sum() / valid.sum()
+        if self.z_loss:  # log Z = log(sum of exponentials) + the max it was shifted by
+            out = out + self.z_term(lse + m, valid, valid.sum())
+        return out
 
 
 # --------------------------------------------------------------------------- plans

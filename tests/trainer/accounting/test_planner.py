@@ -122,3 +122,16 @@ def test_step_communication_is_the_measured_volume_at_link_speed():
                   held_params=(2 * 1000 + 500) // 2, tp=2, pp=2)
     assert wire(x, volumes(x))["tp"] == pytest.approx(tp)
     assert comm_time_s(s, lay, gpu, nodes=1) == pytest.approx((tp + p2p) / (gpu.intra_node_gbps * 1e9))
+
+
+def test_the_llama_8b_preset_plans_on_8_and_64_gpus():
+    """The Llama-3-8B shape (grouped-query attention, SwiGLU, untied 128k head) fits 8 and 64
+    80 GiB GPUs under its ZeRO-3 layout; its activations count SwiGLU's four d_ff-wide tensors."""
+    from trainer.accounting.planner import GIB, check_fits, shape_of
+
+    cfg = load_config("configs/gpt/gpt-7b.yaml", [])
+    s = shape_of(cfg)
+    assert s.params == 8_030_261_248 and s.embedding_params == 128256 * 4096  # no position table
+    assert s.sharded_widths == pytest.approx((32 + 2 * 8) / 32 + 1 + 4 * 14336 / 4096)
+    for gpus in (8, 64):
+        check_fits(cfg, gpus, 8, 80 * GIB, "NVIDIA H100 80GB HBM3")

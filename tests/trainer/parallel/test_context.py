@@ -16,6 +16,9 @@ from trainer.parallel.context import apply_context_parallel, heads_to_tokens, to
 pytestmark = pytest.mark.distributed
 
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=64, dropout=0.0)
+# The Llama shape with grouped-query attention (a key/value head per rank) and the z-loss.
+LLAMA = CFG.model_copy(update=dict(n_kv_head=2, position="rope", norm="rmsnorm", activation="swiglu",
+                                   bias=False, tie_embeddings=False, d_ff=48))
 
 
 def _mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -24,15 +27,20 @@ def _mean(t: torch.Tensor, world: int) -> torch.Tensor:
     return t / world
 
 
-def _equals_single_device(rank: int, world: int) -> None:
+def _equals_single_device_llama(rank: int, world: int) -> None:
+    _equals_single_device(rank, world, LLAMA, z_loss=1e-2)
+
+
+def _equals_single_device(rank: int, world: int, cfg: GPTConfig = CFG, z_loss: float = 0.0) -> None:
     """The mean over cp ranks of their losses and gradients (what DeepSpeed's data-parallel
     averaging makes of them) equals the single-device model's, with labels ignored unevenly
     across the ranks' parts; evaluation mode gives the whole logits on every rank."""
     torch.manual_seed(0)
     ids, labels = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
     labels[0, :5] = -100  # all in rank 0's half
-    full = build(CFG, seed=3)
+    full = build(cfg, seed=3)
     cp = apply_context_parallel(copy.deepcopy(full), dist.group.WORLD)
+    full.loss_fn.z_loss = cp.loss_fn.z_loss = z_loss
     loss_ref, loss = full(ids, labels), cp(ids, labels)
     torch.testing.assert_close(_mean(loss, world), loss_ref, atol=1e-6, rtol=1e-6)
     loss_ref.backward()
@@ -56,6 +64,7 @@ def _all_to_all_round_trip(rank: int, world: int) -> None:
     assert torch.equal(heads_to_tokens(heads, dist.group.WORLD), mine)
 
 
-@pytest.mark.parametrize("fn", [_equals_single_device, _all_to_all_round_trip], ids=["parity", "all-to-all"])
+@pytest.mark.parametrize("fn", [_equals_single_device, _equals_single_device_llama, _all_to_all_round_trip],
+                         ids=["parity", "parity-llama-gqa-zloss", "all-to-all"])
 def test_context_parallel(fn) -> None:
     _spawn(fn)

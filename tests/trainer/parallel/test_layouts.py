@@ -29,9 +29,18 @@ ENCDEC_ARGS = ["data.source=dates", "data.num_pairs=200", "data.val_fraction=0.2
                "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1", "eval.every=0",
                "eval.batches=1", "eval.decode_samples=8", "checkpoint.every=0", "tracking.enabled=false"]
 
+# The Llama shape: RoPE, RMSNorm, SwiGLU, grouped-query attention (2 key/value heads for 4
+# query heads: one whole group per rank at tp2 and cp2), no biases, untied head, the z-loss.
+LLAMA_ARGS = [*GPT_ARGS, "model.n_head=4", "model.n_kv_head=2", "model.position=rope", "model.norm=rmsnorm",
+              "model.activation=swiglu", "model.d_ff=64", "model.bias=false", "model.tie_embeddings=false",
+              "train.z_loss=1e-3"]
+LLAMA_LAYOUTS = ["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2", "tp2-sp", "cp2", "pp2-activation-checkpointing",
+                 "tp2xpp2"]
+
 LAYOUTS = {
     # name: (nproc, overrides)
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -65,6 +74,16 @@ def reference(tmp_path_factory, cache_dir):
     return corpus, rows, evals, root / "one"
 
 
+@pytest.fixture(scope="module")
+def llama_reference(reference, tmp_path_factory, cache_dir):
+    """The single-process run of the Llama-shaped decoder, on the same corpus."""
+    root = tmp_path_factory.mktemp("llama")
+    rows, evals = _train(GPT, [*LLAMA_ARGS, f"data.source={reference[0]}"], root / "one", cache_dir)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert all(0 < r["z_loss"] < r["loss"] for r in rows)  # logged as its own metric
+    return reference[0], rows, evals, root / "one"
+
+
 def assert_same_run(ref_rows, rows, ref_evals, evals) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
     for a, b in zip(ref_rows, rows, strict=True):
@@ -75,12 +94,17 @@ def assert_same_run(ref_rows, rows, ref_evals, evals) -> None:
     print(f"max loss difference {worst:.2e}")  # for the record (pytest -s)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, reference, cache_dir, tmp_path):
+@pytest.mark.parametrize("layout", [*LAYOUTS, *(f"llama-{name}" for name in LLAMA_LAYOUTS)])
+def test_layout_matches_single_process(layout, request, cache_dir, tmp_path):
+    llama = layout.startswith("llama-")
+    reference = request.getfixturevalue("llama_reference" if llama else "reference")
     corpus, ref_rows, ref_evals, _ = reference
-    nproc, extra = LAYOUTS[layout]
-    rows, evals = _train(GPT, [*GPT_ARGS, f"data.source={corpus}", *extra], tmp_path / layout, cache_dir, nproc)
+    nproc, extra = LAYOUTS[layout.removeprefix("llama-")]
+    args = LLAMA_ARGS if llama else GPT_ARGS
+    rows, evals = _train(GPT, [*args, f"data.source={corpus}", *extra], tmp_path / layout, cache_dir, nproc)
     assert_same_run(ref_rows, rows, ref_evals, evals)
+    if llama and "pp2" not in layout:  # the z-loss metric, averaged over replicas like the loss
+        assert all(abs(a["z_loss"] - b["z_loss"]) < 1e-7 for a, b in zip(ref_rows, rows, strict=True))
     resolved = yaml.safe_load((tmp_path / layout / "config.yaml").read_text())["parallel"]
     assert resolved["dp"] * resolved["tp"] * resolved["pp"] * resolved["cp"] == nproc
     _assert_analytic_traffic(rows[-1], tmp_path / layout)

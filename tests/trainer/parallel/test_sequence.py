@@ -18,6 +18,9 @@ from trainer.parallel.tensor import apply_tensor_parallel
 pytestmark = pytest.mark.distributed
 
 CFG = GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=64, dropout=0.0)
+# The Llama shape with grouped-query attention (a key/value head per rank) and the z-loss.
+LLAMA = CFG.model_copy(update=dict(n_kv_head=2, position="rope", norm="rmsnorm", activation="swiglu",
+                                   bias=False, tie_embeddings=False, d_ff=48))
 SPEC = FAMILIES["gpt"]
 
 
@@ -32,12 +35,17 @@ def _batch() -> dict[str, torch.Tensor]:
     return batch
 
 
-def _equals_single_device(rank: int, world: int) -> None:
+def _equals_single_device_llama(rank: int, world: int) -> None:
+    _equals_single_device(rank, world, LLAMA, z_loss=1e-2)
+
+
+def _equals_single_device(rank: int, world: int, cfg: GPTConfig = CFG, z_loss: float = 0.0) -> None:
     """Loss and every gradient (sharded ones by their slice, whole ones whole) equal the
     single-device model's; evaluation mode gives its whole logits."""
     batch = _batch()
-    full = build(CFG, seed=3)
+    full = build(cfg, seed=3)
     sp = _sp(copy.deepcopy(full))
+    full.loss_fn.z_loss = sp.loss_fn.z_loss = z_loss
     loss_ref, loss = full(**batch), sp(**batch)
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
     loss_ref.backward()
@@ -91,7 +99,7 @@ def _dropout_per_rank(rank: int, world: int) -> None:
     assert not torch.equal(both[0], both[1])
 
 
-@pytest.mark.parametrize("fn", [_equals_single_device, _keeps_shards, _dropout_per_rank],
-                         ids=["parity", "shards", "dropout"])
+@pytest.mark.parametrize("fn", [_equals_single_device, _equals_single_device_llama, _keeps_shards, _dropout_per_rank],
+                         ids=["parity", "parity-llama-gqa-zloss", "shards", "dropout"])
 def test_sequence_parallel(fn) -> None:
     _spawn(fn)

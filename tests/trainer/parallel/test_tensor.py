@@ -48,8 +48,11 @@ def _sharded_grad_matches(full: torch.nn.Module, tp: torch.nn.Module, rank: int,
 
 def _check_family(family: str, rank: int, world: int) -> None:
     torch.manual_seed(0)
-    if family == "gpt":
-        cfg = GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=64, dropout=0.0)
+    if family in ("gpt", "llama"):
+        llama = dict(n_kv_head=2, position="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                     tie_embeddings=False, d_ff=48)
+        cfg = GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=64, dropout=0.0,
+                        **(llama if family == "llama" else {}))
         batch = {"input_ids": torch.randint(0, 64, (3, 16))}
         batch["labels"] = torch.randint(0, 64, (3, 16))
         batch["labels"][0, :5] = -100
@@ -62,8 +65,10 @@ def _check_family(family: str, rank: int, world: int) -> None:
         batch["src_ids"][1, 7:] = cfg.pad_id
         full_vocab = 64
     full = build(cfg, seed=3)
-    spec = FAMILIES[family]
+    spec = FAMILIES[cfg.family]
     tp = apply_tensor_parallel(copy.deepcopy(full), spec.tp_plan, dist.group.WORLD, spec.tp_rng_regions, full_vocab)
+    if family == "llama":  # and the z-loss, through the vocab-parallel loss
+        full.loss_fn.z_loss = tp.loss_fn.z_loss = 1e-2
     loss_ref = full(**batch)
     loss = tp(**batch)
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
@@ -80,6 +85,10 @@ def _check_family(family: str, rank: int, world: int) -> None:
 
 def _gpt(rank: int, world: int) -> None:
     _check_family("gpt", rank, world)
+
+
+def _llama(rank: int, world: int) -> None:
+    _check_family("llama", rank, world)
 
 
 def _encdec(rank: int, world: int) -> None:
@@ -119,6 +128,6 @@ def _dropout(rank: int, world: int) -> None:
         assert torch.equal(both[0], both[1]) is not train, f"train={train}: head outputs across ranks"
 
 
-@pytest.mark.parametrize("fn", [_gpt, _encdec, _dropout], ids=["gpt", "encdec", "dropout"])
+@pytest.mark.parametrize("fn", [_gpt, _llama, _encdec, _dropout], ids=["gpt", "llama-gqa-zloss", "encdec", "dropout"])
 def test_tensor_parallel_equals_single_device(fn) -> None:
     _spawn(fn)
