@@ -174,9 +174,11 @@ class TrainConfig(_Section):
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
     memory_check: bool = True
-    """On GPUs, before anything is allocated: refuse (one line, exit 2) a layout whose predicted
-    memory per GPU (``seqtrain plan``'s model, ``trainer/accounting/planner.py``) exceeds the device's,
-    naming the fastest layout that fits. GPT family; CPU runs are not checked."""
+    """Before the data and the model exist: refuse (one line, exit 2) a launch whose predicted
+    memory (``seqtrain plan``'s model, ``trainer/accounting/planner.py``) exceeds what it may use,
+    naming the fastest layout that fits: on GPUs each GPU's memory; on CPU hosts the prediction
+    per rank times the ranks of this host against the cgroup's limit where one is set, else the
+    available RAM. Families the planner models (``FamilySpec.planned``)."""
     engine: Literal["auto", "deepspeed"] = "auto"
     """``auto``: DeepSpeed's engine, except for one process in fp32 without ZeRO, tensor or
     pipeline parallelism, which trains in plain PyTorch with the same numbers and checkpoint

@@ -11,10 +11,12 @@ the same peak RSS. The same idea as the tcmalloc/jemalloc ``LD_PRELOAD`` of PyTo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,3 +66,26 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def available_bytes() -> tuple[int, str]:
+    """(bytes this job may still allocate on the host, where that figure comes from): the
+    cgroup's limit less its usage where a limit is set (a Slurm job, a container), else the
+    kernel's ``MemAvailable``; the smaller of the two when both apply."""
+    figures = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                figures.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
+            figures.append((int(limit) - usage, "the cgroup's memory limit"))
+        break
+    return min(figures) if figures else (2**62, "unknown")

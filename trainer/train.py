@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import distributed
-from trainer.accounting.planner import check_fits
+from trainer import distributed, host_memory
+from trainer.accounting.planner import check_fits, predicted_step_s
 from trainer.build import build_data, build_model, build_module, setup, whole_model
 from trainer.callbacks import memory
 from trainer.callbacks.checkpointing import Checkpoint, RunFinished
@@ -70,16 +70,45 @@ def _write_run_dir(cfg: Config, run_dir: Path, tokenizer_files: list[Path], rank
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(tokenizer_files))).hexdigest()
 
 
-def _check_memory(cfg: Config, device) -> None:
-    props = torch.cuda.get_device_properties(device)
+def _check_memory(cfg: Config, device: torch.device) -> None:
+    """Before the data and the model: the planner's prediction against what this host (all its
+    ranks together) or this GPU can hold; one line and exit 2 when it cannot."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    check_fits(cfg, distributed.world_size(), per_node, props.total_memory, props.name)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        check_fits(cfg, distributed.world_size(), per_node, props.total_memory, props.name)
+    else:
+        available, where = host_memory.available_bytes()
+        check_fits(cfg, distributed.world_size(), per_node, available, None, host=where)
+
+
+def _predicted(cfg: Config, module, device: torch.device) -> str:
+    """The start-up line's prediction: the planner's step time on this device (the GPU table,
+    or the measured peak of a CPU) and the run's ETA; a warning when one step would outlast the
+    hang watchdog's timeout."""
+    if not cfg.family.planned or not module.peak_flops:
+        return ""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    step_s = predicted_step_s(cfg, distributed.world_size(), module.peak_flops, gpu=gpu)
+    eta = step_s * cfg.train.steps
+    timeout = cfg.train.hang_timeout_s
+    if timeout and step_s > timeout:
+        _say(f"warning: one step is predicted to take {_duration(step_s)}, longer than "
+             f"train.hang_timeout_s={timeout:g}; the watchdog beats inside steps, but check the "
+             "layout (seqtrain plan) or raise the timeout")
+    return f"; predicted {_duration(step_s)} per step, ETA {_duration(eta)} for {cfg.train.steps} steps (seqtrain plan)"
+
+
+def _duration(s: float) -> str:
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer:
     clock = clock or Stopwatch()
     cfg, dims, device = setup(cfg)
-    if cfg.train.memory_check and device.type == "cuda" and cfg.family.planned:
+    if cfg.train.memory_check and cfg.family.planned:
         _check_memory(cfg, device)
     clock.lap("setup")  # the process group (and DeepSpeed's import where the run needs it)
     baseline_mb = memory.current_mb(device)  # imports and process group; no data, no model
@@ -102,6 +131,7 @@ def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "
         f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, device {device}"
+        f"{_predicted(cfg, module, device)}"
     )
     trainer.fit()
     if trainer.diverged:

@@ -157,3 +157,40 @@ def test_meta_reference_model_counts_what_the_real_model_has(preset, tie):
     assert count(meta) == count(real)
     if hasattr(real, "flops_per_token"):
         assert meta.flops_per_token(cfg.data.seq_len) == real.flops_per_token(cfg.data.seq_len)
+
+
+def test_a_launch_this_host_cannot_hold_is_refused_before_the_model_is_built(cache_dir, tmp_path):
+    """The 1.5 B preset on this machine: the planner's prediction for every rank of the host
+    against the memory the job may use (the cgroup's limit or MemAvailable), in one line."""
+    import time
+
+    t0 = time.perf_counter()
+    p = run_cli(["train", str(REPO / "configs/gpt/gpt2-1.5b.yaml"), "--run-dir", str(tmp_path / "xl")],
+                cache_dir, check=False)
+    seconds = time.perf_counter() - t0
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
+    msg = p.stderr.strip()
+    assert "GiB of host memory (1 rank(s) ×" in msg and "GiB are available (" in msg and "memory_check=false" in msg
+    assert not (tmp_path / "xl" / "config.yaml").exists()  # refused before the data and the model
+    assert seconds < 10, seconds
+
+
+def test_the_start_up_line_predicts_step_time_and_eta_and_warns_past_the_hang_timeout(tiny_corpus, cache_dir, tmp_path, capsys):
+    p = run_cli(["train", PRESET, "--run-dir", str(tmp_path / "run"), *sets(
+        *TINY, f"data.source={tiny_corpus}", "train.steps=2")], cache_dir)
+    line = next(ln for ln in p.stdout.splitlines() if "M params, world 1" in ln)
+    assert "per step, ETA" in line and "for 2 steps (seqtrain plan)" in line
+    assert "warning: one step" not in p.stdout
+    # A device a million times slower: one step outlasts the watchdog's timeout, said up front.
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainer.config import load_config
+    from trainer.train import _predicted
+
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"), ["train.hang_timeout_s=60"])
+    said = _predicted(cfg, SimpleNamespace(peak_flops=1e5), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "warning: one step is predicted to take" in out and "longer than train.hang_timeout_s=60" in out
+    assert said.startswith("; predicted") and (" min per step" in said or " h per step" in said)

@@ -73,6 +73,9 @@ class Gpu:
         return (self.bf16_tflops if mixed_precision else self.fp32_tflops) * 1e12
 
 
+HOST_LINK_GBPS = 5.0
+"""What a gloo ring between processes of one CPU host moves per second (shared memory copies)."""
+
 # Memory (GB) and links (GB/s inside a node, across nodes) of the GPUs whose peaks MFU knows:
 # SXM parts of 8-GPU nodes with a 400 Gb/s (H100, H200) or 200 Gb/s NIC per GPU; PCIe cards
 # (A10G, L40S) between themselves over PCIe 4.0 x16.
@@ -268,25 +271,48 @@ def config_layout(cfg: Config, world: int) -> Layout:
                   cfg.train.activation_checkpointing)
 
 
-def check_fits(cfg: Config, world: int, per_node: int, capacity_bytes: float, gpu: str | None) -> None:
+def check_fits(cfg: Config, world: int, per_node: int, capacity_bytes: float, gpu: str | None,
+               host: str | None = None) -> None:
     """Refuse, in one line, a launch whose predicted memory per GPU exceeds ``capacity_bytes``,
-    naming the fastest layout that fits (``train.memory_check``)."""
+    naming the fastest layout that fits (``train.memory_check``). ``host``: a CPU host, whose
+    ``capacity_bytes`` (where that figure comes from: ``host``) all ``per_node`` ranks share."""
     s = shape_of(cfg)
     need = memory_bytes(s, config_layout(cfg, world))["total"]
-    if need <= capacity_bytes:
+    share = capacity_bytes / per_node if host else capacity_bytes
+    if need <= share:
         return
     try:
         kind = gpu if gpu and any(k.lower() in gpu.lower() for k in GPUS) else None
-        best = next((r for r in plan(cfg, per_node, world // per_node, kind, capacity_bytes / GIB)["layouts"]
+        best = next((r for r in plan(cfg, per_node, world // per_node, kind, share / GIB)["layouts"]
                      if r["fits"]), None)
     except ConfigError:
         best = None
-    hint = ("no layout of these GPUs fits it: add GPUs" if best is None else
+    where = "ranks of this host" if host else "GPUs"
+    hint = (f"no layout of these {where} fits it: add {'hosts' if host else 'GPUs'}" if best is None else
             f"the fastest that fits: parallel.tp={best['tp']} parallel.pp={best['pp']} "
             f"parallel.zero_stage={best['zero_stage']} train.micro_batch_size={best['micro_batch_size']} "
             f"train.activation_checkpointing={str(best['activation_checkpointing']).lower()}")
+    if host:
+        raise ConfigError(
+            f"this launch needs about {need * per_node / GIB:.1f} GiB of host memory ({per_node} rank(s) × "
+            f"{need / GIB:.1f} GiB, seqtrain plan), {capacity_bytes / GIB:.1f} GiB are available ({host}); "
+            f"{hint}; train.memory_check=false skips this check")
     raise ConfigError(f"this layout needs about {need / GIB:.1f} GiB per GPU, the GPU has {capacity_bytes / GIB:.1f} "
                       f"GiB (seqtrain plan); {hint}; train.memory_check=false skips this check")
+
+
+def predicted_step_s(cfg: Config, world: int, peak_flops: float, efficiency: float = 0.5,
+                     gpu: str | None = None) -> float:
+    """The planner's step time of the config's own layout: a known GPU's table, or a device
+    measured at ``peak_flops`` (a CPU host: its matmul probe, with gloo's links of the host)."""
+    s = shape_of(cfg)
+    lay = config_layout(cfg, world)
+    kind = next((g for k, g in GPUS.items() if gpu and k.lower() in gpu.lower()), None)
+    if kind is None:
+        tflops = peak_flops / 1e12
+        kind = Gpu(memory_gb=0.0, bf16_tflops=tflops, fp32_tflops=tflops,
+                   intra_node_gbps=HOST_LINK_GBPS, inter_node_gbps=HOST_LINK_GBPS)
+    return step_time_s(s, lay, kind, 1, efficiency)
 
 
 def _gpu(name: str | None) -> Gpu:

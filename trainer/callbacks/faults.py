@@ -10,7 +10,9 @@ A comma-separated list of ``ACTION@STEP[:rRANK]`` (rank 0 when omitted; ``:r*`` 
 - ``hang@5:r1``: rank 1 stops making progress before step 5 (sleeps for ever; the others then
   wait in the step's collectives), which the hang watchdog (``trainer/callbacks/watchdog.py``) must catch;
 - ``slowsave@4``: an asynchronous save at step 4 stalls before writing (an hour), so that a
-  later ``kill`` lands while it is in flight.
+  later ``kill`` lands while it is in flight;
+- ``slowstep@3``: step 3 is slow but moving: every linear layer's forward sleeps
+  ``SLOW_LINEAR_S`` first (the watchdog must not take it for a hang).
 
 Each fault fires once per run directory (a marker file there records it), so a restarted job
 that passes step 5 again keeps going.
@@ -25,13 +27,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from trainer.checkpoint import async_writer
 from trainer.errors import ConfigError
 from trainer.loop import Callback, Trainer
 
 ENV = "SEQTRAIN_FAULT"
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None, "hang": None,
-           "slowsave": None}
+           "slowsave": None, "slowstep": None}
+SLOW_LINEAR_S = 0.3
 _SPEC = re.compile(r"^(?P<action>\w+)@(?P<step>\d+)(?:-(?P<end>\d+))?(?::r(?P<rank>\d+|\*))?$")
 
 
@@ -68,6 +73,7 @@ class FaultInjection(Callback):
     def __init__(self, faults: list[Fault], run_dir: Path) -> None:
         self.faults, self.run_dir = faults, run_dir
         self._poison = False
+        self._slow = False
 
     def on_train_start(self, trainer: Trainer) -> None:
         if any(f.action == "nan" for f in self.faults):
@@ -80,6 +86,14 @@ class FaultInjection(Callback):
 
             # The root module: the loss (or, under a pipeline, each stage's output) turns NaN.
             trainer.module.model.register_forward_hook(hook)
+        if any(f.action == "slowstep" for f in self.faults):
+            def slow(module, args):
+                if self._slow:
+                    time.sleep(SLOW_LINEAR_S)
+
+            for m in trainer.module.model.modules():
+                if isinstance(m, nn.Linear):
+                    m.register_forward_pre_hook(slow)
 
     def _fires(self, f: Fault, trainer: Trainer, step: int) -> bool:
         """Whether ``f`` fires at ``step`` on this rank (once per run directory)."""
@@ -93,6 +107,7 @@ class FaultInjection(Callback):
 
     def on_step_start(self, trainer: Trainer) -> None:
         self._poison = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "nan")
+        self._slow = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "slowstep")
         if any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "hang"):
             while True:  # a stuck rank: only the watchdog (another thread) ends this process
                 time.sleep(3600)

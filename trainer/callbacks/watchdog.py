@@ -2,7 +2,9 @@
 deadlocked data reader) ends the job, with evidence, instead of idling until the time limit.
 
 A daemon thread watches the loop's heartbeat (the watchdog is the last callback: its step-start
-hook marks "this step's work begins", its step-end hook "this step is done"). After
+hook marks "this step's work begins", its step-end hook "this step is done"; inside a step every
+module's forward and the gradients of their outputs beat, so a slow step that moves is never
+taken for a hang). After
 ``train.hang_timeout_s`` without a beat, every rank whose interpreter still runs writes its
 Python stacks (faulthandler, all threads) and last progress to ``run_dir/hang/``, waits a short
 grace for the other ranks' reports, names the stuck rank, and exits with code 5, so
@@ -23,6 +25,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from trainer.loop import Callback, Trainer
 
@@ -57,9 +62,26 @@ class HangWatchdog(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.beat = (time.monotonic(), trainer.step, "done")
+        self._step = trainer.step
+        if not trainer.cfg.train.compile:  # hooks would break a compiled graph: it beats per step
+            self._hooks = [nn.modules.module.register_module_forward_hook(self._forward_beat)]
         self.thread.start()
 
+    def _forward_beat(self, module: nn.Module, args, out) -> None:
+        """Progress inside a step: every module's forward beats (a block's recomputation too),
+        and each output that autograd will differentiate beats again when its gradient arrives.
+        A slow step keeps beating; a rank stuck in a collective does not. Costs a tuple store."""
+        if self.beat[2] != "train":
+            return
+        self.beat = (time.monotonic(), self._step + 1, "train")
+        if isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled():
+            out.register_hook(self._backward_beat)
+
+    def _backward_beat(self, grad: torch.Tensor) -> None:
+        self.beat = (time.monotonic(), self._step + 1, "train")
+
     def on_step_start(self, trainer: Trainer) -> None:
+        self._step = trainer.step
         self.beat = (time.monotonic(), trainer.step + 1, "train")
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -67,6 +89,8 @@ class HangWatchdog(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self._stop.set()
+        for h in getattr(self, "_hooks", ()):
+            h.remove()
 
     def _watch(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout / 5)):

@@ -41,6 +41,10 @@ def _evaluation_keywords(args: argparse.Namespace) -> dict:
             raise SeqtrainError("--task-dir and --num-fewshot go with --tasks (lm-eval task names)")
         return dict(data=args.data, text_file=args.text_file, split=args.split, beam=args.beam,
                     limit=500 if args.limit is None else args.limit, max_tokens=args.max_tokens)
+    from trainer.data import hub
+
+    # Before lm-eval (and datasets) are imported: offline, they read their caches at once.
+    hub.offline_unless_reachable()
     from tools.harness import Harness
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig
+from trainer.data import hub
 from trainer.errors import DataError
 
 # Generated tables rather than code people write: codec maps and the pydoc topic dump.
@@ -145,10 +146,15 @@ def _file_documents(f: CorpusFile, cfg: DataConfig) -> Iterator[tuple[str, str]]
         yield f.name, _decode(f.path.read_bytes(), str(f.path), cfg.invalid_utf8)
 
 
-def _hf_dataset(cfg: DataConfig):
-    import datasets
+# ``datasets``' builders over local files: no Hub involved.
+LOCAL_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
 
+
+def _hf_dataset(cfg: DataConfig):
     name = cfg.source.removeprefix("hf:")
+    offline = name not in LOCAL_BUILDERS and not Path(name).exists() and hub.offline_unless_reachable()
+    import datasets  # after the offline check: it reads the mode when imported
+
     try:
         return datasets.load_dataset(
             name, cfg.hf_config, split=cfg.hf_split, data_files=cfg.hf_data_files,
@@ -158,10 +164,12 @@ def _hf_dataset(cfg: DataConfig):
         raise DataError(f"data.source={cfg.source!r}: {e}") from None
     except ConnectionError as e:  # no network, or HF_HUB_OFFLINE with nothing cached
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"the Hub ({hub.endpoint()}) did not answer within {hub.TIMEOUT_S:.0f} s and " \
+            "the datasets cache does not hold it" if offline else f"cannot reach the dataset ({first})"
         raise DataError(
-            f"data.source={cfg.source!r}: cannot reach the dataset ({first}); on an offline node, "
-            "load it once where the Hub is reachable (then set HF_DATASETS_OFFLINE=1 to read the "
-            "datasets cache) or point data.source at local files"
+            f"data.source={cfg.source!r}: {where}; on an offline node, load it once where the Hub is "
+            "reachable (then set HF_DATASETS_OFFLINE=1 to read the datasets cache) or point "
+            "data.source at local files"
         ) from None
 
 

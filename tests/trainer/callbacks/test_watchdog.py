@@ -40,3 +40,20 @@ def test_a_hung_rank_is_named_and_the_restarted_job_resumes_and_finishes(tiny_co
     assert "resumed from" in p.stdout and "step_00000002 at step 2" in p.stdout
     rows, _ = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
+
+
+def test_a_slow_step_that_moves_is_not_a_hang(tiny_corpus, cache_dir, tmp_path):
+    """Step 2 takes longer than train.hang_timeout_s (every linear layer sleeps first), but its
+    forwards and backwards beat: the run finishes. A hang (``hang@``) still ends it, above."""
+    from trainer.callbacks.faults import SLOW_LINEAR_S
+
+    run = tmp_path / "run"
+    timeout = 2.0
+    args = [*TINY, f"data.source={tiny_corpus}", "train.steps=3", f"train.hang_timeout_s={timeout}"]
+    p = run_cli(["train", PRESET, "--run-dir", str(run), *sets(*args)], cache_dir,
+                env={"SEQTRAIN_FAULT": "slowstep@2"})
+    assert not (run / "hang").exists(), p.stderr[-2000:]
+    rows, _ = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Two blocks' four linears and the head, each sleeping: the step outlasts the timeout.
+    assert timeout < 9 * SLOW_LINEAR_S
