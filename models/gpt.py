@@ -153,12 +153,17 @@ def rope_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torc
     return torch.where(medium, blended, scaled)
 
 
-def apply_rope(x: torch.Tensor, inv_freq: torch.Tensor, start: int) -> torch.Tensor:
-    """Rotate ``(B, H, T, head_dim)`` by the angles of positions ``start .. start+T-1``; the two
-    halves of each head are the pairs rotated together (Llama's ``rotate_half`` layout)."""
-    pos = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq.to(x.device))
-    cos, sin = angles.cos().repeat(1, 2).to(x.dtype), angles.sin().repeat(1, 2).to(x.dtype)
+def rope_angles(cfg: GPTConfig, start: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) ``(T, head_dim)`` of positions ``start .. start+T-1``, computed in fp32 and
+    cast to ``like``'s dtype (as transformers does)."""
+    pos = torch.arange(start, start + length, device=like.device, dtype=torch.float32)
+    angles = torch.outer(pos, rope_frequencies(cfg, like.device)).repeat(1, 2)
+    return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``(B, H, T, head_dim)``: the two halves of each head are the pairs rotated together
+    (Llama's ``rotate_half`` layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -198,8 +203,8 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.position == "rope":
-            inv_freq = rope_frequencies(self.cfg, x.device)
-            q, k = apply_rope(q, inv_freq, past), apply_rope(k, inv_freq, past)
+            cos, sin = rope_angles(self.cfg, past, t, q)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)

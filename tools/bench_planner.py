@@ -10,7 +10,7 @@ host RSS (glibc keeps freed memory: a high-water mark), so the comparison checks
 states, activations and DeepSpeed's buffers, not a GPU's allocator. Beside it, each layout's
 ``init_peak_mb - baseline_mb`` (building this rank's part of the model) and its ratio to the
 single process's: sharded construction's figure. ``--shape llama`` makes the same model
-Llama-shaped (RoPE, RMSNorm, SwiGLU at 2048, 4 key/value heads for 12, no biases: 109 M).
+Llama-shaped (RoPE, RMSNorm, SwiGLU at 2048, 4 key/value heads for 12, no biases: 100.7 M).
 """
 
 from __future__ import annotations
