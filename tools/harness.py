@@ -23,7 +23,7 @@ import yaml
 from lm_eval.api.model import TemplateLM
 
 from trainer.data.tokenizer import EOS
-from trainer.errors import SeqtrainError
+from trainer.errors import DataError, SeqtrainError
 
 
 class SeqtrainLM(TemplateLM):
@@ -169,10 +169,16 @@ def run_tasks(model: torch.nn.Module, tok, tm, tasks: list[str], num_fewshot: in
     """``{"task/metric": value}`` of lm-eval's ``simple_evaluate`` on this model."""
     from lm_eval import simple_evaluate
 
-    res = simple_evaluate(model=SeqtrainLM(model, tok), tasks=tasks, num_fewshot=num_fewshot,
-                          limit=limit, task_manager=tm, log_samples=False, bootstrap_iters=0,
-                          random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                          fewshot_random_seed=0)
+    try:
+        res = simple_evaluate(model=SeqtrainLM(model, tok), tasks=tasks, num_fewshot=num_fewshot,
+                              limit=limit, task_manager=tm, log_samples=False, bootstrap_iters=0,
+                              random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                              fewshot_random_seed=0)
+    except ConnectionError as e:  # a task's dataset on the Hub, which an offline node cannot reach
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"--tasks {','.join(tasks)}: {first}; on an offline node, run these tasks once where "
+                        "the Hub is reachable (the datasets cache then serves them) or give local tasks "
+                        "with --task-dir") from None
     return flatten_results(res["results"])
 
 

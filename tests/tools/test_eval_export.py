@@ -198,3 +198,18 @@ def test_bad_inputs_are_one_line_errors(gpt_run, cache_dir, tmp_path):
     assert p.returncode == 0
     p = run_cli(["generate", str(root / "run"), "--source", "may 5, 1999"], cache_dir, check=False)
     assert p.returncode == 2 and "language model: give --prompt" in p.stderr
+
+
+def test_hub_tasks_on_an_offline_node_are_one_line(gpt_run, cache_dir):
+    """An lm-eval task whose dataset lives on the Hub, with the Hub unreachable (a closed local
+    port): the clients run offline at once and the missing dataset is one line, no retries."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root, _, _ = gpt_run
+    p = run_cli(["eval", str(root / "run"), "--tasks", "hellaswag", "--limit", "2"], cache_dir, check=False,
+                env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(root / "hf-home")})
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    assert "--tasks hellaswag:" in p.stderr and "--task-dir" in p.stderr
