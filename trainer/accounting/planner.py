@@ -47,6 +47,8 @@ import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from trainer.accounting.comm_volume import StepShape, data_group, volumes, wire
 from trainer.accounting.flops import GPU_PEAKS_TFLOPS
 from trainer.config import Config
@@ -143,10 +145,18 @@ def shape_of(cfg: Config) -> Shape:
 
 
 def with_planned_vocab(cfg: Config) -> Config:
-    """The vocabulary the run will have: ``model.vocab_size``, or the tokenizer's size rounded
-    up to ``parallel.vocab_multiple`` (what the data step fills in)."""
-    sizes = {side: cfg.data.tokenizer.vocab_size for side in cfg.family.vocab.values()}
-    return cfg.with_vocab(sizes, Path(cfg.data.source))
+    """The vocabulary the run will have: ``model.vocab_size``, or the tokenizer's size (the
+    ``data.tokenizer.path`` file's, else ``data.tokenizer.vocab_size``) rounded up to
+    ``parallel.vocab_multiple``, as the data step fills it in. The data step checks the sizes."""
+    size = cfg.data.tokenizer.vocab_size
+    if cfg.data.tokenizer.path and Path(cfg.data.tokenizer.path).expanduser().is_file():
+        size = Tokenizer.from_file(str(Path(cfg.data.tokenizer.path).expanduser())).get_vocab_size()
+    out = cfg.model_copy(deep=True)
+    mult = cfg.parallel.vocab_multiple
+    for key in cfg.family.vocab:
+        if getattr(out.model, key) is None:
+            setattr(out.model, key, -(-size // mult) * mult)
+    return out
 
 
 def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
