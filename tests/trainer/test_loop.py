@@ -172,7 +172,8 @@ def test_state_round_trip_restores_step_counters_and_random_streams():
 def _engine_module(precision_fp16: bool, guard_skips: int, engine_skips: int) -> EngineModule:
     optimizer = SimpleNamespace(cur_scale=2048.0)
     engine = SimpleNamespace(skipped_steps=engine_skips, optimizer=optimizer, gradient_clipping=lambda: 0.0,
-                             fp16_enabled=lambda: precision_fp16, get_global_grad_norm=lambda: None)
+                             fp16_enabled=lambda: precision_fp16, get_global_grad_norm=lambda: None,
+                             module=torch.nn.Linear(2, 2))  # a model without the z-loss
     return EngineModule(engine, None, ParallelDims(1, 1, 1, 0), torch.device("cpu"),
                         guard=SimpleNamespace(skipped=guard_skips))
 

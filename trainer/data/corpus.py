@@ -152,7 +152,9 @@ LOCAL_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
 
 def _hf_dataset(cfg: DataConfig):
     name = cfg.source.removeprefix("hf:")
-    offline = name not in LOCAL_BUILDERS and not Path(name).exists() and hub.offline_unless_reachable()
+    # Offline because the Hub did not answer just now (not because the environment asked).
+    probed = (name not in LOCAL_BUILDERS and not Path(name).exists() and not hub.offline_requested()
+              and hub.offline_unless_reachable())
     import datasets  # after the offline check: it reads the mode when imported
 
     try:
@@ -165,7 +167,7 @@ def _hf_dataset(cfg: DataConfig):
     except ConnectionError as e:  # no network, or HF_HUB_OFFLINE with nothing cached
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"the Hub ({hub.endpoint()}) did not answer within {hub.TIMEOUT_S:.0f} s and " \
-            "the datasets cache does not hold it" if offline else f"cannot reach the dataset ({first})"
+            "the datasets cache does not hold it" if probed else f"cannot reach the dataset ({first})"
         raise DataError(
             f"data.source={cfg.source!r}: {where}; on an offline node, load it once where the Hub is "
             "reachable (then set HF_DATASETS_OFFLINE=1 to read the datasets cache) or point "

@@ -35,10 +35,15 @@ def reachable(url: str | None = None, timeout_s: float = TIMEOUT_S) -> bool:
         return False
 
 
+def offline_requested() -> bool:
+    """The environment asks the clients to run offline."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARS)
+
+
 def offline_unless_reachable() -> bool:
     """True when the clients are (now) in offline mode: asked for by the environment, or set
     here because the endpoint did not answer. Call before importing ``datasets``."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_VARS):
+    if offline_requested():
         return True
     if reachable():
         return False
