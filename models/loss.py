@@ -18,18 +18,19 @@ class ZLoss:
     of its term for the logs (``take_z_loss``), on the device: no host sync per step."""
 
     z_loss: float = 0.0
+    _z_sums: torch.Tensor | None = None  # the terms since the last take_z_loss, and how many
+    _z_count: int = 0
 
     def z_term(self, lse: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
         """``z_loss`` · the sum of ``lse²`` over ``valid`` tokens / ``scale``; tracked for the logs."""
         term = self.z_loss * (lse.square() * valid).sum() / scale
-        sums = getattr(self, "_z_sums", None)
-        self._z_sums = term.detach() if sums is None else sums + term.detach()
-        self._z_count = getattr(self, "_z_count", 0) + 1
+        self._z_sums = term.detach() if self._z_sums is None else self._z_sums + term.detach()
+        self._z_count += 1
         return term
 
     def take_z_loss(self) -> torch.Tensor | None:
         """The mean z term of the forwards since the last call (a device tensor), then reset."""
-        sums, n = getattr(self, "_z_sums", None), getattr(self, "_z_count", 0)
+        sums, n = self._z_sums, self._z_count
         self._z_sums, self._z_count = None, 0
         return None if sums is None else sums / n
 

@@ -17,8 +17,7 @@ def test_a_closed_endpoint_is_unreachable_at_once_and_switches_to_offline(monkey
 
     for v in hub.OFFLINE_VARS:  # "0": not offline; monkeypatch restores the originals after the test
         monkeypatch.setenv(v, "0")
-    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                      ("datasets.config", "HF_DATASETS_OFFLINE")):
+    for mod, attr in hub.CLIENT_FLAGS:
         if mod in sys.modules and hasattr(sys.modules[mod], attr):
             monkeypatch.setattr(sys.modules[mod], attr, getattr(sys.modules[mod], attr))
     monkeypatch.setattr(hub, "endpoint", lambda: f"http://127.0.0.1:{port}")

@@ -15,6 +15,9 @@ from urllib.parse import urlparse
 
 TIMEOUT_S = 3.0
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+CLIENT_FLAGS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                ("datasets.config", "HF_DATASETS_OFFLINE"))
+"""The offline flags clients read from the environment at their import: (module, attribute)."""
 
 
 def endpoint() -> str:
@@ -52,8 +55,7 @@ def offline_unless_reachable() -> bool:
     # Clients imported already read the environment at their import: tell them too.
     import sys
 
-    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                      ("datasets.config", "HF_DATASETS_OFFLINE")):
+    for mod, attr in CLIENT_FLAGS:
         if mod in sys.modules and hasattr(sys.modules[mod], attr):
             setattr(sys.modules[mod], attr, True)
     return True
