@@ -94,7 +94,6 @@ class Trainer:
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
 
@@ -107,16 +106,26 @@ class Trainer:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # Older checkpoints also hold rank 0's generators of every visible GPU under "cuda":
+        # ignored, since each rank's own generator lives in its rank state.
 
     def rank_state(self) -> dict[str, Any] | None:
-        """State that differs per rank (carried recurrent states), saved in a file per rank."""
+        """State that differs per rank, saved in a file per rank: the carried recurrent states
+        of truncated BPTT, and this rank's own CUDA generator (dropout masks: each rank's
+        advanced on its own, and a rank sees only its device after a restart)."""
         fn = getattr(self.data.train, "state_dict", None)
-        return fn() if fn else None
+        state = {"data": fn()} if fn else {}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state or None
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
-        self.data.train.load_state_dict(state)
+        if "data" not in state and "cuda_rng" not in state:
+            state = {"data": state}  # saved before the CUDA generator joined it
+        if "data" in state:
+            self.data.train.load_state_dict(state["data"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     # ---------------------------------------------------------------- steps
 

@@ -70,7 +70,8 @@ def _load_resharded(module, ckpt: Path, cfg, warn) -> Restored:
     fmt = lambda p: f"dp {p.dp}, tp {p.tp}, pp {p.pp}, {f'cp {p.cp}, ' if p.cp > 1 else ''}zero {p.zero_stage}"  # noqa: E731
     warn(f"resharded {ckpt.name} from {fmt(saved.parallel)} to {fmt(cfg.parallel)} "
          "(weights, Adam moments and step, LR schedule, data position, rank 0's RNG state)")
-    if any(ckpt.glob("rank_state_*.pt")):
+    f = rank_state_file(ckpt, 0)
+    if f.is_file() and set(safe_load(f)) != {"cuda_rng"}:  # more than the CUDA generator
         warn("per-rank state (carried recurrent states) does not carry across layouts: those "
              "streams start from zero, as after a new segment")
     return Restored(ckpt, state.rank0, None)
