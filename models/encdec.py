@@ -110,10 +110,9 @@ class Attention(nn.Module):
             k, v = split_heads(self.kv_proj(mem), self.head_dim, 2)
         else:
             q, k, v = split_heads(self.qkv_proj(x), self.head_dim, 3)
-        if causal:
-            keep = torch.ones(tq, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            mask = keep if mask is None else mask & keep
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # Causal without a mask tensor (the decoder's keys are never padded before a real
+        # query, see ``decode``): flash attention applies; a padding mask is another kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(b, tq, -1))
 
@@ -229,15 +228,18 @@ class EncoderDecoder(nn.Module):
     def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + self.pe[: ids.shape[1]])
 
-    def encode(self, src_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder states and the (B, 1, 1, S) keep-mask of real source tokens."""
-        src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :]
+    def encode(self, src_ids: torch.Tensor, src_lengths: list[int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder states and the (B, 1, 1, S) keep-mask of real source tokens; no mask when
+        ``src_lengths`` (host ints, from the batch) say that no row is padded."""
+        padded = src_lengths is None or min(src_lengths) < src_ids.shape[1]
+        src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :] if padded else None
         x = self._embed(self.src_embed, src_ids)
         for layer in self.encoder:
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
 
-    def decode(self, tgt_in: torch.Tensor, mem: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, tgt_in: torch.Tensor, mem: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
         y = self._embed(self.tgt_embed, tgt_in)
         # Padded target positions are never attended to by real ones under the causal mask
         # (padding only follows the end), so the decoder needs no extra key mask.
@@ -245,8 +247,9 @@ class EncoderDecoder(nn.Module):
             y = layer(y, mem, None, src_mask)
         return self.out(self.dec_norm(y))
 
-    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None):
-        mem, src_mask = self.encode(src_ids)
+    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
+                src_lengths: list[int] | None = None):
+        mem, src_mask = self.encode(src_ids, src_lengths)
         logits = self.decode(tgt_in, mem, src_mask)
         if labels is None:
             return logits

@@ -193,9 +193,10 @@ class Seq2SeqRNN(nn.Module):
         attn = 6 * seq_len * (c.d_attn + 2 * c.d_hidden)  # tanh(W s + U h) · v and the weighted sum
         return float(6 * self.num_params(non_embedding=True) + attn), float(6 * self.num_params())
 
-    def encode(self, src_ids: torch.Tensor):
+    def encode(self, src_ids: torch.Tensor, src_lengths: list[int] | None = None):
         mask = src_ids != self.cfg.pad_id
-        lengths = mask.sum(1).clamp(min=1).cpu()
+        # Packing wants the lengths on the host: the batch's own (no device read), else counted.
+        lengths = torch.tensor(src_lengths) if src_lengths is not None else mask.sum(1).clamp(min=1).cpu()
         # Packing runs the recurrence over real tokens only: padding cannot leak into any state.
         packed = pack_padded_sequence(self.drop(self.src_embed(src_ids)), lengths, batch_first=True,
                                       enforce_sorted=False)
@@ -216,8 +217,9 @@ class Seq2SeqRNN(nn.Module):
         h = torch.tanh(self.pre_out(torch.cat([out[:, 0], context, emb], -1)))
         return self.out(self.drop(h)), state, weights
 
-    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None):
-        keys, keys_proj, mask, state = self.encode(src_ids)
+    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
+                src_lengths: list[int] | None = None):
+        keys, keys_proj, mask, state = self.encode(src_ids, src_lengths)
         logits, prev = [], tgt_in[:, 0]
         for i in range(tgt_in.shape[1]):
             if i > 0:

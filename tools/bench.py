@@ -28,6 +28,7 @@ from trainer import distributed
 from trainer.accounting import comm
 from trainer.accounting.flops import measured_peak, peak_flops
 from trainer.build import build_data, build_model, build_module, setup, whole_model
+from trainer.callbacks import memory
 from trainer.config import load_config
 from trainer.data.prefetch import Prefetcher
 from trainer.engine.initialize import build_optimizer, build_scheduler
@@ -47,13 +48,18 @@ FEATURES: dict[str, list[str]] = {
     "host_allocator_system": ["train.host_allocator=system"],
     "no_prefetch": ["data.prefetch=false"],
     "sync_every_step": ["train.log_every=1"],
-    "bf16": ["train.precision=bf16"],
+    "bf16": ["train.precision=bf16", "train.grad_accum_dtype=bf16"],
 }
 
 
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter",
                "all_gather", "broadcast")
 _comm = {"on": False, "s": 0.0, "calls": 0}
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _time_collectives() -> None:
@@ -68,10 +74,14 @@ def _time_collectives() -> None:
         def timed(*args, _fn=fn, **kwargs):
             if not _comm["on"]:
                 return _fn(*args, **kwargs)
+            # On a GPU a collective returns once queued: synchronise on both sides so the host
+            # clock spans the transfer itself (the work before it is charged to its phase).
+            _sync_cuda()
             t0 = time.perf_counter()
             out = _fn(*args, **kwargs)
             if kwargs.get("async_op") and out is not None:
                 out.wait()
+            _sync_cuda()
             _comm["s"] += time.perf_counter() - t0
             _comm["calls"] += 1
             return out
@@ -250,6 +260,7 @@ def worker(variant: str, config: str, overrides: list[str], steps: int, warmup: 
         "flops_per_token_6n": whole.flops_per_token(cfg.data.seq_len)[1],
         "peak_flops": module.peak_flops,
         "peak_memory_mb": _peak_memory_mb(device),
+        "peak_reserved_mb": memory.reserved_peak_mb(device),  # GPUs: the allocator's reservation
         "final_loss": m["final_loss"],
     }
 

@@ -1,4 +1,5 @@
-"""The GPU check: what a session lent a GPU runs first, in one call of at most 8 minutes.
+"""The GPU check: what a session lent a GPU runs first, in one call of at most 7 minutes (then
+the gpu-marked tests, 1.5 more).
 
     python -m tools.gpu_check --out DIR            # or: make gpu-check GPU_OUT=DIR
     bash tools/gpu_check.sh                        # on a lent device machine (the script says how)
@@ -18,7 +19,14 @@ failing check does not stop the others):
 - ``adamw``: fused AdamW against the foreach implementation, three steps on the model's
   parameters: largest difference in the weights, and time per step of each;
 - ``hf_export``: our GPT and ``transformers``' GPT-2 holding the same weights, logits compared on
-  the device in fp32.
+  the device in fp32;
+- ``nccl``: two processes on two GPUs, an all-reduce's result and bus bandwidth (skipped on a
+  machine with one GPU; gloo on the CPU in the dry run).
+
+Each part runs under its own time limit (``LIMITS_S``) and the JSON is rewritten after each,
+so a part that hangs, or the script's own 7-minute stop, keeps what was measured before it.
+The ``gpu``-marked tests (``pytest -m gpu``) run after it where pytest is installed
+(``tools/gpu_check.sh``).
 
 The dry run swaps the model for the debug GPT at sequence 64 in fp32 on the CPU and takes two
 steps, so that the script is exercised by the test suite and cannot rot.
@@ -28,6 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -146,15 +157,82 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _attempt(results: dict, name: str, fn: Callable[[], dict]) -> None:
+LIMITS_S = {"throughput": 240, "zero2": 10, "planner": 30, "sdpa": 45, "adamw": 45, "hf_export": 45,
+            "nccl": 90}
+"""Each part's own time limit (the script as a whole stops at 7 minutes): a part that hangs
+is recorded as timed out and the next one runs."""
+
+
+class PartTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise PartTimeout
+
+
+def _attempt(results: dict, name: str, fn: Callable[[], dict], out: Path) -> None:
+    """Run one part under its limit; write the JSON after it, so a kill keeps what was measured."""
     t0 = time.perf_counter()
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(LIMITS_S[name])
     try:
         results[name] = {"ok": True, **fn()}
+    except PartTimeout:
+        results[name] = {"ok": False, "error": f"timed out after {LIMITS_S[name]} s"}
     except Exception as e:  # one check's failure is a result, not the end of the others
         results[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                          "traceback": traceback.format_exc(limit=-3)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     results[name]["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{name}: {json.dumps(results[name])[:300]}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "gpu_check.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "gpu_check.json")
+
+
+def _nccl(cuda: bool) -> dict:
+    """Two processes: an all-reduce's result and bus bandwidth over NCCL (gloo in the dry run);
+    skipped on a machine with one GPU."""
+    if cuda and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU: needs two"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "tools.gpu_check", "--nccl-worker"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=LIMITS_S["nccl"] - 5)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}")
+    return json.loads(lines[-1])
+
+
+def _nccl_worker() -> None:
+    """One rank of ``_nccl``: five timed all-reduces of 256 MiB (4 MiB on CPUs)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    rank = int(os.environ["RANK"])
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    x = torch.full(((256 if cuda else 4) * 2**18,), float(rank + 1), device=device)  # fp32
+    dist.all_reduce(x)  # warm-up (communicator set-up)
+    correct = bool((x == 3.0).all())
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        _sync(device)  # a collective returns once queued: time it to completion
+        best = min(best, time.perf_counter() - t0)
+    n = 2  # ranks: a ring all-reduce moves 2(n-1)/n of the buffer per rank
+    if rank == 0:
+        print(json.dumps({"backend": dist.get_backend(), "correct": correct, "mb": x.numel() * 4 / 2**20,
+                          "busbw_gb_s": x.numel() * 4 * 2 * (n - 1) / n / best / 1e9}), flush=True)
+    dist.destroy_process_group()
 
 
 def run(out: Path, dry_run: bool) -> dict:
@@ -171,25 +249,30 @@ def run(out: Path, dry_run: bool) -> dict:
         runs.update(_bench_runs(spec))
         return {name: _throughput(r) for name, r in runs.items()}
 
-    _attempt(results, "throughput", benches)
+    _attempt(results, "throughput", benches, out)
     if runs:
         results["compile_speedup"] = runs["compile"]["tokens_per_s"] / runs["base"]["tokens_per_s"]
         _attempt(results, "zero2", lambda: {"loss_diff_vs_zero0": abs(runs["zero2"]["final_loss"]
-                                                                      - runs["base"]["final_loss"])})
-        _attempt(results, "planner", lambda: _planner(spec, runs))
-    _attempt(results, "sdpa", lambda: _sdpa(spec, device))
-    _attempt(results, "adamw", lambda: _adamw(spec, device))
-    _attempt(results, "hf_export", lambda: _hf_export(spec, device))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
+                                                                      - runs["base"]["final_loss"])}, out)
+        _attempt(results, "planner", lambda: _planner(spec, runs), out)
+    _attempt(results, "sdpa", lambda: _sdpa(spec, device), out)
+    _attempt(results, "adamw", lambda: _adamw(spec, device), out)
+    _attempt(results, "hf_export", lambda: _hf_export(spec, device), out)
+    _attempt(results, "nccl", lambda: _nccl(cuda), out)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
+    p.add_argument("--out", type=Path, help="folder for gpu_check.json (required)")
     p.add_argument("--dry-run", action="store_true", help="CPU, debug GPT, two steps (the test's run)")
+    p.add_argument("--nccl-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of the nccl part
     args = p.parse_args(argv)
+    if args.nccl_worker:
+        _nccl_worker()
+        return 0
+    if args.out is None:
+        p.error("the following arguments are required: --out")
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; --dry-run runs the same checks on the CPU", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ def setup(cfg: Config) -> Runtime:
     (a collective: the same point on every rank)."""
     distributed.setup_environment()
     cfg = cfg.resolve(distributed.world_size())  # raises ConfigError before any rendezvous
-    distributed.init_process_group()
+    distributed.init_process_group(cfg.collective_timeout_s())
     if uses_deepspeed(cfg, distributed.world_size()):
         distributed.quiet_deepspeed()
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, distributed.rank(), cfg.parallel.cp)
@@ -56,6 +56,7 @@ def setup(cfg: Config) -> Runtime:
     if dims.world_size > 1:
         comm.install(dims)
     device = distributed.device()
+    distributed.configure_matmul(cfg.train.tf32, device)
     host_memory.configure(cfg.train.host_allocator, device)
     return Runtime(cfg, dims, device)
 

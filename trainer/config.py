@@ -157,6 +157,18 @@ class TrainConfig(_Section):
     """Seed for weights, data order and dropout."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; fp16 uses dynamic loss scaling and needs a GPU."""
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs: the dtype gradients are accumulated in across micro-batches (DeepSpeed's
+    ``data_types.grad_accum_dtype``). ``fp32`` under every ZeRO stage, so layouts with different
+    accumulation counts agree (ZeRO 1 then runs DeepSpeed's ``BF16_Optimizer``, whose fp32
+    gradient buffer the planner counts). DeepSpeed has no fp32 accumulation for bf16 weights
+    without ZeRO: there a step of more than one micro-batch is refused unless this is ``bf16``
+    (or ``parallel.zero_stage`` ≥ 1, which costs no memory)."""
+    tf32: bool = True
+    """On GPUs: fp32 matmuls and convolutions use TensorFloat-32 tensor cores
+    (``torch.set_float32_matmul_precision("high")``, cuDNN's ``allow_tf32``): about 8× the fp32
+    rate on A100/H100, a 10-bit mantissa in the products, fp32 accumulation. No effect on CPUs
+    or on bf16/fp16 matmuls."""
     log_every: int = Field(10, ge=1)
     """Log metrics every this many steps: where the loss and token counts are read back from
     the device (besides, the non-finite guard and the stop-signal check read one scalar a step)."""
@@ -240,6 +252,24 @@ class ParallelConfig(_Section):
     block's all-reduces become reduce-scatters and all-gathers of the same volume
     (``trainer/parallel/sequence.py``). Training only; evaluation runs plain tensor parallelism.
     Checkpoints are the same with or without it."""
+    collective_timeout_s: float | None = Field(None, gt=0)
+    """How long a collective may wait for its peers before the process group aborts it (NCCL's
+    watchdog, gloo's timeout): also the wait of the other ranks while rank 0 prepares the data.
+    ``null``: ``train.hang_timeout_s`` plus 10 minutes, at least 30 minutes, on the first start
+    and after a torchrun restart alike, so the hang watchdog names a stuck rank and dumps its
+    stacks before the group gives up. Set above it, and above the longest data preparation."""
+    zero_bucket_elements: int | None = Field(None, ge=1)
+    """ZeRO 1/2: elements in each gradient reduce bucket and all-gather bucket (DeepSpeed's
+    ``reduce_bucket_size``, ``allgather_bucket_size``); ZeRO-3: its reduce bucket, with 0.9 of
+    it the parameter prefetch. DeepSpeed allocates a reduce bucket whole (two with
+    ``zero_overlap_comm``). ``null``: ``d_model²`` as Hugging Face's ``auto``, at least 2²⁰ (a tiny
+    model would otherwise reduce in hundreds of buckets); 5e8 for families without ``d_model``."""
+    zero_overlap_comm: bool = True
+    """ZeRO 1-3: reduce gradients while the backward pass goes on (DeepSpeed's
+    ``overlap_comm``; a second reduce bucket under ZeRO 1/2)."""
+    zero_contiguous_gradients: bool = True
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced (DeepSpeed's
+    ``contiguous_gradients``): no fragmentation of the gradient memory."""
     vocab_multiple: int = Field(1, ge=1)
     """Round vocabulary sizes taken from the tokenizer (``model.*vocab_size: null``) up to a
     multiple of this, so tensor parallelism can split them (Megatron pads to 128 · tp). The
@@ -391,6 +421,19 @@ class Config(_Section):
                 f"train.global_batch_size={gbs} != train.micro_batch_size ({t.micro_batch_size}) × "
                 f"train.grad_accum ({accum}) × dp ({dp}) = {per_step * accum}"
             )
+        if (t.precision == "bf16" and p.zero_stage == 0 and t.grad_accum_dtype == "fp32"
+                and accum > 1):
+            raise ConfigError(
+                f"train.precision=bf16 with parallel.zero_stage=0 and {accum} micro-batches per step: "
+                "DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO; set parallel.zero_stage=1 "
+                "(the same memory) or train.grad_accum_dtype=bf16"
+            )
+        if p.collective_timeout_s is not None and p.collective_timeout_s <= t.hang_timeout_s:
+            raise ConfigError(
+                f"parallel.collective_timeout_s={p.collective_timeout_s:g} is not above "
+                f"train.hang_timeout_s={t.hang_timeout_s:g}: the process group would abort a stuck "
+                "collective before the hang watchdog names the rank; raise it or leave it null"
+            )
         if p.pp > 1 and self.eval.batches % dp:
             raise ConfigError(
                 f"eval.batches={self.eval.batches} is not a multiple of dp={dp}: the pipeline "
@@ -401,6 +444,18 @@ class Config(_Section):
         out.train.grad_accum = accum
         out.train.global_batch_size = gbs
         return out
+
+    def collective_timeout_s(self) -> float:
+        """``parallel.collective_timeout_s``, or the default it documents."""
+        given = self.parallel.collective_timeout_s
+        return given if given is not None else max(1800.0, self.train.hang_timeout_s + 600.0)
+
+    def zero_bucket_elements(self) -> int:
+        """``parallel.zero_bucket_elements``, or ``d_model²`` and at least 2²⁰ (5e8 without a
+        ``d_model``); even, as DeepSpeed's all-gather alignment needs."""
+        d = getattr(self.model, "d_model", None)
+        n = self.parallel.zero_bucket_elements or (max(d * d, 2**20) if d else 500_000_000)
+        return n + n % 2
 
     def _check_layout(self) -> None:
         """Refuse, in one line, parallel combinations the model or DeepSpeed cannot run."""

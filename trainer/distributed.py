@@ -6,8 +6,10 @@ accelerator at import time from ``DS_ACCELERATOR``.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from datetime import timedelta
 
 import torch
 
@@ -49,44 +51,74 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group() -> None:
+def init_process_group(timeout_s: float = 1800.0) -> None:
     """NCCL on GPUs, gloo on CPUs (DeepSpeed's CPU accelerator would otherwise ask for oneCCL).
     A world of one gets torch's group directly: importing DeepSpeed costs seconds, and its
-    engine, when the run needs it, adopts the group."""
+    engine, when the run needs it, adopts the group. ``timeout_s`` bounds every collective's
+    wait, on the first start and after a restart alike (``Config.collective_timeout_s``)."""
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    _subgroups_inherit(timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if attempt != "0" and not torch.distributed.is_initialized():
-        _init_restarted(backend, attempt)
+        _init_restarted(backend, attempt, timeout)
     if world_size() == 1:
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend, rank=0, world_size=1)
+            torch.distributed.init_process_group(backend, rank=0, world_size=1, timeout=timeout)
         return
 
     comm.install()  # before DeepSpeed's backend binds torch.distributed's functions
     import deepspeed
 
     # Adopts an existing process group, or creates one from the environment (env://).
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
-def _init_restarted(backend: str, attempt: str) -> None:
+def _subgroups_inherit(timeout: timedelta) -> None:
+    """Give every process group created later (ours in ``ParallelDims``, DeepSpeed's data and
+    pipeline groups) this timeout: torch's ``new_group`` otherwise takes the backend's default
+    (10 minutes for NCCL), not the default group's, so a data-parallel all-reduce could abort
+    before the hang watchdog dumps its stacks."""
+    import torch.distributed as dist
+
+    inner = dist.new_group
+    if getattr(inner, "_seqtrain_timeout", None) is not None:
+        inner = inner.__wrapped__
+
+    default = timeout
+
+    @functools.wraps(inner)
+    def new_group(ranks=None, timeout=None, *args, **kwargs):
+        return inner(ranks, timeout or default, *args, **kwargs)
+
+    new_group._seqtrain_timeout = default
+    dist.new_group = new_group
+
+
+def configure_matmul(tf32: bool, device: torch.device) -> None:
+    """TensorFloat-32 for fp32 matmuls and convolutions on GPUs (``train.tf32``); CPUs keep
+    torch's default (there "high" may pick reduced-precision oneDNN kernels)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _init_restarted(backend: str, attempt: str, timeout: timedelta) -> None:
     """The process group of workers that torchrun restarted (``--max-restarts``).
 
     The agent's store outlives the workers and still holds the addresses the dead attempt's
     ranks published; with env:// a restarted rank can read a dead peer's address and fail to
     connect ("Connection refused"). Keys under a per-attempt prefix cannot be stale.
     """
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(),
-                          is_master=not agent_store and rank() == 0, timeout=timedelta(minutes=10))
+                          is_master=not agent_store and rank() == 0, timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"seqtrain/attempt_{attempt}", store),
-                            rank=rank(), world_size=world_size())
+                            rank=rank(), world_size=world_size(), timeout=timeout)
 
 
 def any_rank(flag: bool) -> bool:

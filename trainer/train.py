@@ -120,11 +120,11 @@ def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer
     model = build_model(cfg, dims, device)
     n = whole_model(cfg, model, dims).num_params()
     clock.lap("model")
-    init_peak_mb = memory.peak_mb(device)
+    peaks = memory.phase_peaks(device, "init")
     memory.reset_peak(device)
     module = build_module(cfg, model, dims, device)
     clock.lap("engine")
-    report = memory.MemoryReport(run_dir, device, baseline_mb, init_peak_mb, memory.peak_mb(device))
+    report = memory.MemoryReport(run_dir, device, baseline_mb, {**peaks, **memory.phase_peaks(device, "engine")})
     trainer = Trainer(cfg, module, data, callbacks(cfg, run_dir, tok_sha, (report,)), clock,
                       evaluators(cfg, data))
     _say(

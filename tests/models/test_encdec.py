@@ -114,3 +114,30 @@ def test_shared_embeddings_and_label_smoothing():
     logits = plain(src, tgt)
     expected = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), label_smoothing=0.1)
     torch.testing.assert_close(smooth(src, tgt, tgt), expected, rtol=0, atol=1e-6)
+
+
+def test_unpadded_batches_attend_without_masks_and_match_the_masked_path(monkeypatch):
+    """The batch's host-side source lengths: no padding, so no mask anywhere and the decoder's
+    self-attention as ``is_causal`` (what flash attention needs); the same outputs as the
+    masked path. A padded batch keeps its padding mask."""
+    import torch.nn.functional as F
+
+    model = build(tiny(), seed=1).eval()
+    src, tgt = torch.randint(2, 40, (2, 8)), torch.randint(2, 30, (2, 7))
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    with torch.no_grad():
+        masked = model(src, tgt)  # no lengths: masks as before
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+        fast = model(src, tgt, src_lengths=[8, 8])
+        assert set(calls) == {(True, False), (True, True)}  # encoder/cross: no mask; decoder: causal
+        torch.testing.assert_close(fast, masked, rtol=0, atol=1e-6)
+        calls.clear()
+        src[1, 5:] = PAD
+        padded = model(src, tgt, src_lengths=[8, 5])
+        assert (False, False) in calls and (True, True) in calls
+        torch.testing.assert_close(padded, model(src, tgt), rtol=0, atol=0)

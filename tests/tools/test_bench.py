@@ -39,14 +39,15 @@ def test_bench_engine_and_plain_loop_agree_and_report_every_phase(tiny_corpus, c
 def test_bench_bf16_plain_loop_uses_autocast_and_mfu_uses_a_bf16_peak(tiny_corpus, cache_dir):
     """bf16: DeepSpeed's bf16 weights in the trainer, autocast in the plain loop; different
     rounding, the same training within bf16's precision; MFU against a bf16 matmul probe."""
-    overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8", "train.precision=bf16"]
+    overrides = [*TINY, f"data.source={tiny_corpus}", "train.global_batch_size=8", "train.precision=bf16",
+                 "train.grad_accum_dtype=bf16"]
     out = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json",
                    *sets(*overrides)], cache_dir)
     r = json.loads(out.stdout)
     engine, plain = r["engine"], r["plain"]
     assert engine["final_loss"] == pytest.approx(plain["final_loss"], rel=0.03)
     out32 = run_cli(["bench", PRESET, "--steps", "6", "--warmup", "2", "--repeat", "1", "--json",
-                     *sets(*overrides[:-1])], cache_dir)
+                     *sets(*overrides[:-2])], cache_dir)  # fp32
     fp32 = json.loads(out32.stdout)["plain"]
     assert engine["peak_flops"] == plain["peak_flops"] != fp32["peak_flops"]  # probed in bf16
     assert fp32["final_loss"] != plain["final_loss"]  # autocast really changed the arithmetic

@@ -30,6 +30,26 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path, cache_dir):
     assert r["sdpa"]["abs_diff"] < 1e-4
     assert r["adamw"]["max_abs_weight_diff"] < 1e-5
     assert r["hf_export"]["max_abs_logit_diff"] < 1e-4
+    # Two processes (gloo here, NCCL on two GPUs): 1 + 2 everywhere, a bandwidth figure.
+    assert r["nccl"]["correct"] is True and r["nccl"]["busbw_gb_s"] > 0 and r["nccl"]["backend"] == "gloo"
+    assert all(isinstance(r[k].get("seconds"), float) for k in ("throughput", "sdpa", "nccl"))
+
+
+def test_each_part_has_its_own_limit_and_the_json_is_written_after_each(tmp_path, monkeypatch):
+    """A part that hangs is recorded as timed out; what the parts before it measured is on disk
+    before the next starts."""
+    import time
+
+    from tools import gpu_check
+
+    monkeypatch.setitem(gpu_check.LIMITS_S, "sdpa", 1)
+    results: dict = {}
+    gpu_check._attempt(results, "adamw", lambda: {"figure": 1.0}, tmp_path)
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["adamw"]["figure"] == 1.0
+    gpu_check._attempt(results, "sdpa", lambda: time.sleep(30) or {}, tmp_path)
+    on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert on_disk["sdpa"]["error"] == "timed out after 1 s" and on_disk["sdpa"]["seconds"] < 5
+    assert on_disk["adamw"]["ok"] is True
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path, cache_dir):

@@ -13,25 +13,67 @@ from pathlib import Path
 
 import torch
 
-# Dense peaks (TFLOP/s) from the vendors' data sheets (SXM parts): (bf16/fp16 tensor, fp32).
+# Dense peaks (TFLOP/s) from the vendors' data sheets: (bf16/fp16 tensor, fp32), without
+# sparsity. "H100" is the SXM part (the planner's default).
 GPU_PEAKS_TFLOPS: dict[str, tuple[float, float]] = {
     "H200": (989.0, 67.0),
+    "H200 NVL": (835.0, 60.0),
+    "GH200": (989.0, 67.0),
     "H100": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100 NVL": (835.0, 60.0),
     "A100": (312.0, 19.5),
     "A10G": (125.0, 31.2),
     "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
     "V100": (125.0, 15.7),
+    "V100 PCIe": (112.0, 14.0),
 }
+
+DEVICE_NAMES: dict[str, str] = {
+    "NVIDIA H200": "H200",
+    "NVIDIA H200 NVL": "H200 NVL",
+    "NVIDIA GH200 480GB": "GH200",
+    "NVIDIA GH200 144G HBM3e": "GH200",
+    "NVIDIA H100 80GB HBM3": "H100",
+    "NVIDIA H100": "H100",
+    "NVIDIA H100 PCIe": "H100 PCIe",
+    "NVIDIA H100 NVL": "H100 NVL",
+    "NVIDIA A100-SXM4-80GB": "A100",
+    "NVIDIA A100-SXM4-40GB": "A100",
+    "NVIDIA A100 80GB PCIe": "A100",
+    "NVIDIA A100-PCIE-40GB": "A100",
+    "NVIDIA A10G": "A10G",
+    "NVIDIA L40S": "L40S",
+    "NVIDIA L4": "L4",
+    "Tesla V100-SXM2-16GB": "V100",
+    "Tesla V100-SXM2-32GB": "V100",
+    "Tesla V100-PCIE-16GB": "V100 PCIe",
+    "Tesla V100-PCIE-32GB": "V100 PCIe",
+}
+"""``torch.cuda.get_device_name`` ► the table's part, by exact name: a substring would give an
+H100 PCIe or NVL the SXM part's peak. A name not here is probed (``matmul_peak``)."""
+
+PROBE_N = {"cuda": 8192}
+"""Probe sizes that reach a device's matmul peak (1024³ leaves a GPU's tensor cores idle
+between launches); 1024 elsewhere (about 0.1 s on a CPU)."""
+
+
+def known_gpu(name: str) -> tuple[float, float] | None:
+    """A GPU's (16-bit, fp32) data-sheet peaks in TFLOP/s by its exact device name."""
+    part = DEVICE_NAMES.get(name.strip())
+    return GPU_PEAKS_TFLOPS[part] if part else None
 
 
 @cache
-def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: int = 1024,
+def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: int | None = None,
                 reps: int = 5) -> float:
     """Best achieved FLOP/s of an n×n matmul in the training precision on this device with this
     process's threads (about 0.1 s on a CPU). On CPUs with bf16 dot-product instructions
     (AVX512-BF16, AMX) a bf16 matmul runs about twice as fast as fp32, so bf16 MFU needs its own
     probe."""
     device = device or torch.device("cpu")
+    n = n or PROBE_N.get(device.type, 1024)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -51,11 +93,10 @@ def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: 
 def _known_gpu_peak(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, fp32) in GPU_PEAKS_TFLOPS.items():
-        if key in name:
-            return (half if precision in ("bf16", "fp16") else fp32) * 1e12
-    return None
+    peaks = known_gpu(torch.cuda.get_device_name(device))
+    if peaks is None:
+        return None
+    return (peaks[0] if precision in ("bf16", "fp16") else peaks[1]) * 1e12
 
 
 def cpu_model() -> str:

@@ -25,9 +25,13 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   its input only and one block is recomputed at a time. The head's logits in the training
   precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes). Under a
   pipeline (1F1B), the first stage holds ``min(pp, accumulation)`` micro-batches in flight.
-- **Buffers**: DeepSpeed's gradient and all-gather buckets under ZeRO 1-2 (5e8 elements each,
-  or the parameters if fewer), ZeRO-3's live parameters (1e9 elements) and its reduce bucket
-  (5e8 elements, allocated whole), and 1 GiB for the CUDA
+- **Gradient accumulation in fp32** (bf16 with ``train.grad_accum_dtype=fp32``): 4 more bytes
+  per parameter without ZeRO or at ZeRO 1 (``BF16_Optimizer``'s whole fp32 gradient buffer;
+  without ZeRO the fp32 optimizer's gradient copies at the step), the partition's gradients
+  in fp32 instead of 16 bits at ZeRO 2/3.
+- **Buffers**: DeepSpeed's reduce buckets, allocated whole (``parallel.zero_bucket_elements``;
+  two under ZeRO 1-2 with ``parallel.zero_overlap_comm``), ZeRO-3's live parameters (1e9
+  elements, or the parameters if fewer) and its reduce bucket, and 1 GiB for the CUDA
   context and allocator slack.
 - **Step time**: the exact training FLOPs (``flops_per_token``, a third more with activation
   checkpointing) at ``--efficiency`` of the GPU's dense peak, stretched by the pipeline bubble
@@ -117,6 +121,14 @@ class Shape:
     bytes_per_value: int
     mixed_precision: bool
     dropout: bool
+    fp32_grad_accum: bool = False
+    """bf16 gradients accumulated in fp32 (``train.grad_accum_dtype``): a whole fp32 gradient
+    buffer beside the 16-bit gradients without ZeRO or at ZeRO 1 (DeepSpeed's ``BF16_Optimizer``;
+    without ZeRO its fp32 optimizer's gradient copies at the step), an fp32 partition at ZeRO 2/3."""
+    bucket_elements: float = ZERO_BUCKET
+    """ZeRO's reduce bucket (``Config.zero_bucket_elements``), allocated whole."""
+    overlap_comm: bool = False
+    """``parallel.zero_overlap_comm``: ZeRO 1/2 keep a second reduce bucket."""
     sharded_widths: float = 12.0
     """Activation values a block saves per token on its tensor-parallel side, in hidden sizes:
     q/k/v (3, less with grouped-query attention), the attention output (1) and the MLP's inner
@@ -141,6 +153,8 @@ def shape_of(cfg: Config) -> Shape:
                  flops_per_token=model.flops_per_token(cfg.data.seq_len)[0],
                  bytes_per_value=4 if cfg.train.precision == "fp32" else 2,
                  mixed_precision=cfg.train.precision != "fp32", dropout=m.dropout > 0,
+                 fp32_grad_accum=cfg.train.precision == "bf16" and cfg.train.grad_accum_dtype == "fp32",
+                 bucket_elements=cfg.zero_bucket_elements(), overlap_comm=cfg.parallel.zero_overlap_comm,
                  sharded_widths=(m.n_head + 2 * m.kv_heads) / m.n_head + 1 + mlp)
 
 
@@ -166,6 +180,8 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     held = (layers * s.block_params + s.embedding_params) / lay.tp
     params = held * w / (lay.dp if lay.zero_stage >= 3 else 1)
     grads = held * w / (lay.dp if lay.zero_stage >= 2 else 1)
+    if s.fp32_grad_accum:
+        grads += held * 4 if lay.zero_stage <= 1 else held * (4 - w) / lay.dp
     # DeepSpeed's ZeRO optimizers keep an fp32 copy of their partition even when training in fp32.
     optimizer = held * (12 if s.mixed_precision or lay.zero_stage else 8) / (lay.dp if lay.zero_stage >= 1 else 1)
     m = s.global_batch // (lay.dp * lay.micro_batch_size)
@@ -176,12 +192,12 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     logits = s.seq_len * lay.micro_batch_size * s.vocab / lay.tp * (w + 8) if lay.pp == 1 else 0
     activations = stored * min(lay.pp, m) + recompute + logits
     buffers = RUNTIME_BYTES
+    # DeepSpeed allocates its reduce buckets whole, whatever the model's size.
     if lay.zero_stage in (1, 2):
-        buffers += 2 * min(ZERO_BUCKET, held) * w
+        buffers += (2 if s.overlap_comm else 1) * s.bucket_elements * w
     elif lay.zero_stage == 3:
-        # Live gathered parameters, and the gradient reduce bucket, which ZeRO-3 allocates
-        # whole at start whatever the model's size.
-        buffers += min(ZERO3_LIVE, held) * w + ZERO_BUCKET * w
+        # Live gathered parameters, and the gradient reduce bucket.
+        buffers += min(ZERO3_LIVE, held) * w + s.bucket_elements * w
     total = params + grads + optimizer + activations + buffers
     return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
             "buffers": buffers, "total": total}
@@ -224,8 +240,9 @@ def comm_time_s(s: Shape, lay: Layout, gpu: Gpu, nodes: int) -> float:
 def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
     """Every layout the trainer accepts on ``world`` GPUs: tensor ranks inside a node and
     dividing the heads, stages dividing the blocks, ZeRO 0-1 only under a pipeline, micro-batch
-    sizes that divide the global batch per data rank."""
+    sizes that divide the global batch per data rank, ZeRO wherever bf16 accumulates in fp32."""
     m, gb = cfg.model, cfg.train.global_batch_size or cfg.train.micro_batch_size
+    bf16_fp32 = cfg.train.precision == "bf16" and cfg.train.grad_accum_dtype == "fp32"
     out = []
     for tp, pp in itertools.product(_divisors(gpus_per_node), _divisors(m.n_layer)):
         if world % (tp * pp) or m.n_head % tp or m.kv_heads % tp or m.ff_size % tp:
@@ -234,7 +251,12 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
         if gb % dp:
             continue
         for zero, mb, ac in itertools.product(range(4), (1, 2, 4, 8, 16, 32, 64), (False, True)):
-            if (pp > 1 and zero > 1) or (gb // dp) % mb or (zero and dp == 1):
+            if (pp > 1 and zero > 1) or (gb // dp) % mb:
+                continue
+            # bf16 accumulating in fp32 over micro-batches needs ZeRO (``Config.resolve``),
+            # ZeRO 1 then even on one data rank; otherwise ZeRO on one rank buys nothing.
+            needs_zero = bf16_fp32 and gb // dp // mb > 1
+            if (needs_zero and zero == 0) or (zero and dp == 1 and not (needs_zero and zero == 1)):
                 continue
             out.append(Layout(dp, tp, pp, zero, mb, ac))
     return out

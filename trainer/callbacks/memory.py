@@ -4,7 +4,9 @@
 ``init_peak_mb`` is the peak while the data and this rank's part of the model are built (what
 sharded construction bounds: a rank never holds the whole model); ``engine_peak_mb`` the peak
 while the engine sets up the optimizer's states and ZeRO's partitions; ``train_peak_mb`` the
-peak over the training loop. On a GPU: memory allocated by torch on the device (peaks reset between
+peak over the training loop. On a GPU: memory allocated by torch on the device, and beside each
+peak (``*_reserved_mb``) the peak of what its caching allocator reserved from the driver, which
+is what the device runs out of (fragmentation and cached blocks included; peaks reset between
 phases); on a CPU: the process's resident set (its high-water mark, reset between phases through
 ``/proc/self/clear_refs`` where Linux allows it, else the process's peak so far).
 """
@@ -48,6 +50,23 @@ def peak_mb(device: torch.device) -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reserved_peak_mb(device: torch.device) -> float | None:
+    """The caching allocator's peak reservation on a GPU (``None`` on CPUs: RSS is the figure)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
+
+
+def phase_peaks(device: torch.device, phase: str) -> dict[str, float]:
+    """This phase's peaks as ``memory.json`` keys: ``{phase}_peak_mb`` and, on GPUs,
+    ``{phase}_peak_reserved_mb``."""
+    out = {f"{phase}_peak_mb": round(peak_mb(device), 1)}
+    reserved = reserved_peak_mb(device)
+    if reserved is not None:
+        out[f"{phase}_peak_reserved_mb"] = round(reserved, 1)
+    return out
+
+
 def reset_peak(device: torch.device) -> None:
     """Start a new phase: the next ``peak_mb`` covers only what follows."""
     if device.type == "cuda":
@@ -63,11 +82,11 @@ class MemoryReport(Callback):
     """Writes ``memory.json`` at the end of training (a collective: every rank's entry is
     gathered to rank 0); keeps the largest training peak for the final summary line."""
 
-    def __init__(self, run_dir: Path, device: torch.device, baseline_mb: float, init_peak_mb: float,
-                 engine_peak_mb: float) -> None:
+    def __init__(self, run_dir: Path, device: torch.device, baseline_mb: float,
+                 peaks: dict[str, float]) -> None:
+        """``peaks``: ``phase_peaks`` of the init and engine phases."""
         self.path, self.device = run_dir / FILE, device
-        self.entry = {"baseline_mb": round(baseline_mb, 1), "init_peak_mb": round(init_peak_mb, 1),
-                      "engine_peak_mb": round(engine_peak_mb, 1)}
+        self.entry = {"baseline_mb": round(baseline_mb, 1), **peaks}
         self.max_train_peak_mb: float | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -75,8 +94,7 @@ class MemoryReport(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu (resident set)"
-        entry = {"rank": trainer.dims.rank, **self.entry, "train_peak_mb": round(peak_mb(self.device), 1),
-                 "device": name}
+        entry = {"rank": trainer.dims.rank, **self.entry, **phase_peaks(self.device, "train"), "device": name}
         entries = [entry]
         if dist.is_initialized() and dist.get_world_size() > 1:
             entries = [None] * dist.get_world_size()

@@ -316,7 +316,11 @@ class PairBatches:
             tgt_in[r, 1: len(t) + 1] = t
             labels[r, : len(t)] = t
             labels[r, len(t)] = self.eos
-        return {"src_ids": src, "tgt_in": tgt_in, "labels": labels}
+        # The source lengths stay on the host (a list, which the move to the device leaves
+        # alone): the models build masks and packed sequences from them without reading the
+        # device, and attend without any mask to a batch that has no padding.
+        return {"src_ids": src, "tgt_in": tgt_in, "labels": labels,
+                "src_lengths": [max(1, len(s)) for s in srcs]}
 
     def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         return self.collate(self._bucket(step * self.per_step + micro * self.dp + rank))

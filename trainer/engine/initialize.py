@@ -29,18 +29,39 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": zero_config(cfg),
         "steps_per_print": 2**31 - 1,  # we log ourselves, on rank 0 only
         "wall_clock_breakdown": False,
     }
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if p.zero_stage or t.grad_accum_dtype == "bf16":
+            # (Without ZeRO DeepSpeed refuses fp32; ``Config.resolve`` refuses the steps that
+            # would accumulate in bf16 there unasked.)
+            ds["data_types"] = {"grad_accum_dtype": t.grad_accum_dtype}
     elif t.precision == "fp16":
         # Dynamic loss scaling: start at 2^16, halve on overflow (the step is skipped), grow after
         # 1000 clean steps.
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return ds
+
+
+def zero_config(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section: the stage and the bucket and overlap keys of
+    ``parallel`` (the planner sizes the same buffers, ``trainer/accounting/planner.py``)."""
+    p = cfg.parallel
+    z: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 0:
+        return z
+    bucket = cfg.zero_bucket_elements()
+    z.update(overlap_comm=p.zero_overlap_comm, contiguous_gradients=p.zero_contiguous_gradients,
+             reduce_bucket_size=bucket)
+    if p.zero_stage in (1, 2):
+        z["allgather_bucket_size"] = bucket
+    else:
+        z["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+    return z
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

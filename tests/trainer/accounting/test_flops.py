@@ -50,3 +50,27 @@ def test_the_best_figure_of_a_machine_is_kept_across_runs(probes):
 def test_a_configured_peak_is_not_probed_but_still_caps_mfu(probes):
     peak = PeakFlops(CPU, "fp32", override_tflops=0.002)
     assert peak.mfu(1e9) == 0.5 and peak.mfu(3e9) == 1.0 and probes == []
+
+
+def test_gpu_peaks_are_looked_up_by_exact_device_name():
+    """A substring match gave the H100 PCIe and NVL the SXM part's 989 TFLOP/s."""
+    from trainer.accounting.flops import known_gpu
+
+    assert known_gpu("NVIDIA H100 80GB HBM3") == (989.0, 67.0)
+    assert known_gpu("NVIDIA H100 PCIe") == (756.0, 51.0)
+    assert known_gpu("NVIDIA H100 NVL") == (835.0, 60.0)
+    assert known_gpu("NVIDIA H200") == (989.0, 67.0)
+    assert known_gpu("NVIDIA A100-SXM4-40GB") == known_gpu("NVIDIA A100 80GB PCIe") == (312.0, 19.5)
+    assert known_gpu("NVIDIA RTX 6000 Ada Generation") is None  # unknown: probed instead
+    assert known_gpu("NVIDIA H100 PCIe (MIG 1g.10gb)") is None  # a slice has no full-part peak
+
+
+def test_an_unknown_gpu_is_probed_at_a_size_that_reaches_its_peak(monkeypatch):
+    from trainer.accounting import flops
+
+    sizes = []
+    monkeypatch.setattr(torch, "randn", lambda n, m, **kw: sizes.append(n) or torch.ones(1, 1))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    flops.matmul_peak.__wrapped__(torch.device("cpu"), "fp32", reps=1)
+    flops.matmul_peak.__wrapped__(torch.device("cuda", 0), "bf16", reps=1)  # (no GPU touched: all patched)
+    assert sizes == [1024, 1024, 8192, 8192]

@@ -48,8 +48,13 @@ def test_model_states_are_the_zero_papers_figures():
 
 
 def test_what_each_switch_saves_and_which_layouts_are_offered():
-    cfg = load_config("configs/gpt/gpt2-774m.yaml", [])  # 20 heads, 36 blocks
+    # 20 heads, 36 blocks; bf16 accumulation, so that ZeRO 0 with accumulation is offered
+    cfg = load_config("configs/gpt/gpt2-774m.yaml", ["train.grad_accum_dtype=bf16"])
     rows = plan(cfg, 8)["layouts"]
+    fp32_accum = plan(load_config("configs/gpt/gpt2-774m.yaml", []), 8)["layouts"]
+    zero0 = [r for r in fp32_accum if r["zero_stage"] == 0]
+    assert zero0 and all(256 // r["dp"] // r["micro_batch_size"] == 1 for r in zero0)  # one micro-batch only
+    assert [r for r in fp32_accum if r["dp"] == 1 and r["zero_stage"] == 1]  # ZeRO 1 even on one data rank
     by = {(r["dp"], r["tp"], r["pp"], r["zero_stage"], r["micro_batch_size"], r["activation_checkpointing"]): r
           for r in rows}
     a, b = by[(8, 1, 1, 0, 2, False)], by[(8, 1, 1, 0, 2, True)]
@@ -90,7 +95,8 @@ def test_train_refuses_a_layout_that_cannot_fit_and_names_one_that_does():
     with pytest.raises(ConfigError, match=r"needs about 1\d\d\.\d GiB per GPU, the GPU has 80\.0 GiB .*no layout"):
         check_fits(cfg, 1, 1, 80 * GIB, "NVIDIA H100 80GB HBM3")
     with pytest.raises(ConfigError) as e:
-        check_fits(load_config("configs/gpt/gpt-7b.yaml", ["parallel.zero_stage=0"]), 8, 8, 80 * GIB, "H100")
+        check_fits(load_config("configs/gpt/gpt-7b.yaml", ["parallel.zero_stage=0", "train.grad_accum_dtype=bf16"]),
+                   8, 8, 80 * GIB, "H100")
     assert "the fastest that fits: parallel.tp=" in str(e.value) and len(str(e.value).splitlines()) == 1
     check_fits(cfg, 8, 8, 80 * GIB, "H100")  # ZeRO-3 over 8 GPUs fits: no error
 
@@ -135,3 +141,18 @@ def test_the_llama_8b_preset_plans_on_8_and_64_gpus():
     assert s.sharded_widths == pytest.approx((32 + 2 * 8) / 32 + 1 + 4 * 14336 / 4096)
     for gpus in (8, 64):
         check_fits(cfg, gpus, 8, 80 * GIB, "NVIDIA H100 80GB HBM3")
+
+
+def test_fp32_accumulation_and_whole_buckets_are_counted():
+    """bf16 with fp32 accumulation: BF16_Optimizer's whole fp32 gradient buffer (+4 B/param
+    without ZeRO and at ZeRO 1), the fp32 partition at ZeRO 2/3; DeepSpeed's reduce buckets
+    allocated whole (two with overlap), not cut to the model's size."""
+    base = dict(params=10**6, block_params=10**6, embedding_params=0, n_layer=1, d_model=64, vocab=1,
+                seq_len=1, global_batch=8, flops_per_token=1.0, bytes_per_value=2, mixed_precision=True,
+                dropout=False, bucket_elements=5e8)
+    plain, fp32 = Shape(**base), Shape(**base, fp32_grad_accum=True)
+    extra = [memory_bytes(fp32, Layout(8, 1, 1, z, 1, False))["grads"]
+             - memory_bytes(plain, Layout(8, 1, 1, z, 1, False))["grads"] for z in range(4)]
+    assert extra == [4e6, 4e6, 2e6 / 8, 2e6 / 8]
+    one, two = (memory_bytes(Shape(**base, overlap_comm=o), Layout(8, 1, 1, 2, 1, False))["buffers"] for o in (False, True))
+    assert two - one == 5e8 * 2 and one - 2**30 == 5e8 * 2  # whole buckets for a 1M-parameter model
