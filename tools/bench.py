@@ -57,11 +57,6 @@ COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", 
 _comm = {"on": False, "s": 0.0, "calls": 0}
 
 
-def _sync_cuda() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def _time_collectives() -> None:
     """Wrap torch.distributed's collectives so the synchronised phase split can charge their
     time to communication (patched before DeepSpeed initialises, which keeps references)."""
@@ -76,12 +71,12 @@ def _time_collectives() -> None:
                 return _fn(*args, **kwargs)
             # On a GPU a collective returns once queued: synchronise on both sides so the host
             # clock spans the transfer itself (the work before it is charged to its phase).
-            _sync_cuda()
+            _sync(distributed.device())
             t0 = time.perf_counter()
             out = _fn(*args, **kwargs)
             if kwargs.get("async_op") and out is not None:
                 out.wait()
-            _sync_cuda()
+            _sync(distributed.device())
             _comm["s"] += time.perf_counter() - t0
             _comm["calls"] += 1
             return out
