@@ -226,7 +226,10 @@ class EncoderDecoder(nn.Module):
         return float(exact), float(6 * self.num_params())
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-        return self.drop(table(ids) * math.sqrt(self.cfg.d_model) + self.pe[: ids.shape[1]])
+        x = table(ids) * math.sqrt(self.cfg.d_model)
+        # The table stays fp32 (a buffer, recomputed after a meta build); added in fp32 it
+        # would promote bf16 activations to fp32 ahead of bf16 norms and projections.
+        return self.drop(x + self.pe[: ids.shape[1]].to(x.dtype))
 
     def encode(self, src_ids: torch.Tensor, src_lengths: list[int] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -16,6 +16,7 @@ upgrade moves or renames one. Keep this list and that test in step.
 | ``DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat`` | the flat fp32 sub-group partitions Adam keeps state for (swapped into its param groups during a step) | resharding creates that state before the first step |
 | ``DeepSpeedEngine.checkpoint_engine`` | every checkpoint file DeepSpeed writes goes through its ``save(state, path)`` | ``checkpoint.async`` swaps in a snapshotting stand-in for the length of a save |
 | ``DeepSpeedEngine.global_steps``, ``global_samples`` | the engine's counters, restored by its own loader | restored by ours when resharding |
+| ``FP16_Optimizer.fp32_groups_flat`` / ``FP16_UnfusedOptimizer.fp32_groups``, ``fp16_groups`` | the fp32 master weights and the bf16/fp16 weights they were copied from (fp16, and bf16 without ZeRO or a pipeline) | undoing the zero-gradient Adam step their constructor takes |
 
 Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,
 ``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint/``
@@ -83,6 +84,36 @@ def mark_tensor_parallel(shard: torch.Tensor, like: torch.Tensor, dim: int) -> N
     shard.partition_dim = dim
     if is_pipe_replicated(like):
         setattr(shard, PIPE_REPLICATED, True)
+
+
+def undo_initial_optimizer_step(optimizer) -> None:
+    """DeepSpeed's fp16 wrappers (also bf16 without ZeRO or a pipeline) "initialise optimizer
+    states" by stepping Adam once on zero gradients: its step count starts at 1, so the first
+    real update is scaled by step 2's bias corrections (0.735 × the learning rate with
+    betas 0.9/0.95) and decoupled weight decay has already shrunk the fp32 master copy. Put back
+    what an untouched Adam would have: step 0, and masters equal to the weights they were
+    copied from (the moments are exact zeros after a zero-gradient step). ZeRO and
+    BF16_Optimizer create their state without a step: nothing to undo."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from torch._utils import _flatten_dense_tensors
+
+    with torch.no_grad():
+        if isinstance(optimizer, FP16_Optimizer):  # one flat master per group
+            for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups, strict=True):
+                flat.copy_(_flatten_dense_tensors([p.detach().to(flat.dtype) for p in group]))
+        elif isinstance(optimizer, FP16_UnfusedOptimizer):  # a master per parameter
+            for masters, group in zip(optimizer.fp32_groups, optimizer.fp16_groups, strict=True):
+                for m, p in zip(masters, group, strict=True):
+                    m.copy_(p)
+        else:
+            return
+    for state in optimizer.optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                v.zero_()
+            elif k == "step":
+                state[k] = 0
 
 
 def zero3_partitioner(ds_config: dict, dp_group) -> Callable[[torch.nn.Parameter], None]:

@@ -109,3 +109,16 @@ def test_every_checkpoint_file_goes_through_the_engine_we_swap():
     # Writing is left to save(): torch.save appears nowhere else on the save path.
     for fn in (DeepSpeedEngine._save_checkpoint, DeepSpeedEngine._save_zero_checkpoint):
         assert "torch.save(" not in _source(fn)
+
+
+def test_fp16_wrappers_step_once_on_zero_gradients_and_keep_their_masters_where_we_undo_it():
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    assert "self.initialize_optimizer_states()" in _source(FP16_Optimizer.__init__)
+    assert "self.initialize_optimizer_states()" in _source(FP16_UnfusedOptimizer.__init__)
+    assert "self.optimizer.step()" in _source(FP16_Optimizer.initialize_optimizer_states)
+    assert "self.optimizer.step()" in _source(FP16_UnfusedOptimizer.initialize_optimizer_states)
+    assert "self.fp32_groups_flat" in _source(FP16_Optimizer.__init__)
+    init = _source(FP16_UnfusedOptimizer.__init__)
+    assert "self.fp32_groups" in init and "self.fp16_groups" in init

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer import deepspeed_private as ds_private
 from trainer import distributed
 from trainer.config import Config
 from trainer.engine.local import LocalEngine
@@ -137,5 +138,6 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg), mpu=dims.mpu,
     )
+    ds_private.undo_initial_optimizer_step(engine.optimizer)
     kind = PipelineModule if dims.pp > 1 else EngineModule
     return kind(engine, sched, dims, device, guard, flops_per_token, peak)

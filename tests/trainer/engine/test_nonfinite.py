@@ -48,3 +48,23 @@ def test_consecutive_nan_steps_stop_the_run_with_a_valid_checkpoint(tiny_corpus,
     assert verify(run / "checkpoints/step_00000005") is None
     w2, w5 = _weights(run, 2), _weights(run, 5)
     assert all(torch.equal(w2[k], w5[k]) and torch.isfinite(w5[k]).all() for k in w2)
+
+
+@pytest.mark.parametrize("zero", [0, 1], ids=["zero0-unfused", "zero1-bf16-optimizer"])
+def test_nan_step_under_bf16_is_skipped_not_a_crash(zero, tiny_corpus, cache_dir, tmp_path):
+    """bf16 runs DeepSpeed's own wrappers: ZeRO 0 (one micro-batch) its unfused fp16/bf16
+    optimizer, ZeRO 1 with fp32 accumulation ``BF16_Optimizer``. A NaN gradient at step 3 is
+    counted as skipped and leaves the weights of step 2; training goes on."""
+    run = tmp_path / "run"
+    batch = ["train.micro_batch_size=8"] if zero == 0 else ["train.micro_batch_size=4"]
+    args = [*TINY, f"data.source={tiny_corpus}", "train.steps=5", "train.global_batch_size=8", *batch,
+            "train.precision=bf16", f"parallel.zero_stage={zero}", "checkpoint.every=1", "checkpoint.keep_last=null"]
+    run_cli(["train", PRESET, "--run-dir", str(run), *sets(*args)], cache_dir, env={"SEQTRAIN_FAULT": "nan@3"})
+    rows, _ = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert math.isnan(rows[2]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    w2, w3, w4 = _weights(run, 2), _weights(run, 3), _weights(run, 4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)
+    assert rows[-1]["loss"] < rows[0]["loss"]
