@@ -16,7 +16,7 @@ upgrade moves or renames one. Keep this list and that test in step.
 | ``DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat`` | the flat fp32 sub-group partitions Adam keeps state for (swapped into its param groups during a step) | resharding creates that state before the first step |
 | ``DeepSpeedEngine.checkpoint_engine`` | every checkpoint file DeepSpeed writes goes through its ``save(state, path)`` | ``checkpoint.async`` swaps in a snapshotting stand-in for the length of a save |
 | ``DeepSpeedEngine.global_steps``, ``global_samples`` | the engine's counters, restored by its own loader | restored by ours when resharding |
-| ``FP16_Optimizer.fp32_groups_flat`` / ``FP16_UnfusedOptimizer.fp32_groups``, ``fp16_groups`` | the fp32 master weights and the bf16/fp16 weights they were copied from (fp16, and bf16 without ZeRO or a pipeline) | undoing the zero-gradient Adam step their constructor takes |
+| ``FP16_Optimizer.fp32_groups_flat`` / ``FP16_UnfusedOptimizer.fp32_groups``, ``fp16_groups`` | the fp32 master weights and the bf16/fp16 weights they were copied from (fp16, and bf16 without ZeRO or a pipeline) | undoing the zero-gradient Adam step their constructor takes; naming, reading and resharding the unfused wrapper's masters (its ``state_dict`` saves them as ``fp32_groups``) |
 
 Checkpoint file names are DeepSpeed's too (``mp_rank_XX_model_states.pt``,
 ``zero_pp_rank_*``, pipeline ``layer_XX-model_YY-model_states.pt``): ``trainer/checkpoint/``
@@ -114,6 +114,18 @@ def undo_initial_optimizer_step(optimizer) -> None:
                 v.zero_()
             elif k == "step":
                 state[k] = 0
+
+
+def unfused_masters(optimizer) -> dict[int, torch.Tensor]:
+    """DeepSpeed's unfused fp16/bf16 wrapper (ZeRO 0 around a torch optimizer): ``id`` of each
+    bf16/fp16 parameter ► its fp32 master, the tensor the torch optimizer's state is keyed by
+    (in the order of that optimizer's groups). Empty for every other optimizer."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    return {id(p): m for half, full in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
+            for p, m in zip(half, full, strict=True)}
 
 
 def zero3_partitioner(ds_config: dict, dp_group) -> Callable[[torch.nn.Parameter], None]:

@@ -11,10 +11,14 @@ Reading, per model-parallel rank (pipeline stage ``s``, tensor rank ``t``) of th
 
 - ZeRO 0: ``mp_rank_XX_model_states.pt`` holds the torch optimizer's per-parameter state by
   index; the names in that order are ours (``optimizer_param_names``, saved beside it), the
-  weights the module's (fp32 runs: they are the master copy).
+  weights the module's (fp32 runs: they are the master copy). bf16/fp16 runs hold DeepSpeed's
+  unfused wrapper's state instead: the torch state under ``optimizer_state_dict`` and the fp32
+  masters, in the same order, under ``fp32_groups``.
 - ZeRO 1/2: ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` holds data rank ``D``'s slice of
   each parameter group's flat buffer (master weights and moments alike); concatenated over
   ``D`` the buffer lists the group's parameters back to back in ``param_shapes`` order.
+  ``BF16_Optimizer`` (bf16 under ZeRO 1 with fp32 accumulation, or in a pipeline) writes the
+  same state to ``bf16_zero_pp_rank_D_...`` files.
 - ZeRO 3: every parameter is split on its own, ``ceil(numel / dp)`` elements per data rank,
   one parameter after another in each rank's flat buffer.
 
@@ -108,8 +112,15 @@ def _model_states_file(ckpt: Path, stage: int, mp: int) -> Path:
     return f
 
 
+def _bf16_optimizer(ckpt: Path, mp: int) -> bool:
+    """Whether DeepSpeed's ``BF16_Optimizer`` wrote this rank's state (ZeRO 1's flat partitions,
+    under a "bf16_" prefix; also at ZeRO 0 in a pipeline)."""
+    return (ckpt / f"bf16_zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt").is_file()
+
+
 def _optim_files(ckpt: Path, dp: int, mp: int) -> list[dict[str, Any]]:
-    files = [ckpt / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt" for d in range(dp)]
+    prefix = "bf16_" if _bf16_optimizer(ckpt, mp) else ""
+    files = [ckpt / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt" for d in range(dp)]
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{ckpt}: missing {f.name} (an incomplete checkpoint)")
@@ -120,7 +131,7 @@ def _rank_tensors(ckpt: Path, cfg, mp: int, keys: tuple[str, ...]) -> tuple[dict
     """(``KEYS`` ► local name ► tensor, Adam step) of one model-parallel rank, whole over dp."""
     p = cfg.parallel
     states = safe_load(_model_states_file(ckpt, p.zero_stage, mp))
-    if p.zero_stage == 0:
+    if p.zero_stage == 0 and not _bf16_optimizer(ckpt, mp):
         return _zero0_tensors(ckpt, cfg, states, mp)
     optim = _optim_files(ckpt, p.dp * p.cp, mp)  # ZeRO partitions over dp · cp ranks
     z3 = p.zero_stage == 3
@@ -165,16 +176,17 @@ def _zero0_tensors(ckpt: Path, cfg, states: dict[str, Any], mp: int) -> tuple[di
     if names is None:
         raise CheckpointError(f"{ckpt} was saved before checkpoints named their optimizer's parameters; "
                               "resume it in its own layout, or start a new run with train.init_from")
-    if cfg.train.precision != "fp32":
-        raise CheckpointError(f"{ckpt}: a {cfg.train.precision} run without ZeRO keeps its master weights "
-                              "in a format this reader does not know; resume it in its own layout")
-    opt = states["optimizer"]
+    opt, masters = states["optimizer"], None
+    if "fp32_groups" in opt:  # DeepSpeed's unfused bf16/fp16 wrapper: masters beside the torch state
+        masters = [m.float() for group in opt["fp32_groups"] for m in group]
+        opt = opt["optimizer_state_dict"]
     order = [i for g in opt["param_groups"] for i in g["params"]]
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KEYS}
     for i, name in zip(order, names, strict=True):
         for k in KEYS[1:]:
             out[k][name] = opt["state"][i][k]
-    out["fp32"] = _zero0_weights(ckpt, cfg, states, mp, names)
+    out["fp32"] = (dict(zip(names, masters, strict=True)) if masters is not None
+                   else _zero0_weights(ckpt, cfg, states, mp, names))
     return out, _adam_step(opt["state"])
 
 
@@ -220,10 +232,16 @@ def optimizer_param_names(engine) -> list[str] | None:
     """This rank's optimizer's parameter names in its state's order, for a ZeRO-0 save (ZeRO's
     own files name their parameters: ``param_shapes``)."""
     opt = engine.optimizer
-    if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "bit16_groups"):
+    masters = deepspeed_private.unfused_masters(opt)
+    if masters:  # its torch optimizer holds the masters, in the order of the module's weights
+        of = {id(m): p for p, m in masters.items()}
+        held = [of[id(m)] for g in opt.param_groups for m in g["params"]]
+    elif not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "bit16_groups"):
         return None
+    else:
+        held = [id(p) for g in opt.param_groups for p in g["params"]]
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    return [names[i] for i in held]
 
 
 def apply(module, state: LayoutFreeState, cfg, dims) -> None:
@@ -234,10 +252,11 @@ def apply(module, state: LayoutFreeState, cfg, dims) -> None:
     _create_adam_state(engine)
     deepspeed_private.link_optimizer_states(engine.optimizer)
     rename = _local_to_single(cfg) if dims.pp > 1 else (lambda n: n)
+    masters = deepspeed_private.unfused_masters(engine.optimizer)
     for name, p in engine.module.named_parameters():
         whole = rename(name)
         v = {k: _local_slice(state.tensors[k][whole], whole, cfg, dims) for k in KEYS}
-        _set_parameter(engine, p, v)
+        _set_parameter(engine, p, v, masters.get(id(p), p))
     for st in _base_optimizer(engine).state.values():
         st["step"].fill_(state.adam_step)  # every held tensor's, whichever sub-group it is
     module.scheduler.load_state_dict(state.rank0["lr_scheduler"])
@@ -276,7 +295,9 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def _set_parameter(engine, p: torch.nn.Parameter, v: dict[str, torch.Tensor]) -> None:
+def _set_parameter(engine, p: torch.nn.Parameter, v: dict[str, torch.Tensor], master: torch.Tensor) -> None:
+    """``master``: the tensor the torch optimizer keys ``p``'s state by at ZeRO 0 (``p`` itself
+    in fp32, its fp32 master under DeepSpeed's unfused bf16/fp16 wrapper)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if hasattr(p, "ds_id"):  # ZeRO-3: the partition lives apart from the module's parameter
@@ -292,9 +313,11 @@ def _set_parameter(engine, p: torch.nn.Parameter, v: dict[str, torch.Tensor]) ->
         for k in KEYS[1:]:
             safe_set_full_optimizer_state(p, v[k], k)
         return
-    opt = _base_optimizer(engine)  # ZeRO 0 in fp32: the parameter is the master weight
-    if p not in opt.state:
-        raise CheckpointError("this layout's optimizer does not hold its parameters directly "
-                              "(fp16 without ZeRO?): resharding needs ZeRO, bf16 or fp32")
+    opt = _base_optimizer(engine)
+    if master not in opt.state:
+        raise CheckpointError("this layout's optimizer holds neither its parameters nor DeepSpeed's "
+                              "fp32 masters of them: resharding into it is not supported")
+    with torch.no_grad():
+        master.copy_(v["fp32"])
     for k in KEYS[1:]:
-        opt.state[p][k].copy_(v[k])
+        opt.state[master][k].copy_(v[k])
