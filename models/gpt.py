@@ -339,12 +339,19 @@ class GPT(nn.Module):
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits ``(B, T, V)``; with ``labels`` the mean cross-entropy over labels != -100."""
-        logits, _ = self._forward(input_ids)
+        h, _ = self._hidden(input_ids)
         if labels is None:
-            return logits
-        return self.loss_fn(logits, labels)
+            return self.lm_head(h)
+        if getattr(self.loss_fn, "chunk_tokens", 0):  # the head inside the loss, in chunks
+            return self.loss_fn.head_forward(h, self.lm_head.weight, labels)
+        return self.loss_fn(self.lm_head(h), labels)
 
     def _forward(self, input_ids: torch.Tensor, kv_caches=None, start_pos: int = 0):
+        h, caches = self._hidden(input_ids, kv_caches, start_pos)
+        return self.lm_head(h), caches
+
+    def _hidden(self, input_ids: torch.Tensor, kv_caches=None, start_pos: int = 0):
+        """The final norm's output (the head's input) and the new KV caches."""
         t = input_ids.shape[1]
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(
@@ -358,7 +365,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x, cache = block(x, None if kv_caches is None else kv_caches[i])
             new_caches.append(cache)
-        return self.lm_head(self.ln_f(x)), new_caches
+        return self.ln_f(x), new_caches
 
     @torch.no_grad()
     def generate(

@@ -27,8 +27,9 @@ from trainer.parallel.sequence import apply_sequence_parallel
 from trainer.parallel.tensor import apply_tensor_parallel
 
 
-def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in one forward, parameters excluded."""
+def saved_bytes(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one forward of ``model(*inputs)`` (a
+    loss), parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -39,7 +40,7 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(ids, ids)
+        loss = model(*inputs)
     loss.backward()  # runs the backward collectives too, so every rank ends in step
     return sum(seen.values())
 
@@ -60,7 +61,7 @@ def _rank(rank: int, world: int, port: int, cfg: GPTConfig, batch: int, out) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ids = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), generator=torch.Generator().manual_seed(0))
     for layout in (f"tp{world}", f"tp{world} + sp"):
-        n = saved_bytes(_model(cfg, layout), ids)
+        n = saved_bytes(_model(cfg, layout), ids, ids)
         if rank == 0:
             out.put((layout, n))
     dist.destroy_process_group()
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = GPTConfig(**{**model.model_dump(), "max_seq_len": args.seq, "vocab_size": 2048})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    rows = [("one process", saved_bytes(_model(cfg, "one process"), ids))]
+    rows = [("one process", saved_bytes(_model(cfg, "one process"), ids, ids))]
     out = mp.get_context("fork").SimpleQueue()
     mp.start_processes(_rank, args=(args.tp, free_port(), cfg, args.batch, out), nprocs=args.tp, start_method="fork")
     while not out.empty():

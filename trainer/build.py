@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 import models
-from models.loss import ZLoss
+from models.loss import TokenCrossEntropy, ZLoss
 from trainer import checkpoint, distributed, host_memory
 from trainer.accounting import comm
 from trainer.accounting.flops import PeakFlops
@@ -144,9 +144,12 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.
     parameter name, and a rank materialises only what it keeps (``_initial_model``).
     """
     model = _initial_model(cfg, dims, device)
+    chunk = cfg.loss_chunk_tokens()
     for m in model.modules():  # the loss modules, after tensor or context parallelism swapped them
         if isinstance(m, ZLoss):
             m.z_loss = cfg.train.z_loss
+        if isinstance(m, TokenCrossEntropy):
+            m.chunk_tokens = chunk
     # Dropout streams start here, whatever construction drew from the global generator (a
     # whole build's default initialisers do; a meta build draws nothing).
     torch.manual_seed(cfg.train.seed)

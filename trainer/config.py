@@ -183,6 +183,15 @@ class TrainConfig(_Section):
     ``z_loss`` is logged beside it as its own metric; evaluation reports the plain cross-entropy.
     0 turns it off. Every family, every layout (the vocab-parallel and context-parallel losses
     compute the same term)."""
+    loss_chunk: int | None = Field(None, ge=0)
+    """GPT: compute the output layer and the cross-entropy this many tokens at a time, so the
+    whole ``tokens × vocab`` logits never exist (in fp32 they are 3.3 GB for a micro-batch of
+    16 × 1024 tokens of GPT-2's vocabulary); each chunk's gradients are computed in the forward,
+    so nothing is recomputed (``models/loss.py``). ``null``: automatic, chunks of 2²⁶ / vocab
+    tokens (256 MiB of fp32 logits) once a micro-batch holds more; ``0``: never. Applies
+    without tensor, pipeline or context parallelism (they compute their own loss on logits
+    already split) and below ZeRO 3 (which would gather the head's weight for every chunk);
+    an explicit value there is refused."""
     peak_tflops: float | None = Field(None, gt=0)
     """Device peak for MFU; ``null``: a table of known GPUs, or a matmul probe on CPU."""
     memory_check: bool = True
@@ -450,6 +459,15 @@ class Config(_Section):
         given = self.parallel.collective_timeout_s
         return given if given is not None else max(1800.0, self.train.hang_timeout_s + 600.0)
 
+    def loss_chunk_tokens(self) -> int:
+        """Tokens per chunk of the GPT head's loss (``train.loss_chunk``; 0: whole logits)."""
+        if self.train.loss_chunk is not None:
+            return self.train.loss_chunk
+        p, vocab = self.parallel, getattr(self.model, "vocab_size", None)
+        if self.model.family != "gpt" or vocab is None or p.tp * p.pp * p.cp > 1 or p.zero_stage == 3:
+            return 0
+        return max(1, 2**26 // vocab)
+
     def zero_bucket_elements(self) -> int:
         """``parallel.zero_bucket_elements``, or ``d_model²`` and at least 2²⁰ (5e8 without a
         ``d_model``); even, as DeepSpeed's all-gather alignment needs."""
@@ -468,6 +486,12 @@ class Config(_Section):
             )
         if p.pp > 1:
             self._check_pipeline()
+        if self.train.loss_chunk and (m.family != "gpt" or p.tp * p.pp * p.cp > 1 or p.zero_stage == 3):
+            raise ConfigError(
+                f"train.loss_chunk={self.train.loss_chunk} applies to model.family gpt without tensor, "
+                f"pipeline or context parallelism and below ZeRO 3 (here {m.family}, tp {p.tp}, pp {p.pp}, "
+                f"cp {p.cp}, zero {p.zero_stage}); leave it null (automatic) or 0"
+            )
         if p.sequence_parallel:
             self._check_sequence_parallel()
         if p.cp > 1:

@@ -23,7 +23,9 @@ The model (stated so that it can be checked, and measured against: ``docs/benchm
   tensors: ``Shape.sharded_widths``), plus a
   1-byte mask per dropout site when dropout is on; with activation checkpointing a block keeps
   its input only and one block is recomputed at a time. The head's logits in the training
-  precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes). Under a
+  precision and the loss's fp32 copy and gradient (``s·b·V/tp·(w + 8)`` bytes); chunked
+  (``train.loss_chunk``), one chunk's, plus the head input's and weight's gradients kept
+  instead (``c·V·(w + 8) + s·b·h·w + 4·V·h``). Under a
   pipeline (1F1B), the first stage holds ``min(pp, accumulation)`` micro-batches in flight.
 - **Gradient accumulation in fp32** (bf16 with ``train.grad_accum_dtype=fp32``): 4 more bytes
   per parameter without ZeRO or at ZeRO 1 (``BF16_Optimizer``'s whole fp32 gradient buffer;
@@ -125,6 +127,8 @@ class Shape:
     """bf16 gradients accumulated in fp32 (``train.grad_accum_dtype``): a whole fp32 gradient
     buffer beside the 16-bit gradients without ZeRO or at ZeRO 1 (DeepSpeed's ``BF16_Optimizer``;
     without ZeRO its fp32 optimizer's gradient copies at the step), an fp32 partition at ZeRO 2/3."""
+    loss_chunk: int | None = 0
+    """``train.loss_chunk``: tokens per chunk of the head and loss (None: automatic, 0: whole)."""
     bucket_elements: float = ZERO_BUCKET
     """ZeRO's reduce bucket (``Config.zero_bucket_elements``), allocated whole."""
     overlap_comm: bool = False
@@ -154,6 +158,7 @@ def shape_of(cfg: Config) -> Shape:
                  bytes_per_value=4 if cfg.train.precision == "fp32" else 2,
                  mixed_precision=cfg.train.precision != "fp32", dropout=m.dropout > 0,
                  fp32_grad_accum=cfg.train.precision == "bf16" and cfg.train.grad_accum_dtype == "fp32",
+                 loss_chunk=cfg.train.loss_chunk,
                  bucket_elements=cfg.zero_bucket_elements(), overlap_comm=cfg.parallel.zero_overlap_comm,
                  sharded_widths=(m.n_head + 2 * m.kv_heads) / m.n_head + 1 + mlp)
 
@@ -173,6 +178,16 @@ def with_planned_vocab(cfg: Config) -> Config:
     return out
 
 
+def _head_bytes(s: Shape, lay: Layout) -> float:
+    """The logits and the loss's fp32 copy and gradient, whole or one chunk's at a time
+    (``Config.loss_chunk_tokens``' rule: chunks without tp and below ZeRO 3)."""
+    tokens, w = s.seq_len * lay.micro_batch_size, s.bytes_per_value
+    chunk = s.loss_chunk if s.loss_chunk is not None else 2**26 // s.vocab
+    if lay.tp > 1 or lay.zero_stage == 3 or not chunk or tokens <= chunk:
+        return tokens * s.vocab / lay.tp * (w + 8)
+    return chunk * s.vocab * (w + 8) + tokens * s.d_model * w + 4 * s.vocab * s.d_model
+
+
 def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     """Bytes per GPU of the most loaded rank (the first pipeline stage)."""
     w = s.bytes_per_value
@@ -189,7 +204,7 @@ def memory_bytes(s: Shape, lay: Layout) -> dict[str, float]:
     block = sbh * (4 + s.sharded_widths / lay.tp) * w + (2 * sbh if s.dropout else 0)
     stored = layers * (sbh * w if lay.activation_checkpointing else block)
     recompute = block if lay.activation_checkpointing else 0
-    logits = s.seq_len * lay.micro_batch_size * s.vocab / lay.tp * (w + 8) if lay.pp == 1 else 0
+    logits = _head_bytes(s, lay) if lay.pp == 1 else 0
     activations = stored * min(lay.pp, m) + recompute + logits
     buffers = RUNTIME_BYTES
     # DeepSpeed allocates its reduce buckets whole, whatever the model's size.

@@ -156,3 +156,20 @@ def test_fp32_accumulation_and_whole_buckets_are_counted():
     assert extra == [4e6, 4e6, 2e6 / 8, 2e6 / 8]
     one, two = (memory_bytes(Shape(**base, overlap_comm=o), Layout(8, 1, 1, 2, 1, False))["buffers"] for o in (False, True))
     assert two - one == 5e8 * 2 and one - 2**30 == 5e8 * 2  # whole buckets for a 1M-parameter model
+
+
+def test_chunked_loss_plans_one_chunk_of_logits_and_the_two_gradients():
+    """``train.loss_chunk``: the planner holds one chunk's logits (and their fp32 copy and
+    gradient) plus the head input's and weight's gradients, where the trainer chunks."""
+    shape = Shape(params=124_000_000, block_params=7_000_000, embedding_params=39_000_000, n_layer=12,
+                  d_model=768, vocab=50304, seq_len=1024, global_batch=16, flops_per_token=1e9,
+                  bytes_per_value=2, mixed_precision=True, dropout=False)
+    one = Layout(dp=1, tp=1, pp=1, zero_stage=1, micro_batch_size=16, activation_checkpointing=False)
+    whole = memory_bytes(shape, one)["activations"]
+    auto = memory_bytes(Shape(**{**shape.__dict__, "loss_chunk": None}), one)["activations"]
+    chunk = 2**26 // 50304
+    kept = chunk * 50304 * 10 + 16 * 1024 * 768 * 2 + 4 * 50304 * 768
+    assert whole - auto == pytest.approx(16 * 1024 * 50304 * 10 - kept)
+    zero3 = Layout(**{**one.__dict__, "zero_stage": 3})  # whole logits there, as in the trainer
+    assert memory_bytes(Shape(**{**shape.__dict__, "loss_chunk": None}), zero3)["activations"] == \
+        memory_bytes(shape, zero3)["activations"]

@@ -53,6 +53,8 @@ LAYOUTS = {
     "cp2-zero3": (2, ["parallel.cp=2", "parallel.zero_stage=3"]),
     "dp2xcp2-zero2": (4, ["parallel.cp=2", "parallel.zero_stage=2"]),
     "dp2xpp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1"]),
+    # The head and loss in chunks of 24 tokens (64 per micro-batch: the last chunk short).
+    "dp2-zero2-loss-chunk": (2, ["parallel.zero_stage=2", "train.loss_chunk=24"]),
 }
 
 
