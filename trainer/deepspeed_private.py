@@ -26,6 +26,7 @@ and ``trainer/checkpoint/consolidate.py`` read them, and the consolidation tests
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -120,6 +121,8 @@ def unfused_masters(optimizer) -> dict[int, torch.Tensor]:
     """DeepSpeed's unfused fp16/bf16 wrapper (ZeRO 0 around a torch optimizer): ``id`` of each
     bf16/fp16 parameter ► its fp32 master, the tensor the torch optimizer's state is keyed by
     (in the order of that optimizer's groups). Empty for every other optimizer."""
+    if "deepspeed" not in sys.modules:  # the plain engine: no wrapper, and no import of it
+        return {}
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     if not isinstance(optimizer, FP16_UnfusedOptimizer):
