@@ -57,12 +57,14 @@ def cli_env(cache_dir: Path) -> dict[str, str]:
 
 def run_cli(args: list[str], cache_dir: Path, cwd: Path | None = None, check: bool = True,
             nproc: int = 1, timeout: int = 600, env: dict[str, str] | None = None,
-            torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``seqtrain ARGS`` in a fresh process (``torchrun --nproc_per_node`` when nproc > 1)."""
+            torchrun_args: tuple[str, ...] = (), script: Path | None = None) -> subprocess.CompletedProcess:
+    """``seqtrain ARGS`` in a fresh process (``torchrun --nproc_per_node`` when nproc > 1);
+    ``script``: a Python file that runs the CLI itself (with instrumentation) instead."""
+    entry = [str(script)] if script is not None else ["-m", "trainer"]
     if nproc > 1:
-        cmd = [*torchrun(nproc), *torchrun_args, "-m", "trainer", *args]
+        cmd = [*torchrun(nproc), *torchrun_args, *entry, *args]
     else:
-        cmd = [sys.executable, "-m", "trainer", *args]
+        cmd = [sys.executable, *entry, *args]
     p = subprocess.run(cmd, cwd=cwd or REPO, env={**cli_env(cache_dir), **(env or {})}, capture_output=True,
                        text=True, timeout=timeout)
     if check and p.returncode != 0:

@@ -170,12 +170,14 @@ class TrainConfig(_Section):
     rate on A100/H100, a 10-bit mantissa in the products, fp32 accumulation. No effect on CPUs
     or on bf16/fp16 matmuls."""
     log_every: int = Field(10, ge=1)
-    """Log metrics every this many steps: where the loss and token counts are read back from
-    the device (besides, the non-finite guard and the stop-signal check read one scalar a step)."""
+    """Log metrics every this many steps: the host's only reads of the device in training (the
+    loss and token counts, the non-finite guard's counts, the ranks' stop-signal flag), so a
+    preemption signal is acted on at the next such step."""
     nonfinite_patience: int = Field(5, ge=0)
     """Skip any update whose gradients hold NaN/inf (the step still counts and is logged); stop
-    the run, with a checkpoint of the last good weights, after this many skipped in a row.
-    0 turns the check off (it costs one scalar all-reduce per step)."""
+    the run, with a checkpoint of the last good weights, after this many skipped in a row
+    (checked at the logging cadence). 0 turns the check off (it costs one scalar all-reduce per
+    step; no host sync with fused AdamW)."""
     z_loss: float = Field(0.0, ge=0)
     """PaLM's z-loss coefficient (1e-4 in PaLM and OLMo-2): ``z_loss · log²Z`` per target token is
     added to the training loss (Z: the softmax normaliser of the output logits), keeping logits

@@ -5,10 +5,12 @@ of the engine: a train module (``trainer/engine/train_module.py``) runs each ste
 (metrics file, progress bar, evaluation, checkpoints, signals, tracking) lives in callbacks:
 ``Callback`` below names the hooks, ``trainer/callbacks/`` holds one module per behaviour.
 
-Host syncs: the step itself is not read back except at the logging cadence
-(``train.log_every``), where the loss and token count are all-reduced and read. Two checks
-read one scalar every step when they are on: the non-finite guard (``trainer/engine/nonfinite.py``,
-``train.nonfinite_patience`` > 0) and the stop-signal check (``trainer/callbacks/preemption.py``).
+Host syncs: none in a step. At the logging cadence (``train.log_every``) the loss and token
+count are all-reduced and read, the non-finite guard's counts (``trainer/engine/nonfinite.py``)
+are read and the run stopped after too many skipped updates in a row, and the stop-signal
+check (``trainer/callbacks/preemption.py``) agrees across ranks; besides, once at the first
+step's end (the start-up line), at evaluation and at saves. ``tests/trainer/test_host_syncs.py``
+counts them.
 """
 
 from __future__ import annotations
@@ -68,8 +70,6 @@ class Trainer:
         self.tokens_seen = 0
         self.stop_reason: str | None = None
         self.diverged = False
-        self._skipped_seen = 0
-        self._consecutive_skips = 0
         self.prefetcher = None
         self._said_eval_cap = False
         self._logged_step = 0
@@ -101,7 +101,6 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.module.load_state_dict(state)
-        self._skipped_seen = self.module.skipped_steps
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -178,23 +177,24 @@ class Trainer:
             self._said_eval_cap = True
         return cap // dp * dp
 
+    def at_sync_point(self) -> bool:
+        """Whether the step just finished is one where the host reads the device: the logging
+        cadence and the last step."""
+        return self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps
+
     def _check_divergence(self) -> None:
-        """Count updates skipped in a row; stop after ``train.nonfinite_patience`` of them.
+        """Stop once ``train.nonfinite_patience`` updates in a row were skipped (checked at the
+        logging cadence; the run may have gone on skipping since it reached the patience).
 
         fp16 overflows do not count: halving the loss scale until gradients fit is the scaler's
         normal work (DeepSpeed stops by itself at the minimum scale).
         """
         k = self.cfg.train.nonfinite_patience
-        total = self.module.skipped_steps  # host counters, already synced by the guard
-        if total > self._skipped_seen and self.cfg.train.precision != "fp16":
-            self._consecutive_skips += 1
-        else:
-            self._consecutive_skips = 0
-        self._skipped_seen = total
-        if k and self._consecutive_skips >= k:
+        run = self.module.nonfinite_run() if k else 0  # host sync
+        if k and run >= k:
             self.diverged = True
-            self.stop(f"{k} consecutive steps with non-finite gradients; the weights are those of "
-                      f"step {self.step - k}, before them")
+            self.stop(f"{run} consecutive steps with non-finite gradients; the weights are those of "
+                      f"step {self.step - run}, before them")
 
     def stop(self, reason: str) -> None:
         """Finish after the current step (callbacks' end hooks still run: a checkpoint is saved)."""
@@ -252,7 +252,7 @@ class Trainer:
         if self.cfg.data.prefetch and not hasattr(self.data.train, "after_forward"):
             self.prefetcher = Prefetcher(self.data.train, self.dims.dp_rank, self.cfg.train.grad_accum,
                                          self.step, self.cfg.train.steps)
-        steps, every = self.cfg.train.steps, self.cfg.train.log_every
+        steps = self.cfg.train.steps
         t_last, tokens_window = time.perf_counter(), torch.zeros((), device=self.device, dtype=torch.long)
         self._logged_step = self.step
         while self.step < steps and self.stop_reason is None:
@@ -262,11 +262,11 @@ class Trainer:
             loss, tokens = self.train_step()
             tokens_window += tokens
             self.step += 1
-            self._check_divergence()
             if self.clock is not None:
                 float(loss)  # the first step's end, once: a host sync
                 self._first_step_done()
-            if self.step % every == 0 or self.step == steps:
+            if self.at_sync_point():
+                self._check_divergence()
                 row = self._train_row(loss, tokens_window, lr, since=t_last)
                 t_last, tokens_window = time.perf_counter(), torch.zeros_like(tokens_window)
                 self.log({**row, **self.startup})

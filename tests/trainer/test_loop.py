@@ -32,6 +32,7 @@ class FakeModule:
         self.seen: list[list[int]] = []  # labels[0] of each micro-batch, per step
         self.skip_next: list[bool] = []  # whether each coming step's update is skipped
         self.skipped_steps = 0
+        self.run = 0  # skipped in a row (the real module leaves fp16 loss-scaler skips out)
         self.steps = 0
         self.eval_calls: list[tuple[int, int]] = []
         self.mode = "train"
@@ -40,8 +41,9 @@ class FakeModule:
         ids = [int(b["labels"][0, 0]) for b in micro_batches]
         self.seen.append(ids)
         self.steps += 1
-        if self.skip_next and self.skip_next.pop(0):
-            self.skipped_steps += 1
+        skip = bool(self.skip_next) and self.skip_next.pop(0)
+        self.skipped_steps += skip
+        self.run = self.run + 1 if skip else 0
         return torch.tensor(float(np.mean(ids))), torch.tensor(4 * len(ids))
 
     def eval_loss_sum(self, batches, counted, on_output=None):
@@ -54,6 +56,9 @@ class FakeModule:
 
     def mfu(self, tokens_per_s_per_device):
         return tokens_per_s_per_device * self.flops_per_token / self.peak_flops
+
+    def nonfinite_run(self):
+        return self.run
 
     def step_metrics(self):
         return {"grad_norm": 1.5, "skipped_steps": self.skipped_steps}
@@ -144,17 +149,21 @@ def test_evaluation_takes_the_same_global_slice_whatever_the_rank():
     assert module0.eval_calls == [(2, 2)]  # global batches 0 and 2
 
 
-@pytest.mark.parametrize("precision, stops", [("fp32", True), ("fp16", False)])
-def test_skipped_updates_in_a_row_stop_the_run_except_fp16_overflows(precision, stops):
-    t, module = _trainer([f"train.precision={precision}", "train.nonfinite_patience=2", "train.steps=8"])
-    module.skip_next = [True, False, True, True, True]
+@pytest.mark.parametrize("log_every, stop_at", [(2, 4), (1, 4), (3, 6)])
+def test_skipped_updates_in_a_row_stop_the_run_at_the_logging_cadence(log_every, stop_at):
+    """Patience 2: skips at steps 1, 3, 4, 5, ...; the run of them is read where the loop reads
+    the device (every ``log_every`` steps), so the stop comes at the first such step past it."""
+    t, module = _trainer(["train.nonfinite_patience=2", "train.steps=8", f"train.log_every={log_every}"])
+    module.skip_next = [True, False, True, True, True, True, True, True]
     t.fit()
-    assert t.diverged is stops
-    if stops:
-        assert t.step == 4 and t.stop_reason.startswith("2 consecutive steps with non-finite gradients")
-        assert "weights are those of step 2" in t.stop_reason
-    else:
-        assert t.step == 8 and t.stop_reason is None
+    assert t.diverged and t.step == stop_at
+    run = stop_at - 2
+    assert t.stop_reason == (f"{run} consecutive steps with non-finite gradients; the weights are those of "
+                             f"step 2, before them")
+    t, module = _trainer(["train.nonfinite_patience=2", "train.steps=8", "train.log_every=4"])
+    module.skip_next = [False, True, True, False]  # two in a row, then recovered before the check
+    t.fit()
+    assert not t.diverged and t.step == 8
 
 
 def test_state_round_trip_restores_step_counters_and_random_streams():

@@ -3,10 +3,13 @@ before a job is preempted, hits its time limit or is stopped.
 
 The handler only sets a flag. A launcher that cannot signal the training processes
 themselves (a Slurm batch script whose workers sit under srun and torchrun) instead creates the
-file named by ``SEQTRAIN_STOP_FILE``; every rank checks for it after each step. Ranks may receive the signal at different steps, so after every
-step the flag is all-reduced (MAX) and all ranks stop at the same step, as Megatron's exit
-signal handler does: one tiny collective and one host sync per step, the price of never
-losing more than one step of work.
+file named by ``SEQTRAIN_STOP_FILE``; every rank checks for it after each step. Ranks may
+receive the signal at different steps, so the flag is all-reduced (MAX) and all ranks stop at
+the same step, as Megatron's exit signal handler does; but at the loop's host sync points only
+(``train.log_every`` and the last step), not after every step: a step never waits on the
+host. A stop therefore comes up to ``log_every - 1`` steps after the signal: keep
+``log_every`` × the step time well inside the scheduler's grace period (Slurm's
+``--signal=B:USR1@T``).
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ class StopOnSignal(Callback):
             signal.signal(s, self._handler)
 
     def on_step_end(self, trainer: Trainer) -> None:
+        if not trainer.at_sync_point():
+            return
         if self.received is None and self.stop_file is not None and self.stop_file.exists():
             self.received = signal.SIGUSR1  # the launcher's stand-in for the signal
         flag = torch.tensor([self.received or 0], device=trainer.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())  # host sync point (see module docstring)
+        signum = int(flag.item())  # host sync, at the logging cadence (see module docstring)
         if signum:
             trainer.stop(f"received {signal.Signals(signum).name}")
 

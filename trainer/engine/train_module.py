@@ -64,6 +64,7 @@ class EngineModule:
         """Training FLOPs per token of the whole model (for MFU)."""
         self.peak = peak
         self._skipped_before = 0  # skipped updates of the run before this process resumed it
+        self._engine_skips = ds_private.skipped_steps(engine)  # DeepSpeed's count after the last step
         if engine.gradient_clipping() > 0:
             ds_private.replace_fp32_clipping(engine, self._clip_fp32_gradients)
 
@@ -107,6 +108,7 @@ class EngineModule:
             mark("optimizer")
             loss_sum += loss.detach()
             tokens += count_targets(batch)
+        self._end_step()
         return loss_sum / n, tokens
 
     @torch.no_grad()
@@ -132,12 +134,26 @@ class EngineModule:
         """The rate the next step uses (the scheduler steps after it)."""
         return self.scheduler.get_last_lr()[0]
 
+    def _end_step(self) -> None:
+        """Tell the guard the optimizer step is over, and whether DeepSpeed skipped it first
+        (its counter is a host integer: no sync)."""
+        engine_skips = ds_private.skipped_steps(self.engine)
+        if self.guard is not None:
+            self.guard.end_step(engine_skips > self._engine_skips and not self.engine.fp16_enabled())
+        self._engine_skips = engine_skips
+
     @property
     def skipped_steps(self) -> int:
         """Updates skipped over the whole run: by our guard or by DeepSpeed itself (ZeRO's
-        overflow check, the fp16 loss scaler); host counters, no sync."""
+        overflow check, the fp16 loss scaler). Reads the guard's device count: a host sync, at
+        the logging cadence and at saves."""
         guard = self.guard.skipped if self.guard is not None else 0
         return self._skipped_before + guard + ds_private.skipped_steps(self.engine)
+
+    def nonfinite_run(self) -> int:
+        """Updates skipped in a row up to the last step, fp16 loss-scaler skips not counted (a
+        host sync: the loop asks at the logging cadence)."""
+        return self.guard.run() if self.guard is not None else 0
 
     def step_metrics(self) -> dict[str, float | None]:
         """Gradient norm of the last step, skipped updates, and the fp16 loss scale."""
@@ -185,6 +201,7 @@ class EngineModule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._skipped_before = int(state.get("skipped_steps", 0)) - ds_private.skipped_steps(self.engine)
+        self._engine_skips = ds_private.skipped_steps(self.engine)
 
     def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Collective: DeepSpeed writes weights, optimizer and scheduler shards of every rank.
@@ -206,7 +223,7 @@ class PipelineModule(EngineModule):
     inputs, the last the labels."""
 
     def _pipe_batches(self, batches: Iterable[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(b["input_ids"].to(self.device), b["labels"].to(self.device)) for b in batches]
+        return [(b["input_ids"], b["labels"]) for b in map(self._to_device, batches)]
 
     def train_batch(self, micro_batches: Iterable[Batch], on_output: Callable | None = None,
                     mark: Callable[[str], None] = _no_mark) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +233,7 @@ class PipelineModule(EngineModule):
         mark("data")
         loss = self.engine.train_batch(data_iter=iter(micro))
         mark("step")
+        self._end_step()
         tokens = sum((labels != -100).sum() for _, labels in micro)
         return loss.detach().to(self.device), tokens
 

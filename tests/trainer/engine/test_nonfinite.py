@@ -68,3 +68,53 @@ def test_nan_step_under_bf16_is_skipped_not_a_crash(zero, tiny_corpus, cache_dir
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert not all(torch.equal(w3[k], w4[k]) for k in w3)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def _guarded(fused: bool):
+    from trainer.engine.nonfinite import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=fused, foreach=not fused)
+    return p, opt, NonFiniteGuard(opt)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "foreach-on-host"])
+def test_guard_skips_the_whole_update_and_counts_on_the_device(fused):
+    """A non-finite gradient: no update at all (weight decay neither, Adam's step count not
+    advanced), counted as skipped and as a run; a finite one updates and ends the run. The fused
+    optimizer gets the verdict as ``found_inf`` (no host read); foreach reads it on the host."""
+    p, opt, guard = _guarded(fused)
+    reads = []
+    item = torch.Tensor.item
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+        for g in (float("nan"), float("inf")):
+            p.grad = torch.full((3,), g)
+            opt.step()
+            guard.end_step(engine_skipped=False)
+    assert len(reads) == (0 if fused else 2)
+    assert torch.equal(p.detach(), torch.ones(3)) and guard.skipped == 2 and guard.run() == 2
+    assert not opt.state or float(opt.state[p]["step"]) == 0
+    p.grad = torch.ones(3)
+    opt.step()
+    guard.end_step(engine_skipped=False)
+    assert (p.detach() < 1).all() and guard.skipped == 2 and guard.run() == 0
+    assert float(opt.state[p]["step"]) == 1
+
+
+def test_engine_skips_extend_the_run_except_the_fp16_loss_scaler():
+    """DeepSpeed skipping an update before the guard sees it (its overflow checks) counts in
+    the run of skipped updates; its fp16 loss scaler halving the scale does not."""
+    from types import SimpleNamespace
+
+    from trainer.engine.train_module import EngineModule
+    from trainer.parallel import ParallelDims
+
+    for fp16, run in ((False, 2), (True, 0)):
+        _, _, guard = _guarded(True)
+        engine = SimpleNamespace(skipped_steps=0, gradient_clipping=lambda: 0.0, fp16_enabled=lambda f=fp16: f)
+        module = EngineModule(engine, None, ParallelDims(1, 1, 1, 0), torch.device("cpu"), guard=guard)
+        for _ in range(2):
+            engine.skipped_steps += 1  # DeepSpeed skipped: the guard's step never ran
+            module._end_step()
+        assert module.nonfinite_run() == run and module.skipped_steps == 2
