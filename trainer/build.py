@@ -98,8 +98,10 @@ def _parallelize(cfg: Config, dims: ParallelDims, model: torch.nn.Module) -> Non
 
 def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.Module:
     """The model built on the meta device, tensor-parallel there, then materialised one
-    parameter at a time: this rank's slices, and under ZeRO-3 its partition of them
-    (``trainer/parallel/materialize.py``)."""
+    parameter at a time straight onto the rank's device, in the training precision: this
+    rank's slices, and under ZeRO-3 its partition of them (``trainer/parallel/materialize.py``).
+    Never a whole fp32 copy on the host: data-parallel ranks of a 7B model would each hold one
+    (28 GB, eight per node) before DeepSpeed cast and moved it."""
     with mat.on_meta():
         model = models.build(cfg.model, seed=cfg.train.seed)
     _parallelize(cfg, dims, model)
@@ -110,10 +112,11 @@ def _sharded(cfg: Config, dims: ParallelDims, device: torch.device) -> torch.nn.
         pairs = checkpoint.match_weights(model, stored, label=label, shape_of=mat.whole_shape)
         source = {n: src for _, n, src in pairs}
         values = lambda name, shape: stored[source[name]]  # noqa: E731
-    dtype, partition = None, None
-    if cfg.parallel.zero_stage == 3:
-        # DeepSpeed casts a model it partitions itself; one partitioned here it takes as it is.
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    # DeepSpeed would cast the model itself (the same rounding, before its fp32 masters are
+    # copied from the 16-bit weights); made in that dtype, no fp32 copy ever exists.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    partition = None
+    if cfg.parallel.zero_stage == 3:  # DeepSpeed takes a model partitioned here as it is
         partition = zero3_partitioner(deepspeed_config(cfg), dims.dp_group)
     return mat.materialize(model, values, device, dtype, partition)
 
@@ -123,9 +126,9 @@ def _initial_model(cfg: Config, dims: ParallelDims, device: torch.device) -> tor
     ``train.init_from``'s); a resumed run then overrides them from its checkpoint."""
     if dims.pp > 1:
         model = _stage(cfg, dims)
-    elif (dims.tp > 1 or cfg.parallel.zero_stage == 3) and mat.supported(cfg.family.model):
+    elif mat.supported(cfg.family.model):  # every layout: slices, partitions or the whole model
         model = _sharded(cfg, dims, device)
-    else:  # the rank keeps the whole model (or a small recurrent baseline): built whole
+    else:  # a small recurrent baseline: built whole
         model = models.build(cfg.model, seed=cfg.train.seed)
         if cfg.train.init_from:
             checkpoint.load_weights(model, cfg.train.init_from, label=f"train.init_from={cfg.train.init_from!r}")

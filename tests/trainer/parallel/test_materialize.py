@@ -54,6 +54,12 @@ def test_a_rank_never_holds_the_whole_model(tmp_path, cache_dir, tiny_corpus):
     print(f"init growth MB: single {single:.0f}, dp4 ZeRO-3 {zero3}, tp2xpp2 {tp_pp}")  # pytest -s
     assert max(zero3) <= 0.4 * single  # a quarter of the model, one whole parameter at a time
     assert max(tp_pp) <= 0.5 * single  # a quarter (half the blocks, half of each) and one whole layer
+    # Data parallelism keeps the whole model, but made straight in the training precision on
+    # the device: bf16 never passes through a whole fp32 copy (built whole, it was 1.0).
+    dp2 = _init_growth(tmp_path, cache_dir, tiny_corpus, "dp2-zero1-bf16", 2,
+                       ["parallel.zero_stage=1", "train.precision=bf16"])
+    print(f"dp2 ZeRO-1 bf16 {dp2}")
+    assert max(dp2) <= 0.6 * single  # half (2 bytes a parameter) and one whole parameter
 
 
 @pytest.mark.distributed
