@@ -82,6 +82,7 @@ class Checkpoint(Callback):
         self.last_saved = trainer.step
         if trainer.cfg.checkpoint.async_:
             self.saver = AsyncSaver()  # a collective (the writers' gloo group): every rank, here
+            trainer.module.before_update.append(self.saver.fence)
 
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.cfg.checkpoint.every

@@ -3,9 +3,13 @@ behind it.
 
 Every file DeepSpeed writes goes through its engine's ``checkpoint_engine.save(state, path)``.
 While a save is captured, ours replaces that call with a snapshot: each tensor storage is copied
-once into host memory (pinned, by non-blocking copies on the training stream, on GPU; a
-``clone`` on CPU), sharing between tensors kept, so the file later written is what ``torch.save``
-would have written at that moment. Training then goes on while one background thread per
+once into host memory, sharing between tensors kept, so the file later written is what
+``torch.save`` would have written at that moment. The host buffers are kept from save to save
+(``HostBuffers``: the same storages come round every time), so only the first save allocates;
+on GPU they are pinned, and the device-to-host copies run on a side stream of their own that
+first waits for the training stream (the values of the finished step). Training goes on at
+once: its forward and backward only read what is being copied, and the train module fences
+its next update behind the copies (``AsyncSaver.fence``, before the optimizer step). Training then goes on while one background thread per
 process serialises the snapshot into the staging directory (``torch.save`` releases the GIL
 while it writes; measured: no pause of the training thread above 10 ms). A writer *process*
 was tried: forked, its copy-on-write faults cost the next step more than the snapshot's copy. When every rank has written its
@@ -45,37 +49,76 @@ def stall_next_write(seconds: float) -> None:
     _stall_s = seconds
 
 
-def snapshot(obj: Any, memo: dict | None = None) -> Any:
+class HostBuffers:
+    """Host memory for snapshots, kept from one save to the next: a save takes buffers, and
+    they come back (``release``) once its writer is done. Allocating and pinning gigabytes is
+    the slow part of a snapshot on GPU; after the first save, none is allocated."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+        self._taken: list[tuple[tuple[int, bool], torch.UntypedStorage]] = []
+
+    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        free = self._free.get((nbytes, pinned))
+        buf = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        self._taken.append(((nbytes, pinned), buf))
+        return buf
+
+    def release(self) -> None:
+        """Every buffer taken since the last release is free again (its save is written)."""
+        for key, buf in self._taken:
+            self._free.setdefault(key, []).append(buf)
+        self._taken = []
+
+
+class _Copier:
+    """How one capture copies storages: into ``buffers`` (fresh ones without), device storages
+    on ``stream`` (None: the current stream)."""
+
+    def __init__(self, buffers: HostBuffers | None = None, stream=None) -> None:
+        self.buffers, self.stream, self.memo = buffers, stream, {}
+
+    def host(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        n, on_device = storage.nbytes(), storage.device.type != "cpu"
+        host = (self.buffers.take(n, pinned=on_device) if self.buffers is not None
+                else torch.empty(n, dtype=torch.uint8, pin_memory=on_device).untyped_storage())
+        if not on_device:
+            host.copy_(storage)
+            return host
+        with contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream):
+            host.copy_(storage, non_blocking=True)
+            if self.stream is not None:  # the allocator may not hand a dropped source to
+                # the training stream before the copy has read it
+                torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).record_stream(self.stream)
+        return host
+
+
+def snapshot(obj: Any, copier: _Copier | None = None) -> Any:
     """A copy of ``obj`` (nested dicts, lists, tuples) that later training cannot change;
     tensors sharing a storage still share one afterwards."""
-    memo = {} if memo is None else memo
+    copier = _Copier() if copier is None else copier
     if torch.is_tensor(obj):
-        return _tensor(obj, memo)
+        return _tensor(obj, copier)
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps OrderedDict and friends
         for k, v in obj.items():
-            out[k] = snapshot(v, memo)
+            out[k] = snapshot(v, copier)
         return out
     if isinstance(obj, list | tuple):
-        items = [snapshot(v, memo) for v in obj]
+        items = [snapshot(v, copier) for v in obj]
         return items if isinstance(obj, list) else type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return copy.deepcopy(obj)  # numbers, strings, numpy RNG states, DeepSpeed's small records
 
 
-def _tensor(t: torch.Tensor, memo: dict) -> torch.Tensor:
+def _tensor(t: torch.Tensor, copier: _Copier) -> torch.Tensor:
     t = t.detach()
     storage = t.untyped_storage()
     if storage.nbytes() == 0:
         return t.cpu().clone()
     key = (storage.device, storage.data_ptr())
-    host = memo.get(key)
+    host = copier.memo.get(key)
     if host is None:
-        if storage.device.type == "cpu":
-            host = storage.clone()
-        else:  # ordered after the step that produced the values, before any later update
-            host = torch.UntypedStorage(storage.nbytes(), device="cpu").pin_memory()
-            host.copy_(storage, non_blocking=True)
-        memo[key] = host
+        host = copier.memo[key] = copier.host(storage)
     return torch.empty(0, dtype=t.dtype).set_(host, t.storage_offset(), t.size(), t.stride())
 
 
@@ -83,11 +126,11 @@ class _Snapshotting:
     """Stands in for DeepSpeed's checkpoint engine during a captured save: ``save`` snapshots
     and queues; everything else (directories, commit) is the real engine's."""
 
-    def __init__(self, inner, writes: list[Write], memo: dict) -> None:
-        self._inner, self._writes, self._memo = inner, writes, memo
+    def __init__(self, inner, writes: list[Write], copier: _Copier) -> None:
+        self._inner, self._writes, self._copier = inner, writes, copier
 
     def save(self, state_dict: Any, path: str) -> None:
-        self._writes.append((snapshot(state_dict, self._memo), Path(path)))
+        self._writes.append((snapshot(state_dict, self._copier), Path(path)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -107,25 +150,46 @@ class AsyncSaver:
     def __init__(self) -> None:
         self._group = dist.new_group(backend="gloo") if distributed.world_size() > 1 else None
         self.pending: Pending | None = None
-
-    snapshot = staticmethod(snapshot)
+        self.buffers = HostBuffers()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._stream = torch.cuda.Stream() if cuda else None
+        self._copier: _Copier | None = None  # the capture in progress (snapshot and rank state)
+        self._copied = None  # the side stream's event of the last save, until the fence
 
     @contextlib.contextmanager
     def capture(self, engine) -> Iterator[list[Write]]:
         """Within: DeepSpeed's saves on ``engine`` are snapshotted into the yielded list."""
+        if self.pending is None:  # no save in flight: every buffer is free (a failed one's too)
+            self.buffers.release()
+        if self._stream is not None:  # copy the values the training stream has computed
+            self._stream.wait_stream(torch.cuda.current_stream())
+        self._copier = _Copier(self.buffers, self._stream)
         writes: list[Write] = []
         real = engine.checkpoint_engine
-        engine.checkpoint_engine = _Snapshotting(real, writes, {})
+        engine.checkpoint_engine = _Snapshotting(real, writes, self._copier)
         try:
             yield writes
         finally:
             engine.checkpoint_engine = real
 
+    def snapshot(self, obj: Any) -> Any:
+        """``obj`` snapshotted as part of the capture in progress (its buffers, its stream)."""
+        return snapshot(obj, self._copier)
+
+    def fence(self) -> None:
+        """Before the next update of anything snapshotted: the training stream waits for the
+        last save's copies (device-side; the host goes on)."""
+        if self._copied is not None:
+            torch.cuda.current_stream().wait_event(self._copied)
+            self._copied = None
+
     def submit(self, writes: list[Write], publish: Callable[[], None], ckpt_root: Path, tag: str) -> None:
         done = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self._stream is not None:
             done = torch.cuda.Event()
-            done.record()  # the snapshot's device-to-host copies
+            done.record(self._stream)  # the snapshot's device-to-host copies
+            self._copied = done
+        self._copier = None
         outcome: list[Exception | None] = []
         # A daemon thread: a process that dies (an exception, a signal) does not wait for it,
         # and a half-written staging directory is never published.
@@ -171,6 +235,7 @@ class AsyncSaver:
         if pending is None:
             return None
         pending.thread.join()
+        self.buffers.release()  # written: the next save copies into the same memory
         if not pending.outcome:
             return RuntimeError("the checkpoint writer thread died"), 0.0, pending
         return (*pending.outcome[0], pending)

@@ -89,6 +89,10 @@ class LocalEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self._accum if self._accum > 1 else loss).backward()
 
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the coming ``step`` updates (DeepSpeed's name and meaning)."""
+        return (self._micro_steps + 1) % self._accum == 0
+
     def step(self) -> None:
         """The optimizer at the accumulation boundary; nothing on the other micro-steps."""
         self._micro_steps += 1

@@ -65,6 +65,9 @@ class EngineModule:
         self.peak = peak
         self._skipped_before = 0  # skipped updates of the run before this process resumed it
         self._engine_skips = ds_private.skipped_steps(engine)  # DeepSpeed's count after the last step
+        self.before_update: list[Callable[[], None]] = []
+        """Called before each optimizer update, after the step's forwards and backwards (an
+        asynchronous save's fence: ``trainer/checkpoint/async_writer.py``)."""
         if engine.gradient_clipping() > 0:
             ds_private.replace_fp32_clipping(engine, self._clip_fp32_gradients)
 
@@ -104,6 +107,9 @@ class EngineModule:
             # micro-step, and only runs the optimizer at the accumulation boundary.
             self.engine.backward(loss)
             mark("backward")
+            if self.before_update and self.engine.is_gradient_accumulation_boundary():
+                for fn in self.before_update:
+                    fn()
             self.engine.step()
             mark("optimizer")
             loss_sum += loss.detach()
@@ -231,6 +237,8 @@ class PipelineModule(EngineModule):
             raise ValueError("a pipeline cannot carry state between micro-batches")
         micro = self._pipe_batches(micro_batches)
         mark("data")
+        for fn in self.before_update:  # (the pipeline's schedule runs the update inside)
+            fn()
         loss = self.engine.train_batch(data_iter=iter(micro))
         mark("step")
         self._end_step()

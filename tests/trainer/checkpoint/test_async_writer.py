@@ -46,6 +46,57 @@ def test_a_writer_that_fails_reports_its_error(tmp_path):
     assert error is not None and "missing-dir" in str(error)
 
 
+def _save_twice(tmp_path, state: dict, device_update) -> list[tuple[bytes, list[int]]]:
+    """Two asynchronous saves of ``state`` through an ``AsyncSaver``, each followed (after the
+    train module's fence) by ``device_update``, as the next step's optimizer would: (what each
+    file holds, the host buffers' addresses)."""
+    from types import SimpleNamespace
+
+    from trainer.checkpoint.async_writer import AsyncSaver
+
+    saver, out = AsyncSaver(), []
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(save=None))
+    for i in range(2):
+        then = _saved_bytes({k: v.cpu() for k, v in state.items()})
+        with saver.capture(engine) as writes:
+            engine.checkpoint_engine.save(state, str(tmp_path / f"s{i}.pt"))
+        saver.submit(writes, publish=lambda: None, ckpt_root=tmp_path, tag=f"t{i}")
+        snap = writes[0][0]
+        saver.fence()  # the next optimizer step's
+        device_update()
+        assert saver.wait()[0] is None
+        got = torch.load(tmp_path / f"s{i}.pt")
+        assert _saved_bytes(got) == then, "the file holds the values at the save"
+        out.append([v.untyped_storage().data_ptr() for v in snap.values()])
+        assert all(v.untyped_storage().is_pinned() == state["w"].is_cuda for v in snap.values())
+    return out
+
+
+def test_snapshot_buffers_are_reused_from_save_to_save(tmp_path):
+    """The second save copies into the first one's host buffers (no allocation), and what it
+    writes is still that moment's values."""
+    state = {"w": torch.randn(1000), "m": torch.randn(300)}
+    first, second = _save_twice(tmp_path, state, lambda: state["w"].mul_(-1))
+    assert first == second
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_snapshot_copies_into_reused_pinned_buffers_on_a_side_stream(tmp_path):
+    """On GPU: pinned host buffers, reused; the copies run on the saver's own stream while the
+    training stream queues the next update behind the fence (a long kernel first, so an
+    unfenced update would overtake the copy)."""
+    torch.cuda.init()
+    state = {"w": torch.randn(1 << 24, device="cuda"), "m": torch.randn(1 << 20, device="cuda")}
+
+    def update():
+        torch.cuda._sleep(50_000_000)  # about 20-50 ms of the training stream
+        state["w"].mul_(-1)
+
+    first, second = _save_twice(tmp_path, state, update)
+    assert first == second
+
+
 def _args(corpus, *extra):
     return [*TINY, f"data.source={corpus}", "train.steps=8", "train.global_batch_size=8",
             "model.dropout=0.1", "checkpoint.every=2", "checkpoint.keep_last=null", *extra]
