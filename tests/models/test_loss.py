@@ -89,3 +89,24 @@ def test_loss_chunk_config_resolution():
         assert load_config(preset, [vocab, layout]).loss_chunk_tokens() == 0
     with pytest.raises(ConfigError, match=r"train.loss_chunk=512 applies to model.family gpt without tensor"):
         load_config(preset, ["train.loss_chunk=512", "parallel.tp=2"]).resolve(2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_loss_on_the_gpu_in_bf16():
+    """bf16 head input and weight, as DeepSpeed's bf16 engine runs them: the chunks' loss and
+    gradients within bf16's rounding of the whole-logits path (fp32 logits in both)."""
+    torch.manual_seed(0)
+    n, d, vocab = 4096, 256, 50304
+    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(vocab, d, device="cuda")).bfloat16().requires_grad_()
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    whole, chunked = TokenCrossEntropy(), TokenCrossEntropy()
+    chunked.chunk_tokens = 1024
+    a = whole(F.linear(h, w), y)
+    ga = torch.autograd.grad(a, (h, w))
+    b = chunked.head_forward(h, w, y)
+    gb = torch.autograd.grad(b, (h, w))
+    assert abs(a.item() - b.item()) < 1e-3 * a.item()
+    for x, z in zip(ga, gb, strict=True):
+        assert (x.float() - z.float()).norm() < 2**-7 * x.float().norm()

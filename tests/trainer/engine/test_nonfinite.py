@@ -70,32 +70,36 @@ def test_nan_step_under_bf16_is_skipped_not_a_crash(zero, tiny_corpus, cache_dir
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def _guarded(fused: bool):
+def _guarded(fused: bool, device: str = "cpu"):
     from trainer.engine.nonfinite import NonFiniteGuard
 
-    p = torch.nn.Parameter(torch.ones(3))
+    p = torch.nn.Parameter(torch.ones(3, device=device))
     opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=fused, foreach=not fused)
     return p, opt, NonFiniteGuard(opt)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "foreach-on-host"])
-def test_guard_skips_the_whole_update_and_counts_on_the_device(fused):
+@pytest.mark.parametrize("fused, device", [
+    (True, "cpu"), (False, "cpu"),
+    pytest.param(True, "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])],
+    ids=["fused-on-device", "foreach-on-host", "fused-cuda"])
+def test_guard_skips_the_whole_update_and_counts_on_the_device(fused, device):
     """A non-finite gradient: no update at all (weight decay neither, Adam's step count not
     advanced), counted as skipped and as a run; a finite one updates and ends the run. The fused
     optimizer gets the verdict as ``found_inf`` (no host read); foreach reads it on the host."""
-    p, opt, guard = _guarded(fused)
+    p, opt, guard = _guarded(fused, device)
     reads = []
     item = torch.Tensor.item
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
         for g in (float("nan"), float("inf")):
-            p.grad = torch.full((3,), g)
+            p.grad = torch.full((3,), g, device=device)
             opt.step()
             guard.end_step(engine_skipped=False)
     assert len(reads) == (0 if fused else 2)
-    assert torch.equal(p.detach(), torch.ones(3)) and guard.skipped == 2 and guard.run() == 2
+    assert torch.equal(p.detach().cpu(), torch.ones(3)) and guard.skipped == 2 and guard.run() == 2
     assert not opt.state or float(opt.state[p]["step"]) == 0
-    p.grad = torch.ones(3)
+    p.grad = torch.ones(3, device=device)
     opt.step()
     guard.end_step(engine_skipped=False)
     assert (p.detach() < 1).all() and guard.skipped == 2 and guard.run() == 0
