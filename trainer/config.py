@@ -40,7 +40,10 @@ class DataConfig(_Section):
     source: str = "stdlib"
     """``stdlib``: the installed Python standard library's source (always present, no download);
     a file, folder or glob (``.txt``/text, ``.jsonl``, ``.parquet``); or ``hf:NAME`` for
-    ``datasets.load_dataset(NAME)`` (``hf:json`` / ``hf:parquet`` with ``hf_data_files``)."""
+    ``datasets.load_dataset(NAME)`` (``hf:json`` / ``hf:parquet`` with ``hf_data_files``).
+    Already tokenized (with ``data.tokenizer.path``, the tokenizer that made the ids): a folder
+    holding nanoGPT's ``train.bin`` (and ``val.bin``), or a Megatron-LM / GPT-NeoX indexed
+    dataset named by its prefix (``PREFIX.bin`` + ``PREFIX.idx``)."""
     text_field: str = "text"
     """Field holding the text in ``.jsonl`` / ``.parquet`` files and ``datasets`` rows."""
     hf_config: str | None = None

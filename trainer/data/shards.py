@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from trainer.config import DataConfig
+from trainer.data import pretokenized
 from trainer.data.corpus import Corpus
 from trainer.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
@@ -110,6 +111,35 @@ def encode_to_file(tok: Tokenizer, texts: Iterable[str], path: Path, dtype: np.d
     return n_tokens, n_bytes
 
 
+def _pack_token_ids(cfg: DataConfig, key: str, tmp: Path, log: Callable[[str], None]) -> None:
+    """A pre-tokenized source (``pretokenized.py``) into ``tmp``: its splits' ids in our dtype,
+    the given tokenizer beside them, ``meta.json`` last."""
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.tokenizer.path)
+    tok.save(str(tmp / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    dtype = token_dtype(vocab)
+    meta: dict = {"format": FORMAT_VERSION, "source": cfg.source, "fingerprint": key,
+                  "tokenizer_sha256": tokenizer_hash(tok), "vocab_size": vocab, "eos_id": tok.token_to_id(EOS),
+                  "dtype": dtype.name, "splits": {}, "pretokenized": pretokenized.kind(cfg.source)}
+    for split, chunks in pretokenized.splits(cfg, vocab).items():
+        n = 0
+        with open(tmp / f"{split}.bin", "wb") as out:
+            for chunk in chunks:
+                chunk.astype(dtype).tofile(out)
+                n += len(chunk)
+        meta["splits"][split] = {"bytes": n * dtype.itemsize, "tokens": n}
+    if meta["splits"]["train"]["tokens"] == 0:
+        raise DataError(f"data.source={cfg.source!r}: no token ids to train on")
+    if meta["splits"].get("val", {}).get("tokens", 0) == 0:
+        meta["splits"] = _hold_out_tail(tmp, dtype, cfg.val_fraction, meta["splits"]["train"])
+        meta["val_from_train_tail"] = True
+    meta["seconds"] = {"tokenizer": 0.0, "encode": round(time.perf_counter() - t0, 3)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    n_tokens = sum(s["tokens"] for s in meta["splits"].values())
+    log(f"read {n_tokens:,} token ids ({meta['pretokenized']}) from {cfg.source} -> {dtype.name} shards")
+
+
 def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> dict:
     tokens = np.fromfile(d / "train.bin", dtype=dtype)
     n_val = max(1, int(len(tokens) * fraction))
@@ -124,8 +154,13 @@ def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> di
 
 def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData:
     """Return the prepared dataset for ``cfg``, building it if no complete cache exists."""
-    corpus = Corpus(cfg)
-    key = corpus.fingerprint(f"v{FORMAT_VERSION}|{_tokenizer_spec(cfg)}")
+    tokens = pretokenized.kind(cfg.source)
+    if tokens and not cfg.tokenizer.path:
+        raise DataError(f"data.source={cfg.source!r} holds token ids ({tokens}): set data.tokenizer.path "
+                        "to the tokenizer.json that made them")
+    corpus = None if tokens else Corpus(cfg)
+    extra = f"v{FORMAT_VERSION}|{_tokenizer_spec(cfg)}"
+    key = pretokenized.fingerprint(cfg, extra) if tokens else corpus.fingerprint(extra)
     root = cfg.resolved_cache_dir() / "datasets"
     final = root / key[:20]
     if (final / "meta.json").is_file():
@@ -134,6 +169,10 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
     try:
+        if tokens:
+            _pack_token_ids(cfg, key, tmp, log)
+            publish(tmp, final)
+            return PreparedData(final, json.loads((final / "meta.json").read_text()))
         t0 = time.perf_counter()
         # Too few documents for a document-level split (one text file, or every document
         # hashing to validation): train on everything and hold out the tail instead, as
