@@ -18,7 +18,7 @@ head, its value head; so tensor parallelism cuts it into whole groups.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -156,9 +156,37 @@ def rope_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torc
 def rope_angles(cfg: GPTConfig, start: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) ``(T, head_dim)`` of positions ``start .. start+T-1``, computed in fp32 and
     cast to ``like``'s dtype (as transformers does)."""
-    pos = torch.arange(start, start + length, device=like.device, dtype=torch.float32)
-    angles = torch.outer(pos, rope_frequencies(cfg, like.device)).repeat(1, 2)
+    return rope_angles_at(cfg, torch.arange(start, start + length, device=like.device), like)
+
+
+def rope_angles_at(cfg: GPTConfig, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) ``(*positions.shape, head_dim)`` of the given positions (fp32, then ``like``'s dtype)."""
+    angles = positions.float()[..., None] * rope_frequencies(cfg, like.device)
+    angles = torch.cat((angles, angles), dim=-1)  # both halves of a head rotate by the same angles
     return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+
+
+class Documents(NamedTuple):
+    """Documents packed into the windows of a batch (``data.document_mask``): attention stays
+    inside each one and positions restart at each one, so a window computes what its
+    documents would one by one."""
+
+    mask: torch.Tensor
+    """``(B, 1, T, T)`` bool: key j is visible to query i when j ≤ i in the same document."""
+    positions: torch.Tensor
+    """``(B, T)``: each token's position within its document."""
+
+    @classmethod
+    def of(cls, document_ids: torch.Tensor) -> Documents:
+        """From ``(B, T)`` document numbers, non-decreasing along each row."""
+        t = document_ids.shape[1]
+        idx = torch.arange(t, device=document_ids.device)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        first = torch.where(starts, idx, 0).cummax(dim=1).values  # where each token's document began
+        same = document_ids[:, :, None] == document_ids[:, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+        return cls((same & causal)[:, None], idx - first)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -192,7 +220,8 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        docs: Documents | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         # Heads and length from the projection, not the config or ``x``: under tensor
         # parallelism each rank holds n_head / tp heads, and under sequence parallelism ``x`` is
@@ -203,14 +232,19 @@ class CausalSelfAttention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.position == "rope":
-            cos, sin = rope_angles(self.cfg, past, t, q)
+            if docs is not None:  # (B, 1, T, head_dim): every row its own positions
+                cos, sin = (a[:, None] for a in rope_angles_at(self.cfg, docs.positions, q))
+            else:
+                cos, sin = rope_angles(self.cfg, past, t, q)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)
         # A cached prefix makes the query block shorter than the keys: causal masking then needs
         # an explicit offset mask (is_causal aligns to the top-left corner).
-        if kv_cache is None or t == 1:
+        if docs is not None:
+            mask, causal = docs.mask, False
+        elif kv_cache is None or t == 1:
             mask, causal = None, kv_cache is None
         else:
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
@@ -251,8 +285,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, kv_cache=None):
-        a, new_cache = self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache=None, docs: Documents | None = None):
+        a, new_cache = self.attn(self.ln_1(x), kv_cache, docs)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, new_cache
@@ -336,10 +370,14 @@ class GPT(nn.Module):
         return float(exact), float(6 * self.num_params())
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, T, V)``; with ``labels`` the mean cross-entropy over labels != -100."""
-        h, _ = self._hidden(input_ids)
+        """Logits ``(B, T, V)``; with ``labels`` the mean cross-entropy over labels != -100.
+        ``document_ids`` ``(B, T)``: the document each token belongs to, for packed documents
+        that must not see each other (``Documents``)."""
+        docs = Documents.of(document_ids) if document_ids is not None else None
+        h, _ = self._hidden(input_ids, docs=docs)
         if labels is None:
             return self.lm_head(h)
         if getattr(self.loss_fn, "chunk_tokens", 0):  # the head inside the loss, in chunks
@@ -350,7 +388,7 @@ class GPT(nn.Module):
         h, caches = self._hidden(input_ids, kv_caches, start_pos)
         return self.lm_head(h), caches
 
-    def _hidden(self, input_ids: torch.Tensor, kv_caches=None, start_pos: int = 0):
+    def _hidden(self, input_ids: torch.Tensor, kv_caches=None, start_pos: int = 0, docs: Documents | None = None):
         """The final norm's output (the head's input) and the new KV caches."""
         t = input_ids.shape[1]
         if start_pos + t > self.cfg.max_seq_len:
@@ -359,11 +397,12 @@ class GPT(nn.Module):
             )
         x = self.wte(input_ids)
         if self.cfg.position == "learned":
-            x = x + self.wpe(torch.arange(start_pos, start_pos + t, device=input_ids.device))
+            pos = docs.positions if docs is not None else torch.arange(start_pos, start_pos + t, device=input_ids.device)
+            x = x + self.wpe(pos)
         x = self.drop(x)
         new_caches = []
         for i, block in enumerate(self.h):
-            x, cache = block(x, None if kv_caches is None else kv_caches[i])
+            x, cache = block(x, None if kv_caches is None else kv_caches[i], docs)
             new_caches.append(cache)
         return self.ln_f(x), new_caches
 

@@ -98,6 +98,12 @@ class DataConfig(_Section):
     drawn with replacement (nanoGPT's sampling: a text's context changes each time it comes
     round). Both are a pure function of the step: every layout reads the same sequences, and
     resume is exact. Evaluation always reads fixed windows."""
+    document_mask: bool = False
+    """Decoders (GPT): the documents packed into a window attend only within themselves and
+    their positions restart at each one (learned or RoPE), so a window trains as its documents
+    would one by one; a document ends with the tokenizer's end-of-text token, and the token
+    after it (the next document's first) is not predicted. Attention then runs SDPA's masked
+    kernels, not flash. Not with pipeline, context or sequence parallelism."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """How text becomes tokens."""
     cache_dir: str | None = None
@@ -491,6 +497,12 @@ class Config(_Section):
             )
         if p.pp > 1:
             self._check_pipeline()
+        if self.data.document_mask and (m.family != "gpt" or p.pp > 1 or p.cp > 1 or p.sequence_parallel):
+            raise ConfigError(
+                f"data.document_mask=true applies to model.family gpt without pipeline, context or sequence "
+                f"parallelism (here {m.family}, pp {p.pp}, cp {p.cp}, sequence_parallel "
+                f"{str(p.sequence_parallel).lower()}); set it false or change the layout"
+            )
         if self.train.loss_chunk and (m.family != "gpt" or p.tp * p.pp * p.cp > 1 or p.zero_stage == 3):
             raise ConfigError(
                 f"train.loss_chunk={self.train.loss_chunk} applies to model.family gpt without tensor, "

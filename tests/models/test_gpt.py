@@ -97,3 +97,26 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     assert all(sample_next(logits, 1.0, top_k=1, generator=g).item() == 1 for _ in range(20))
     picks = {sample_next(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(200)}
     assert picks == {1, 3}  # p(1) ≈ 0.46 < 0.6, so token 3 (≈ 0.42) completes the nucleus
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_packed_documents_compute_what_they_compute_one_by_one(position):
+    """``document_ids``: a window packing three documents (the last cut by the window) gives
+    each token the logits it has when its document runs alone, so the packed loss is the
+    documents' losses summed; without the ids, later documents see earlier ones."""
+    from models.gpt import GPT, GPTConfig
+
+    extra = {} if position == "learned" else dict(position="rope", norm="rmsnorm", n_kv_head=1)
+    cfg = GPTConfig(n_layer=2, n_head=2, d_model=32, max_seq_len=24, vocab_size=50, **extra)
+    model = GPT(cfg, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 50, (n,), generator=g) for n in (7, 9, 12)]
+    window = torch.cat(docs)[:24]  # the third document cut after 8 tokens
+    ids = torch.cat([torch.full((n,), i) for i, n in enumerate((7, 9, 8))])
+    with torch.no_grad():
+        packed = model(window[None], document_ids=ids[None])[0]
+        alone = torch.cat([model(d[None, : min(len(d), 24 - s)])[0]
+                           for d, s in zip(docs, (0, 7, 16), strict=True)])
+        mixed = model(window[None])[0]
+    assert (packed - alone).abs().max() < 1e-5
+    assert (mixed[7:] - alone[7:]).abs().max() > 1e-2  # unmasked, the second document sees the first

@@ -363,3 +363,20 @@ def test_the_schedule_holds_no_table_of_windows():
     assert peak < 64 * 1024, peak
     flat = np.concatenate(got)
     assert len(np.unique(flat)) == len(flat) and flat.max() < 500_000_000
+
+
+def test_document_mask_batches_name_each_tokens_document_and_predict_no_first_token(tmp_path):
+    """data.document_mask: an end-of-text token belongs to the document it ends; the token
+    after it starts the next document and is not a target."""
+    from trainer.data.sampler import LMBatches
+
+    eos = 0
+    stream = np.array([5, 6, eos, 7, 8, 9, eos, 4, 3, 2, 1], dtype=np.uint16)
+    stream.tofile(tmp_path / "t.bin")
+    data = WindowDataset(tmp_path / "t.bin", np.uint16, seq_len=10)
+    b = next(LMBatches(data, 1, 1, 1, seed=0, document_eos=eos).eval_batches(0, 1, 1))
+    assert b["input_ids"][0].tolist() == [5, 6, 0, 7, 8, 9, 0, 4, 3, 2]
+    assert b["document_ids"][0].tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert b["labels"][0].tolist() == [6, 0, -100, 8, 9, 0, -100, 3, 2, 1]
+    plain = next(LMBatches(data, 1, 1, 1, seed=0).eval_batches(0, 1, 1))
+    assert "document_ids" not in plain and plain["labels"][0].tolist()[2] == 7

@@ -87,8 +87,9 @@ def _lm_data(cfg: Config, dims: ParallelDims) -> Data:
     if cfg.data.tbptt:
         b = StreamBatches(train, val, t.micro_batch_size, t.grad_accum, dims.dp)
         return Data(cfg, b, b, files)
-    return Data(cfg, LMBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed, cfg.data.sampling),
-                LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed), files)
+    eos = prep.meta["eos_id"] if cfg.data.document_mask else None
+    return Data(cfg, LMBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed, cfg.data.sampling, eos),
+                LMBatches(val, t.micro_batch_size, 1, dims.dp, t.seed, document_eos=eos), files)
 
 
 def _pair_data(cfg: Config, dims: ParallelDims) -> Data:

@@ -139,15 +139,29 @@ class LMBatches:
     starts (``RandomStarts``) for training, a fixed unshuffled slice for evaluation."""
 
     def __init__(self, data: WindowDataset, micro: int, accum: int, dp: int, seed: int,
-                 sampling: str = "windows") -> None:
+                 sampling: str = "windows", document_eos: int | None = None) -> None:
         self.data, self.micro = data, micro
+        self.document_eos = document_eos
+        """``data.document_mask``: the end-of-text id that closes each packed document."""
         self.random = sampling == "random"
         self.schedule = (RandomStarts(len(data.tokens), data.seq_len, micro, accum, dp, seed) if self.random
                          else BatchSchedule(len(data), micro, accum, dp, seed))
 
     def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         picked = self.schedule.micro_batch(step, micro, rank)
-        return self.data.batch_at(picked) if self.random else self.data.batch(picked)
+        return self._documents(self.data.batch_at(picked) if self.random else self.data.batch(picked))
+
+    def _documents(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``document_eos``: which document each input token belongs to (an end-of-text
+        token to the document it ends), and no target across a document boundary: what an
+        end-of-text token is followed by, the next document's first token, is not predicted
+        (nor is it when documents are run one by one)."""
+        if self.document_eos is None:
+            return batch
+        ends = batch["input_ids"] == self.document_eos
+        batch["document_ids"] = torch.cumsum(ends, dim=1) - ends.long()
+        batch["labels"] = batch["labels"].masked_fill(ends, -100)
+        return batch
 
     @property
     def eval_capacity(self) -> int:
@@ -157,7 +171,7 @@ class LMBatches:
     def eval_batches(self, rank: int, dp: int, n: int):
         for b in range(n):
             first = (b * dp + rank) * self.micro
-            yield self.data.batch(np.arange(first, first + self.micro) % len(self.data))
+            yield self._documents(self.data.batch(np.arange(first, first + self.micro) % len(self.data)))
 
     def epoch_of(self, step: int) -> float:
         return self.schedule.epoch_of(step)

@@ -182,6 +182,20 @@ def test_bf16_layout_matches_single_process(layout, bf16_reference, cache_dir, t
     print(f"max loss difference {worst:.2e}")  # for the record (pytest -s)
 
 
+@pytest.mark.parametrize("layout", ["dp2-zero1", "tp2"])
+def test_document_masking_matches_single_process(layout, reference, cache_dir, tmp_path):
+    """data.document_mask: the per-window masks and restarting positions give every layout the
+    single process's losses (under tp each rank's heads take the same mask)."""
+    args = [*GPT_ARGS, f"data.source={reference[0]}", "data.document_mask=true", "model.position=rope"]
+    one, one_evals = _train(GPT, args, tmp_path / "one", cache_dir)
+    nproc, extra = LAYOUTS[layout]
+    rows, evals = _train(GPT, [*args, *extra], tmp_path / layout, cache_dir, nproc)
+    assert_same_run(one, rows, one_evals, evals)
+    plain, _ = _train(GPT, [*GPT_ARGS, f"data.source={reference[0]}", "model.position=rope"], tmp_path / "plain", cache_dir)
+    # The masks change what is computed (in the steps whose windows hold a document boundary).
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(plain, one, strict=True)) > 1e-3
+
+
 def _assert_analytic_traffic(row: dict, run_dir) -> None:
     """Rank 0's counted collectives of the tensor, sequence and context-parallel regions (our
     own) equal ``trainer/accounting/comm_volume.py``'s formulas, to DeepSpeed's few scalars (a gradient
