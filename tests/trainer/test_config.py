@@ -203,3 +203,12 @@ def test_7b_preset_counts_its_closed_form():
     L, d, V, P = 32, 4096, 50304, 2048
     assert reference_model(cfg).num_params() == L * (12 * d * d + 13 * d) + (V + P) * d + 2 * d == 6_658_596_864
     assert cfg.parallel.zero_stage == 3 and cfg.train.activation_checkpointing
+
+
+def test_document_mask_is_refused_where_no_layout_can_carry_it(capsys):
+    err = cli_error(capsys, "train", PRESET, "--set", "data.document_mask=true", "--set", "parallel.cp=2",
+                    "--set", "model.n_head=4")
+    assert "data.document_mask=true applies to model.family gpt without pipeline, context or sequence" in err
+    assert "cp 2" in err
+    err = cli_error(capsys, "train", str(REPO / "configs/rnn/lstm-lm-debug.yaml"), "--set", "data.document_mask=true")
+    assert "(here rnn_lm," in err
