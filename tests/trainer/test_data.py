@@ -130,12 +130,13 @@ def test_window_dataset_labels_are_inputs_shifted(tmp_path):
     assert b["labels"][1].tolist() == list(range(81, 91))
 
 
+@pytest.mark.parametrize("table_max", [1 << 24, 0], ids=["table", "bijection"])
 @pytest.mark.parametrize("accum", [1, 3])
-def test_every_window_seen_once_per_epoch_for_any_dp(accum):
+def test_every_window_seen_once_per_epoch_for_any_dp(accum, table_max):
     n, micro = 96, 2
     union = {}
     for dp in (1, 2, 4):
-        s = BatchSchedule(n, micro, accum, dp, seed=7)
+        s = BatchSchedule(n, micro, accum, dp, seed=7, table_max=table_max)
         steps = n // s.global_batch
         seen = [
             (step, w)
@@ -150,12 +151,13 @@ def test_every_window_seen_once_per_epoch_for_any_dp(accum):
     assert union[1] == union[2] == union[4]
 
 
-def test_same_global_batch_means_same_step_contents_in_every_layout():
+@pytest.mark.parametrize("table_max", [1 << 24, 0], ids=["table", "bijection"])
+def test_same_global_batch_means_same_step_contents_in_every_layout(table_max):
     n, seed = 120, 3
     layouts = [(8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2), (1, 2, 4)]  # micro, accum, dp: G = 8
     contents = []
     for micro, accum, dp in layouts:
-        s = BatchSchedule(n, micro, accum, dp, seed)
+        s = BatchSchedule(n, micro, accum, dp, seed, table_max=table_max)
         contents.append([
             sorted(w for m in range(accum) for r in range(dp) for w in s.micro_batch(step, m, r).tolist())
             for step in range(40)  # crosses epoch boundaries (15 steps per epoch)
@@ -164,12 +166,13 @@ def test_same_global_batch_means_same_step_contents_in_every_layout():
     assert contents[0][0] != sorted(range(8))  # shuffled
 
 
-def test_epochs_are_reshuffled_and_resume_is_a_pure_function_of_step():
-    s = BatchSchedule(10, 5, 1, 1, seed=0)
+@pytest.mark.parametrize("table_max", [1 << 24, 0], ids=["table", "bijection"])
+def test_epochs_are_reshuffled_and_resume_is_a_pure_function_of_step(table_max):
+    s = BatchSchedule(10, 5, 1, 1, seed=0, table_max=table_max)
     e0 = np.concatenate([s.micro_batch(0, 0, 0), s.micro_batch(1, 0, 0)])
     e1 = np.concatenate([s.micro_batch(2, 0, 0), s.micro_batch(3, 0, 0)])
     assert sorted(e0) == sorted(e1) == list(range(10)) and not np.array_equal(e0, e1)
-    fresh = BatchSchedule(10, 5, 1, 1, seed=0)  # a resumed process: no history
+    fresh = BatchSchedule(10, 5, 1, 1, seed=0, table_max=table_max)  # a resumed process: no history
     assert np.array_equal(fresh.micro_batch(3, 0, 0), s.micro_batch(3, 0, 0))
 
 

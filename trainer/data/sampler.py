@@ -1,8 +1,9 @@
 """Fixed-length windows over a packed token stream, and the deterministic batch schedule.
 
 The schedule is a pure function of (seed, samples consumed): a global sample index g lives in
-epoch ``g // n_windows`` and maps through that epoch's seeded permutation, a bijection computed
-per index (``IndexPermutation``), never a table of every window. Optimizer step s
+epoch ``g // n_windows`` and maps through that epoch's seeded permutation: a table of every
+window up to ``TABLE_MAX`` windows (128 MiB of int64), beyond it a bijection computed per index
+(``IndexPermutation``) that holds no table. Optimizer step s
 consumes global samples ``[s * G, (s + 1) * G)`` (G = global batch); micro-step m of data-parallel
 rank r reads the slice ``(m * dp + r) * micro`` of it. Every layout with the same G therefore
 trains on the same sequences per step, and resume needs only the step number.
@@ -79,18 +80,36 @@ class IndexPermutation:
         return x.astype(np.int64)
 
 
+TABLE_MAX = 1 << 24
+"""Windows up to which an epoch's order is a ``torch.randperm`` table (at most 128 MiB per rank;
+the order every run of such a corpus has always had, so their checkpoints resume as before);
+past it, ``IndexPermutation``."""
+
+
 class BatchSchedule:
     """Which windows each (step, micro-step, dp rank) reads; shuffled per epoch, resumable."""
 
     def __init__(
-        self, n_windows: int, micro_batch: int, grad_accum: int, dp: int, seed: int, shuffle: bool = True
+        self, n_windows: int, micro_batch: int, grad_accum: int, dp: int, seed: int, shuffle: bool = True,
+        table_max: int = TABLE_MAX,
     ) -> None:
         if n_windows < 1:
             raise ValueError("no windows")
         self.n = n_windows
         self.micro, self.accum, self.dp = micro_batch, grad_accum, dp
         self.global_batch = micro_batch * grad_accum * dp
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.table_max = seed, shuffle, table_max
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    def _order(self, epoch: int):
+        """Epoch ``epoch``'s map from position to window: a table, or past ``table_max`` windows
+        the bijection."""
+        if self.n > self.table_max:
+            return IndexPermutation(self.n, [self.seed, epoch])
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm.__getitem__
 
     def windows(self, first_sample: int, count: int) -> np.ndarray:
         """Window indices of global samples ``first_sample ... first_sample + count - 1``."""
@@ -100,7 +119,7 @@ class BatchSchedule:
         out = np.empty(count, dtype=np.int64)
         for epoch in np.unique(g // self.n):
             sel = g // self.n == epoch
-            out[sel] = IndexPermutation(self.n, [self.seed, int(epoch)])(g[sel] % self.n)
+            out[sel] = self._order(int(epoch))(g[sel] % self.n)
         return out
 
     def micro_batch(self, step: int, micro: int, rank: int) -> np.ndarray:
