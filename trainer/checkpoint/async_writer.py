@@ -7,9 +7,10 @@ once into host memory, sharing between tensors kept, so the file later written i
 ``torch.save`` would have written at that moment. The host buffers are kept from save to save
 (``HostBuffers``: the same storages come round every time), so only the first save allocates;
 on GPU they are pinned, and the device-to-host copies run on a side stream of their own that
-first waits for the training stream (the values of the finished step). Training goes on at
-once: its forward and backward only read what is being copied, and the train module fences
-its next update behind the copies (``AsyncSaver.fence``, before the optimizer step). Training then goes on while one background thread per
+first waits for the training stream (the values of the finished step); the next step's
+forward and backward only read what is being copied, and the train module fences its update
+behind the copies (``AsyncSaver.fence``, before the optimizer step). Training goes on at once
+while one background thread per
 process serialises the snapshot into the staging directory (``torch.save`` releases the GIL
 while it writes; measured: no pause of the training thread above 10 ms). A writer *process*
 was tried: forked, its copy-on-write faults cost the next step more than the snapshot's copy. When every rank has written its
@@ -76,12 +77,11 @@ class _Copier:
     on ``stream`` (None: the current stream)."""
 
     def __init__(self, buffers: HostBuffers | None = None, stream=None) -> None:
-        self.buffers, self.stream, self.memo = buffers, stream, {}
+        self.buffers, self.stream, self.memo = buffers or HostBuffers(), stream, {}
 
     def host(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        n, on_device = storage.nbytes(), storage.device.type != "cpu"
-        host = (self.buffers.take(n, pinned=on_device) if self.buffers is not None
-                else torch.empty(n, dtype=torch.uint8, pin_memory=on_device).untyped_storage())
+        on_device = storage.device.type != "cpu"
+        host = self.buffers.take(storage.nbytes(), pinned=on_device)
         if not on_device:
             host.copy_(storage)
             return host

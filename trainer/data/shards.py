@@ -119,9 +119,7 @@ def _pack_token_ids(cfg: DataConfig, key: str, tmp: Path, log: Callable[[str], N
     tok.save(str(tmp / "tokenizer.json"))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    meta: dict = {"format": FORMAT_VERSION, "source": cfg.source, "fingerprint": key,
-                  "tokenizer_sha256": tokenizer_hash(tok), "vocab_size": vocab, "eos_id": tok.token_to_id(EOS),
-                  "dtype": dtype.name, "splits": {}, "pretokenized": pretokenized.kind(cfg.source)}
+    meta = {**_meta(cfg, key, tok, dtype), "pretokenized": pretokenized.kind(cfg.source)}
     for split, chunks in pretokenized.splits(cfg, vocab).items():
         n = 0
         with open(tmp / f"{split}.bin", "wb") as out:
@@ -129,15 +127,27 @@ def _pack_token_ids(cfg: DataConfig, key: str, tmp: Path, log: Callable[[str], N
                 chunk.astype(dtype).tofile(out)
                 n += len(chunk)
         meta["splits"][split] = {"bytes": n * dtype.itemsize, "tokens": n}
-    if meta["splits"]["train"]["tokens"] == 0:
-        raise DataError(f"data.source={cfg.source!r}: no token ids to train on")
-    if meta["splits"].get("val", {}).get("tokens", 0) == 0:
-        meta["splits"] = _hold_out_tail(tmp, dtype, cfg.val_fraction, meta["splits"]["train"])
-        meta["val_from_train_tail"] = True
+    _complete_splits(cfg, meta, tmp, dtype, "token ids")
     meta["seconds"] = {"tokenizer": 0.0, "encode": round(time.perf_counter() - t0, 3)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     n_tokens = sum(s["tokens"] for s in meta["splits"].values())
     log(f"read {n_tokens:,} token ids ({meta['pretokenized']}) from {cfg.source} -> {dtype.name} shards")
+
+
+def _meta(cfg: DataConfig, key: str, tok: Tokenizer, dtype: np.dtype) -> dict:
+    """``meta.json``'s fields before the splits are written."""
+    return {"format": FORMAT_VERSION, "source": cfg.source, "fingerprint": key,
+            "tokenizer_sha256": tokenizer_hash(tok), "vocab_size": tok.get_vocab_size(),
+            "eos_id": tok.token_to_id(EOS), "dtype": dtype.name, "splits": {}}
+
+
+def _complete_splits(cfg: DataConfig, meta: dict, d: Path, dtype: np.dtype, what: str) -> None:
+    """Refuse an empty training split; without a validation split, hold out the tail."""
+    if meta["splits"]["train"]["tokens"] == 0:
+        raise DataError(f"data.source={cfg.source!r}: no {what} to train on")
+    if meta["splits"].get("val", {}).get("tokens", 0) == 0:
+        meta["splits"] = _hold_out_tail(d, dtype, cfg.val_fraction, meta["splits"]["train"])
+        meta["val_from_train_tail"] = True
 
 
 def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> dict:
@@ -187,26 +197,13 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
         t_tok = time.perf_counter() - t0
         tok.save(str(tmp / "tokenizer.json"))
         dtype = token_dtype(tok.get_vocab_size())
-        meta: dict = {
-            "format": FORMAT_VERSION,
-            "source": cfg.source,
-            "fingerprint": key,
-            "tokenizer_sha256": tokenizer_hash(tok),
-            "vocab_size": tok.get_vocab_size(),
-            "eos_id": tok.token_to_id(EOS),
-            "dtype": dtype.name,
-            "splits": {},
-        }
+        meta = _meta(cfg, key, tok, dtype)
         t1 = time.perf_counter()
         for split in splits:
             name = "train" if split == "all" else split
             n_tokens, n_bytes = encode_to_file(tok, corpus.texts(split), tmp / f"{name}.bin", dtype)
             meta["splits"][name] = {"bytes": n_bytes, "tokens": n_tokens}
-        if meta["splits"]["train"]["tokens"] == 0:
-            raise DataError(f"data.source={cfg.source!r}: no text to train on")
-        if meta["splits"].get("val", {}).get("tokens", 0) == 0:
-            meta["splits"] = _hold_out_tail(tmp, dtype, cfg.val_fraction, meta["splits"]["train"])
-            meta["val_from_train_tail"] = True
+        _complete_splits(cfg, meta, tmp, dtype, "text")
         t_enc = time.perf_counter() - t1
         total_bytes = sum(s["bytes"] for s in meta["splits"].values())
         meta["seconds"] = {"tokenizer": round(t_tok, 3), "encode": round(t_enc, 3)}
