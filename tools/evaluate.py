@@ -25,6 +25,7 @@ from trainer.callbacks.checkpointing import FINISHED
 from trainer.callbacks.tracking import open_run
 from trainer.config import Config, TrackingConfig, load_config
 from trainer.data import prepare
+from trainer.data.mixture import prepare_mixture
 from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
@@ -81,21 +82,44 @@ def lm_metrics(model: torch.nn.Module, tok, ids: np.ndarray, seq_len: int, batch
             "bits_per_char": nll / LN2 / n_chars, "token_accuracy": correct / count, "tokens": count}
 
 
-def _lm_tokens(run_dir: Path, cfg: Config, tok, text_file: str | None, data: str | None) -> np.ndarray:
-    """Token ids to evaluate: a text file, or the validation split of ``--data`` (a config) or
-    of the run's own data, always tokenized with the run's tokenizer."""
+def _lm_tokens(run_dir: Path, cfg: Config, tok, text_file: str | None, data: str | None
+               ) -> dict[str | None, tuple[float, np.ndarray]]:
+    """Token ids to evaluate, by source (``None``: the one source) with their weight: a text
+    file, or the validation split of ``--data`` (a config) or of the run's own data (each
+    source of a mixture), always tokenized with the run's tokenizer."""
     if text_file:
         p = Path(text_file)
         if not p.is_file():
             raise DataError(f"--text-file {text_file}: no such file")
-        return np.array(tok.encode(p.read_text(encoding="utf-8", errors="replace"),
-                                   add_special_tokens=False).ids, dtype=np.int64)
+        return {None: (1.0, np.array(tok.encode(p.read_text(encoding="utf-8", errors="replace"),
+                                                add_special_tokens=False).ids, dtype=np.int64))}
 
     data_cfg = (load_config(data).data if data else cfg.data).model_copy(deep=True)
     # Never a tokenizer trained anew here: the model only knows the run's own.
     data_cfg.tokenizer.path = str(run_dir / "tokenizer.json")
-    prep = prepare(data_cfg, log=lambda _: None)
+    if data_cfg.mixture is not None:
+        return {m.label: (m.weight, _val_ids(prep)) for m, prep in prepare_mixture(data_cfg, log=lambda _: None)}
+    return {None: (1.0, _val_ids(prepare(data_cfg, log=lambda _: None)))}
+
+
+def _val_ids(prep) -> np.ndarray:
     return np.fromfile(prep.split_path("val"), dtype=prep.dtype).astype(np.int64)
+
+
+def _lm_source_metrics(model, tok, sets: dict[str | None, tuple[float, np.ndarray]], seq_len: int,
+                       max_tokens: int | None) -> dict[str, Any]:
+    """``lm_metrics`` of the one source; of a mixture, the mixture's (losses and bits weighted
+    by the mixture's weights) and each source's loss and bits per byte (``loss/NAME``)."""
+    if list(sets) == [None]:
+        return lm_metrics(model, tok, sets[None][1], seq_len, max_tokens=max_tokens)
+    per = {name: lm_metrics(model, tok, ids, seq_len, max_tokens=max_tokens) for name, (_, ids) in sets.items()}
+    total = sum(w for w, _ in sets.values())
+    mean = lambda key: sum(w * per[n][key] for n, (w, _) in sets.items()) / total  # noqa: E731
+    loss = mean("loss")
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": mean("bits_per_byte"),
+            "bits_per_char": mean("bits_per_char"), "token_accuracy": mean("token_accuracy"),
+            "tokens": sum(r["tokens"] for r in per.values()),
+            **{f"{key}/{n}": r[key] for n, r in per.items() for key in ("loss", "bits_per_byte")}}
 
 
 def _pairs(cfg: Config, data: str | None, split: str, limit: int) -> list[tuple[str, str]]:
@@ -130,8 +154,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
         return {**out, **_translation_metrics(model, src_tok, tgt_tok, cfg, _pairs(cfg, data, split, limit),
                                               beam, samples)}
-    ids = _lm_tokens(ckpt.parent.parent, cfg, src_tok, text_file, data)
-    out.update(lm_metrics(model, src_tok, ids, cfg.data.seq_len, max_tokens=max_tokens))
+    sets = _lm_tokens(ckpt.parent.parent, cfg, src_tok, text_file, data)
+    out.update(_lm_source_metrics(model, src_tok, sets, cfg.data.seq_len, max_tokens))
     eos = src_tok.token_to_id(EOS)
     g = torch.Generator().manual_seed(0)
     gen = model.generate(torch.tensor([[eos]] * samples), 64, 0.8, 50, None, (eos,), g)

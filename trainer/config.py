@@ -34,6 +34,34 @@ class TokenizerConfig(_Section):
     and 2 special tokens)."""
     path: str | None = None
     """An existing ``tokenizer.json`` (or a folder holding one) instead of training one."""
+    train_bytes: int = Field(1_000_000_000, ge=1)
+    """Text a trained tokenizer learns from: the training documents in the corpus's order up
+    to this many bytes (a mixture: each source's share by its weight). A bounded,
+    deterministic sample, so preparing a corpus far larger than memory never holds it whole."""
+
+
+class MixtureSource(_Section):
+    source: str
+    """Any ``data.source``: ``stdlib``, a file, folder or glob, ``hf:NAME``, or pre-tokenized
+    ids. Each source is prepared and cached on its own."""
+    weight: float = Field(ge=0.0)
+    """Share of every global batch drawn from this source (weights are normalised)."""
+    name: str | None = None
+    """Label in metrics (``tokens/NAME``, ``val_loss/NAME``); default the source string."""
+    text_field: str | None = None
+    """This source's text field (default ``data.text_field``)."""
+    hf_config: str | None = None
+    """This source's ``datasets`` configuration (default ``data.hf_config``)."""
+    hf_data_files: str | list[str] | None = None
+    """This source's ``data_files`` (default ``data.hf_data_files``)."""
+    max_bytes: int | None = Field(None, ge=1)
+    """Use at most this many bytes of this source (default ``data.max_bytes``)."""
+    tokenizer: str | None = None
+    """Pre-tokenized sources: the tokenizer that made their ids; it must be the mixture's."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.source
 
 
 class DataConfig(_Section):
@@ -104,6 +132,16 @@ class DataConfig(_Section):
     would one by one; a document ends with the tokenizer's end-of-text token, and the token
     after it (the next document's first) is not predicted. Attention then runs SDPA's masked
     kernels, not flash. Not with pipeline, context or sequence parallelism."""
+    mixture: list[MixtureSource] | None = None
+    """Language models: train on several sources in proportion to their weights (replaces
+    ``source``), as Megatron's ``--data-path w1 p1 w2 p2``. Every global batch draws from each
+    source its weight's share, exactly up to the rounding of one batch; a source that runs out
+    starts a new epoch in a new order. One tokenizer for all (``data.tokenizer``; trained on a
+    sample of every source by weight). Validation loss is reported per source and as the
+    weighted mean (``val_loss``)."""
+    allow_mixture_change: bool = False
+    """On resume, accept mixture weights (or sources) different from the checkpoint's: the new
+    ones apply from the resumed step on. Otherwise such a resume is refused."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """How text becomes tokens."""
     cache_dir: str | None = None
@@ -117,7 +155,19 @@ class DataConfig(_Section):
                 f"data.tokenizer.vocab_size={self.tokenizer.vocab_size} is below 258, the byte-level "
                 "BPE alphabet (256 bytes + 2 special tokens)"
             )
+        if self.mixture is not None:
+            self._check_mixture()
         return self
+
+    def _check_mixture(self) -> None:
+        labels = [m.label for m in self.mixture]
+        if not labels:
+            raise ValueError("data.mixture is empty: give at least one {source, weight}")
+        if len(set(labels)) != len(labels):
+            dup = next(x for x in labels if labels.count(x) > 1)
+            raise ValueError(f"data.mixture names {dup!r} twice: give each source a distinct name")
+        if sum(m.weight for m in self.mixture) <= 0:
+            raise ValueError("data.mixture weights are all zero: at least one must be positive")
 
     def resolved_cache_dir(self) -> Path:
         d = self.cache_dir or os.environ.get("SEQTRAIN_CACHE") or "~/.cache/seqtrain"
@@ -385,6 +435,10 @@ class Config(_Section):
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={max_len}")
         if self.data.tbptt and not spec.carries_state:
             raise ValueError(f"data.tbptt is for model.family={_one_of('carries_state')}, not {fam}")
+        if self.data.mixture is not None and (spec.pairs or self.data.tbptt or self.data.sampling == "random"):
+            raise ValueError("data.mixture is for language models with data.sampling=windows and without "
+                             f"data.tbptt (here model.family={fam}, sampling {self.data.sampling}, tbptt "
+                             f"{str(self.data.tbptt).lower()})")
         if self.data.sampling == "random" and (spec.pairs or self.data.tbptt):
             raise ValueError("data.sampling=random is for language models without data.tbptt (streams "
                              "and sentence pairs are read in order); use data.sampling=windows")

@@ -86,9 +86,11 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """What the engine does not save itself: position in the data and RNG states, and the
         module's counters (the same on every rank)."""
+        schedule = getattr(self.data.train, "schedule_state", None)  # a mixture's segments
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            **({"data_schedule": schedule()} if schedule else {}),
             **self.module.state_dict(),
             "rng": {
                 "python": random.getstate(),
@@ -101,6 +103,9 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.module.load_state_dict(state)
+        schedule = getattr(self.data.train, "load_schedule_state", None)
+        if schedule:
+            schedule(state.get("data_schedule"), self.step, self.cfg.data.allow_mixture_change)
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -150,25 +155,35 @@ class Trainer:
         across dp ranks (the same slice for every layout), plus the data's extra evaluations
         (decoding metrics of sequence-to-sequence models)."""
         self.module.eval()
-        n, dp, rank = self._eval_count(), self.dims.dp, self.dims.dp_rank
-        # Rank r takes global batches r, r + dp, ...; every rank runs the same count, a surplus
-        # one weighted zero.
-        rounds = -(-n // dp)
-        batches = list(self.data.val.eval_batches(rank, dp, rounds))
-        counted = sum(b * dp + rank < n for b in range(rounds))
-        total = self.module.eval_loss_sum(batches, counted, getattr(self.data.val, "after_eval_forward", None))
-        # Collective + host sync.
-        metrics = {"val_loss": float(self.dims.dp_mean(total)) * dp / n}
+        parts = getattr(self.data.val, "parts", None)  # a mixture: (name, weight, batches) per source
+        if parts is None:
+            metrics = {"val_loss": self._eval_loss(self.data.val)}
+        else:
+            losses = {f"val_loss/{name}": self._eval_loss(val) for name, _, val in parts}
+            total = sum(w for _, w, _ in parts)
+            mixed = sum(w * losses[f"val_loss/{name}"] for name, w, _ in parts) / total
+            metrics = {"val_loss": mixed, **losses}
         for fn in self.evaluators:
             metrics.update(fn(self))
         self.module.train()
         return metrics
 
-    def _eval_count(self) -> int:
+    def _eval_loss(self, val) -> float:
+        """Mean loss over ``val``'s evaluation slice."""
+        n, dp, rank = self._eval_count(val), self.dims.dp, self.dims.dp_rank
+        # Rank r takes global batches r, r + dp, ...; every rank runs the same count, a surplus
+        # one weighted zero.
+        rounds = -(-n // dp)
+        batches = list(val.eval_batches(rank, dp, rounds))
+        counted = sum(b * dp + rank < n for b in range(rounds))
+        total = self.module.eval_loss_sum(batches, counted, getattr(val, "after_eval_forward", None))
+        return float(self.dims.dp_mean(total)) * dp / n  # collective + host sync
+
+    def _eval_count(self, val) -> int:
         """``eval.batches``, or fewer where the validation split holds fewer (a multiple of dp):
         each window counts once, not the split's head twice."""
         n, dp = self.cfg.eval.batches, self.dims.dp
-        cap = getattr(self.data.val, "eval_capacity", None)
+        cap = getattr(val, "eval_capacity", None)
         if cap is None or n <= cap or cap < dp:
             return n
         if not self._said_eval_cap and self.is_rank0:
@@ -224,6 +239,7 @@ class Trainer:
             "mfu": self.module.mfu(tok_s / self.dims.world_size),
             "tokens": self.tokens_seen,
             "epoch": self.data.train.epoch_of(self.step),
+            **(self.data.train.metrics(self.step) if hasattr(self.data.train, "metrics") else {}),
             **self.module.step_metrics(),
             **traffic,  # this rank's collectives per step (trainer/accounting/comm.py)
         }

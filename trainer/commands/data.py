@@ -19,8 +19,11 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.data import prepare
+    from trainer.data.mixture import prepare_mixture
 
     cfg = load_config(args.config, args.overrides)
-    prep = prepare(cfg.data)
-    print(f"{prep.dir}: " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in prep.meta["splits"].items()))
+    prepared = prepare_mixture(cfg.data) if cfg.data.mixture else [(None, prepare(cfg.data))]
+    for m, prep in prepared:
+        splits = ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in prep.meta["splits"].items())
+        print(f"{f'{m.label} (weight {m.weight:g}): ' if m else ''}{prep.dir}: {splits}")
     return 0

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from trainer import distributed
 from trainer.config import Config
+from trainer.data.mixture import MixtureBatches, MixtureEval, prepare_mixture
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
 from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
 from trainer.data.shards import prepare
@@ -76,6 +77,8 @@ def _check_length(cfg: Config, split: str, ds: WindowDataset, rows: int) -> None
 
 
 def _lm_data(cfg: Config, dims: ParallelDims) -> Data:
+    if cfg.data.mixture is not None:
+        return _mixture_data(cfg, dims)
     prep = _on_local_rank0_first(lambda log: prepare(cfg.data, log=log))
     cfg = cfg.with_vocab({"src": prep.vocab_size}, prep.dir)
     seq, t = cfg.data.seq_len, cfg.train
@@ -106,3 +109,23 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     train_b = PairBatches(train_split, buckets, t.grad_accum, dims.dp, pad, eos, eos, t.seed)
     val_b = PairBatches(val_split, val_buckets, 1, dims.dp, pad, eos, eos, t.seed, shuffle=False)
     return Data(cfg, train_b, val_b, prep.tokenizer_files(), Decodable(prep.tokenizer("tgt"), val_split, eos))
+
+
+def _mixture_data(cfg: Config, dims: ParallelDims) -> Data:
+    """``data.mixture``: each source prepared on its own with one tokenizer, drawn by weight."""
+    prepared = _on_local_rank0_first(lambda log: prepare_mixture(cfg.data, log=log))
+    first = prepared[0][1]
+    cfg = cfg.with_vocab({"src": first.vocab_size}, first.dir)
+    seq, t = cfg.data.seq_len, cfg.train
+    eos = first.meta["eos_id"] if cfg.data.document_mask else None
+    train, val = {}, []
+    for m, prep in prepared:
+        where = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": m.source})})
+        train_ds = WindowDataset(prep.split_path("train"), prep.dtype, seq)
+        val_ds = WindowDataset(prep.split_path("val"), prep.dtype, seq)
+        _check_length(where, "train", train_ds, 1)
+        _check_length(where, "val", val_ds, t.micro_batch_size * dims.dp)
+        train[m.label] = (m.weight, train_ds)
+        val.append((m.label, m.weight, LMBatches(val_ds, t.micro_batch_size, 1, dims.dp, t.seed, document_eos=eos)))
+    batches = MixtureBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed, eos, say=_say)
+    return Data(cfg, batches, MixtureEval(val), [first.dir / "tokenizer.json"])

@@ -153,6 +153,19 @@ class RandomStarts:
         return step * self.global_batch * self.seq_len / self.n_tokens
 
 
+def mark_documents(batch: dict[str, torch.Tensor], eos: int | None) -> dict[str, torch.Tensor]:
+    """With ``eos`` (``data.document_mask``): which document each input token belongs to (an
+    end-of-text token to the document it ends), and no target across a document boundary: what
+    an end-of-text token is followed by, the next document's first token, is not predicted (nor
+    is it when documents are run one by one)."""
+    if eos is None:
+        return batch
+    ends = batch["input_ids"] == eos
+    batch["document_ids"] = torch.cumsum(ends, dim=1) - ends.long()
+    batch["labels"] = batch["labels"].masked_fill(ends, -100)
+    return batch
+
+
 class LMBatches:
     """Language-model micro-batches: shuffled windows (``BatchSchedule``) or windows at random
     starts (``RandomStarts``) for training, a fixed unshuffled slice for evaluation."""
@@ -171,16 +184,7 @@ class LMBatches:
         return self._documents(self.data.batch_at(picked) if self.random else self.data.batch(picked))
 
     def _documents(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """With ``document_eos``: which document each input token belongs to (an end-of-text
-        token to the document it ends), and no target across a document boundary: what an
-        end-of-text token is followed by, the next document's first token, is not predicted
-        (nor is it when documents are run one by one)."""
-        if self.document_eos is None:
-            return batch
-        ends = batch["input_ids"] == self.document_eos
-        batch["document_ids"] = torch.cumsum(ends, dim=1) - ends.long()
-        batch["labels"] = batch["labels"].masked_fill(ends, -100)
-        return batch
+        return mark_documents(batch, self.document_eos)
 
     @property
     def eval_capacity(self) -> int:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from trainer.config import DataConfig
 from trainer.data import pretokenized
 from trainer.data.corpus import Corpus
-from trainer.data.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+from trainer.data.tokenizer import EOS, load_tokenizer, sample, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
 
 FORMAT_VERSION = 2
@@ -73,7 +73,7 @@ def _tokenizer_spec(cfg: DataConfig) -> str:
     tok = cfg.tokenizer
     if tok.path:
         return f"file:{tokenizer_hash(load_tokenizer(tok.path))}"
-    return f"{tok.kind}:{tok.vocab_size}"
+    return f"{tok.kind}:{tok.vocab_size}:{tok.train_bytes}"
 
 
 def encode_to_file(tok: Tokenizer, texts: Iterable[str], path: Path, dtype: np.dtype) -> tuple[int, int]:
@@ -193,7 +193,8 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
             tok = load_tokenizer(cfg.tokenizer.path)
         else:
             log(f"training a {cfg.tokenizer.vocab_size}-token {cfg.tokenizer.kind} tokenizer on {cfg.source}")
-            tok = train_tokenizer(cfg.tokenizer.kind, corpus.texts(splits[0]), cfg.tokenizer.vocab_size)
+            texts = sample(corpus.texts(splits[0]), cfg.tokenizer.train_bytes)
+            tok = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
         t_tok = time.perf_counter() - t0
         tok.save(str(tmp / "tokenizer.json"))
         dtype = token_dtype(tok.get_vocab_size())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,6 +49,20 @@ def train_char(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # concatenate characters, no separators
     return tok
+
+
+def sample(texts: Iterable[str], budget: int) -> Iterator[str]:
+    """The texts in order up to ``budget`` UTF-8 bytes (the last one cut to fit): what a
+    tokenizer trains on, bounded whatever the corpus's size."""
+    left = budget
+    for text in texts:
+        if left <= 0:
+            return
+        raw = text.encode("utf-8", errors="replace")
+        if len(raw) > left:
+            text = raw[:left].decode("utf-8", errors="ignore")
+        left -= len(raw)
+        yield text
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
