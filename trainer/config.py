@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +47,9 @@ class MixtureSource(_Section):
     ids. Each source is prepared and cached on its own."""
     weight: float = Field(ge=0.0)
     """Share of every global batch drawn from this source (weights are normalised)."""
-    name: str | None = None
-    """Label in metrics (``tokens/NAME``, ``val_loss/NAME``); default the source string."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label in metrics (``tokens/NAME``, ``val_loss/NAME``): letters, digits, ``_ . -``;
+    default the source string with every other character run replaced by ``_``."""
     text_field: str | None = None
     """This source's text field (default ``data.text_field``)."""
     hf_config: str | None = None
@@ -61,7 +63,7 @@ class MixtureSource(_Section):
 
     @property
     def label(self) -> str:
-        return self.name or self.source
+        return self.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", self.source).strip("_") or "source"
 
 
 class DataConfig(_Section):

@@ -162,10 +162,18 @@ def test_a_mixture_run_logs_tokens_and_validation_per_source_and_refuses_new_wei
         two_corpora, cache_dir, tmp_path):
     a, b = two_corpora
     run = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [*TINY, _mixture(a, b), "train.steps=6", "train.global_batch_size=4", "eval.every=3",
-            "checkpoint.every=3"]
+            "checkpoint.every=3", "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=mix"]
     run_cli(["train", GPT, "--run-dir", str(run), *sets(*args)], cache_dir)
     rows, evals = read_metrics(run)
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run_id = (run / "mlflow_run_id").read_text()
+    for key, logged in (("tokens/a", rows), ("val_loss/b", evals)):
+        history = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        assert history == [(r["step"], pytest.approx(r[key])) for r in logged], key
     for r in rows:  # global batch 4: the 0.7/0.3 Sainte-Laguë split of 4 samples per step
         assert r["tokens/a"] + r["tokens/b"] == r["step"] * 4 * 32
         assert abs(r["tokens/a"] / 32 - 0.7 * 4 * r["step"]) < 1
