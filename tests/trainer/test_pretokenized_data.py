@@ -104,3 +104,41 @@ def test_bad_token_sources_are_one_line(fault, message, text_run, cache_dir, tmp
     with pytest.raises(DataError):
         prepare(DataConfig(source=str(tmp_path / "d"), cache_dir=str(tmp_path / "c"),
                            tokenizer={"path": str(prep.dir / "tokenizer.json")} if tok else {}), log=lambda _: None)
+
+
+def _ids_parquet(path, rows: list[list[int]]) -> None:
+    """A ``datasets`` dataset as ``dataset.map(tokenizer)`` leaves it: ``input_ids`` per row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}), path)
+
+
+def test_a_datasets_input_ids_column_is_split_by_row_and_closed_by_end_of_text(text_run, cache_dir, tmp_path):
+    _, _, prep = text_run
+    tok, eos = prep.dir / "tokenizer.json", prep.meta["eos_id"]
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(eos + 2, prep.vocab_size, size=rng.integers(5, 40)).tolist() for _ in range(60)]
+    rows[3].append(eos)  # a row that already ends its document keeps one end-of-text
+    _ids_parquet(tmp_path / "ids.parquet", rows)
+    cfg = DataConfig(source="hf:parquet", hf_data_files=str(tmp_path / "ids.parquet"), val_fraction=0.2,
+                     cache_dir=str(tmp_path / "cache"), tokenizer={"path": str(tok)})
+    got = prepare(cfg, log=lambda _: None)
+    closed = [r if r[-1] == eos else [*r, eos] for r in rows]
+    val = [r for i, r in enumerate(closed) if name_key(f"train:{i}", "split") < 0.2]
+    train = [r for i, r in enumerate(closed) if name_key(f"train:{i}", "split") >= 0.2]
+    assert val and train and closed[3].count(eos) == 1
+    assert np.fromfile(got.split_path("train"), got.dtype).tolist() == sum(train, [])
+    assert np.fromfile(got.split_path("val"), got.dtype).tolist() == sum(val, [])
+    assert got.meta["pretokenized"] == "datasets-input-ids"
+    run_cli(["train", GPT, "--run-dir", str(tmp_path / "run"), *sets(
+        *TINY, "data.source=hf:parquet", f"data.hf_data_files={tmp_path / 'ids.parquet'}",
+        f"data.tokenizer.path={tok}", "train.steps=3", "train.global_batch_size=8",
+        "data.val_fraction=0.2")], cache_dir)
+    assert len(read_metrics(tmp_path / "run")[0]) == 3
+
+    _ids_parquet(tmp_path / "bad.parquet", [[1, 2], [3, 4000, 5]] * 10)
+    bad = cfg.model_copy(update={"hf_data_files": str(tmp_path / "bad.parquet")})
+    with pytest.raises(DataError, match=r"^data.source='hf:parquet' column 'input_ids': token id 4000 at "
+                                        r"position \d+ is outside the vocabulary"):
+        prepare(bad, log=lambda _: None)

@@ -150,7 +150,7 @@ def _file_documents(f: CorpusFile, cfg: DataConfig) -> Iterator[tuple[str, str]]
 LOCAL_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
 
 
-def _hf_dataset(cfg: DataConfig):
+def hf_dataset(cfg: DataConfig):
     name = cfg.source.removeprefix("hf:")
     # Offline because the Hub did not answer just now (not because the environment asked).
     probed = (name not in LOCAL_BUILDERS and not Path(name).exists() and not hub.offline_requested()
@@ -195,7 +195,7 @@ class Corpus:
         if self.is_hf:
             ident = f"{c.hf_config}|{c.hf_split}|{c.hf_data_files}|{c.streaming}"
             if not c.streaming:
-                ident += "|" + _hf_dataset(c)._fingerprint
+                ident += "|" + hf_dataset(c)._fingerprint
             h.update(ident.encode())
         for f in self.files:
             h.update(f"{f.name}\0{f.size}\0{f.mtime_ns}\n".encode())
@@ -204,7 +204,7 @@ class Corpus:
     def documents(self) -> Iterator[tuple[str, str]]:
         """All (name, text) pairs in order, stopping before ``max_bytes`` would be exceeded."""
         if self.is_hf:
-            ds = _hf_dataset(self.cfg)
+            ds = hf_dataset(self.cfg)
             field = self.cfg.text_field
             if ds.column_names is not None and field not in ds.column_names:
                 raise DataError(

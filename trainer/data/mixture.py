@@ -89,7 +89,7 @@ def _train_mixture_tokenizer(cfg: DataConfig, log: Callable[[str], None]) -> Pat
     tok_cfg = cfg.tokenizer
     corpora = []
     for m in cfg.mixture:
-        if pretokenized.kind(m.source):
+        if pretokenized.kind(source_config(cfg, m, Path("-"))):
             raise DataError(f"data.mixture source {m.label!r} holds token ids: set its tokenizer (or "
                             "data.tokenizer.path) to the tokenizer.json that made them")
         if m.weight > 0:

@@ -10,6 +10,10 @@
   offset (int64), then the documents' sequence boundaries (int64). Documents go to validation by
   a hash of their index, as text documents do by their name; their ids are kept as written (an
   end-of-document token where the tool appended one).
+- **A ``datasets`` dataset with an ``input_ids`` column** (``hf:NAME``, or ``hf:parquet`` /
+  ``hf:json`` over local files) and no text column (``data.text_field``), as
+  ``dataset.map(tokenizer)`` leaves it: one document per row, split by a hash of its row name as
+  text rows are; the end-of-text id is appended to a row that does not end with it.
 
 The tokenizer that made the ids is ``data.tokenizer.path`` (required: ids mean nothing without
 it). Every id is checked against its vocabulary; the arrays are read in bounded chunks.
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import DataConfig
-from trainer.data.corpus import name_key
+from trainer.data.corpus import hf_dataset, name_key
 from trainer.errors import DataError
 
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
@@ -35,9 +39,15 @@ CHUNK = 1 << 22
 """Ids read at a time: memory stays bounded whatever the corpus's size."""
 
 
-def kind(source: str) -> str | None:
-    """``"nanogpt"``, ``"megatron"``, or None for a source of text."""
-    p = Path(source).expanduser()
+IDS_COLUMN = "input_ids"
+
+
+def kind(cfg: DataConfig) -> str | None:
+    """``"nanogpt"``, ``"megatron"``, ``"datasets-input-ids"``, or None for a source of text."""
+    if cfg.source.startswith("hf:"):
+        columns = hf_dataset(cfg).column_names or []
+        return "datasets-input-ids" if IDS_COLUMN in columns and cfg.text_field not in columns else None
+    p = Path(cfg.source).expanduser()
     if p.is_dir() and (p / "train.bin").is_file():
         return "nanogpt"
     prefix = _prefix(p)
@@ -52,7 +62,7 @@ def _prefix(p: Path) -> Path:
 
 def files(cfg: DataConfig) -> list[Path]:
     p = Path(cfg.source).expanduser()
-    if kind(cfg.source) == "nanogpt":
+    if kind(cfg) == "nanogpt":
         return [f for f in (p / "train.bin", p / "val.bin") if f.is_file()]
     prefix = _prefix(p)
     return [prefix.with_name(prefix.name + ext) for ext in (".idx", ".bin")]
@@ -61,16 +71,24 @@ def files(cfg: DataConfig) -> list[Path]:
 def fingerprint(cfg: DataConfig, extra: str) -> str:
     """Changes when a file (name, size, modification time) or the split's options change."""
     h = hashlib.sha256(f"{extra}|tokens|{cfg.source}|{cfg.val_fraction}".encode())
+    if cfg.source.startswith("hf:"):
+        ident = f"{cfg.hf_config}|{cfg.hf_split}|{cfg.hf_data_files}|{cfg.streaming}|{cfg.max_bytes}"
+        h.update((ident + ("" if cfg.streaming else "|" + hf_dataset(cfg)._fingerprint)).encode())
+        return h.hexdigest()
     for f in files(cfg):
         st = f.stat()
         h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def splits(cfg: DataConfig, vocab_size: int) -> dict[str, Iterator[np.ndarray]]:
+def splits(cfg: DataConfig, vocab_size: int, eos: int) -> dict[str, Iterator[np.ndarray]]:
     """Per split (``train``, and ``val`` where the source has one), the ids in order, in
     chunks, each checked to be below ``vocab_size``."""
-    if kind(cfg.source) == "nanogpt":
+    source = kind(cfg)
+    if source == "datasets-input-ids":
+        where = f"data.source={cfg.source!r} column {IDS_COLUMN!r}"
+        return {split: _checked(_rows(cfg, split, eos), where, vocab_size) for split in ("train", "val")}
+    if source == "nanogpt":
         dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
         return {f.stem: _checked(_flat(f, dtype), f, vocab_size) for f in files(cfg)}
     idx, data = files(cfg)
@@ -89,7 +107,25 @@ def _flat(path: Path, dtype) -> Iterator[np.ndarray]:
         yield np.asarray(ids[start:start + CHUNK])
 
 
-def _checked(chunks: Iterator[np.ndarray], path: Path, vocab_size: int) -> Iterator[np.ndarray]:
+def _rows(cfg: DataConfig, split: str, eos: int) -> Iterator[np.ndarray]:
+    """One split's rows (named ``SPLIT:i`` as text rows are), each closed by ``eos``, in chunks."""
+    want_val, buf, held = split == "val", [], 0
+    for i, row in enumerate(hf_dataset(cfg)):
+        if (name_key(f"{cfg.hf_split}:{i}", "split") < cfg.val_fraction) != want_val:
+            continue
+        ids = np.asarray(row[IDS_COLUMN], dtype=np.int64)
+        if ids.ndim != 1:
+            raise DataError(f"data.source={cfg.source!r} row {i}: {IDS_COLUMN!r} is not a list of token ids")
+        buf.append(ids if len(ids) and ids[-1] == eos else np.append(ids, eos))
+        held += len(buf[-1])
+        if held >= CHUNK:
+            yield np.concatenate(buf)
+            buf, held = [], 0
+    if buf:
+        yield np.concatenate(buf)
+
+
+def _checked(chunks: Iterator[np.ndarray], path: Path | str, vocab_size: int) -> Iterator[np.ndarray]:
     seen = 0
     for chunk in chunks:
         bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size)) if len(chunk) else []

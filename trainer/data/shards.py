@@ -119,8 +119,8 @@ def _pack_token_ids(cfg: DataConfig, key: str, tmp: Path, log: Callable[[str], N
     tok.save(str(tmp / "tokenizer.json"))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    meta = {**_meta(cfg, key, tok, dtype), "pretokenized": pretokenized.kind(cfg.source)}
-    for split, chunks in pretokenized.splits(cfg, vocab).items():
+    meta = {**_meta(cfg, key, tok, dtype), "pretokenized": pretokenized.kind(cfg)}
+    for split, chunks in pretokenized.splits(cfg, vocab, tok.token_to_id(EOS)).items():
         n = 0
         with open(tmp / f"{split}.bin", "wb") as out:
             for chunk in chunks:
@@ -164,7 +164,7 @@ def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> di
 
 def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData:
     """Return the prepared dataset for ``cfg``, building it if no complete cache exists."""
-    tokens = pretokenized.kind(cfg.source)
+    tokens = pretokenized.kind(cfg)
     if tokens and not cfg.tokenizer.path:
         raise DataError(f"data.source={cfg.source!r} holds token ids ({tokens}): set data.tokenizer.path "
                         "to the tokenizer.json that made them")
