@@ -118,6 +118,10 @@ class DataConfig(_Section):
     """Bytes that are not UTF-8: ``replace`` with U+FFFD, or ``fail`` naming the file."""
     max_bytes: int | None = Field(None, ge=1)
     """Use at most this many bytes of the corpus (whole files, chosen deterministically)."""
+    shard_bytes: int = Field(64 << 20, ge=1)
+    """Input bytes per preparation shard (whole files; large JSONL files cut at line ends): the
+    unit of work of ``seqtrain data prepare --workers/--part`` and what a killed preparation
+    redoes at most. The prepared tokens do not depend on it."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share of documents (files) held out for validation, chosen by a hash of their name."""
     seq_len: int = Field(128, ge=2)

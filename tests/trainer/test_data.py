@@ -75,16 +75,34 @@ def test_shards_round_trip_to_text_and_cache(tiny_corpus, tmp_path):
     assert json.loads((changed.dir / "meta.json").read_text())["fingerprint"] != prep.meta["fingerprint"]
 
 
-def test_no_partial_dataset_left_when_prepare_fails(tiny_corpus, tmp_path, monkeypatch):
+def test_a_failed_prepare_leaves_nothing_complete_and_resumes_at_the_first_missing_shard(tiny_corpus, tmp_path,
+                                                                                       monkeypatch):
     from trainer.data import shards
 
-    def boom(*a, **k):
-        raise RuntimeError("killed mid-write")
+    cfg = data_cfg(tiny_corpus, tmp_path / "cache", shard_bytes=4000)  # 40 files of ~1.3 KB: 8 units
+    real, calls = shards.encode_documents, []
 
-    monkeypatch.setattr(shards, "encode_to_file", boom)
+    def dies_at_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed mid-write")
+        return real(*a, **k)
+
+    monkeypatch.setattr(shards, "encode_documents", dies_at_the_fourth)
     with pytest.raises(RuntimeError):
-        prepare(data_cfg(tiny_corpus, tmp_path / "cache"), log=lambda _: None)
-    assert list((tmp_path / "cache" / "datasets").iterdir()) == []
+        prepare(cfg, log=lambda _: None)
+    entries = list((tmp_path / "cache" / "datasets").iterdir())
+    assert [e.name.startswith(".") and e.name.endswith(".partial") for e in entries] == [True]
+    assert sorted(f.name for f in entries[0].glob("*.json")) == ["00000.json", "00001.json", "00002.json",
+                                                                  "tokenizer.json"]
+    monkeypatch.setattr(shards, "encode_documents", real)
+    said = []
+    resumed = prepare(cfg, log=said.append)
+    assert said[0] == f"resuming: 3 of 8 shards of {tiny_corpus} already written"
+    straight = prepare(data_cfg(tiny_corpus, tmp_path / "other", shard_bytes=4000), log=lambda _: None)
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (resumed.dir / name).read_bytes() == (straight.dir / name).read_bytes(), name
+    assert [e.name for e in (tmp_path / "cache" / "datasets").iterdir()] == [resumed.dir.name]
 
 
 def test_killed_prepare_leaves_nothing_that_looks_complete(tmp_path):

@@ -243,26 +243,7 @@ def test_mixture_bad_input_is_one_line(two_corpora, cache_dir, tmp_path):
     p = run_cli(["train", GPT, "--run-dir", str(tmp_path / "r"),
                  *sets(*TINY, f"data.mixture=[{{source: {a}, weight: 1}}, {{source: {tmp_path}/nope, weight: 1}}]")],
                 cache_dir, check=False)
+    slug = str(tmp_path / "nope").strip("/").replace("/", "_")  # the default name: metric-safe
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"seqtrain: error: data.mixture source '{tmp_path}/nope': data.source='{tmp_path}/nope': no such file, "
+        f"seqtrain: error: data.mixture source '{slug}': data.source='{tmp_path}/nope': no such file, "
         "folder or glob match (use 'stdlib' for the embedded corpus, or 'hf:NAME' for a datasets name)"]
-
-
-@pytest.mark.distributed
-def test_resume_in_another_layout_with_a_mixture_equals_the_straight_run(two_corpora, cache_dir, tmp_path):
-    """4 steps in one process, then 4 as dp2 with ZeRO 1 (resharded): the same sequences, per
-    source, and the same losses as 8 steps straight (fp32, within 2e-5 as any resharded resume)."""
-    a, b = two_corpora
-    args = [*TINY, _mixture(a, b, 0.6, 0.4), "train.micro_batch_size=2", "train.global_batch_size=8",
-            "train.steps=8", "checkpoint.every=4"]
-    run_cli(["train", GPT, "--run-dir", str(tmp_path / "straight"), *sets(*args)], cache_dir)
-    chain = tmp_path / "chain"
-    run_cli(["train", GPT, "--run-dir", str(chain), *sets(*args)], cache_dir, env={"SEQTRAIN_FAULT": "usr1@4"})
-    p = run_cli(["train", GPT, "--run-dir", str(chain), *sets(*args, "parallel.zero_stage=1")], cache_dir, nproc=2)
-    assert "resharded step_00000004 from dp 1, tp 1, pp 1, zero 0 to dp 2, tp 1, pp 1, zero 1" in p.stdout
-    want, got = read_metrics(tmp_path / "straight")[0], read_metrics(chain)[0]
-    assert [r["step"] for r in got] == list(range(1, 9))
-    worst = max(abs(x["loss"] - y["loss"]) for x, y in zip(want, got, strict=True))
-    print(f"mixture resumed dp1 -> dp2 ZeRO 1: max loss difference {worst:.2e}")
-    assert worst < 2e-5
-    assert [(r["tokens/a"], r["tokens/b"]) for r in got] == [(r["tokens/a"], r["tokens/b"]) for r in want]

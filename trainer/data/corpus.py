@@ -24,6 +24,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from trainer.config import DataConfig
@@ -116,32 +117,92 @@ def _decode(raw: bytes, where: str, policy: str) -> str:
         ) from None
 
 
-def _file_documents(f: CorpusFile, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+@dataclass(frozen=True)
+class Piece:
+    """A share of the corpus one preparation shard reads: ``all`` (the document stream, capped
+    by ``data.max_bytes``), a ``file`` (for JSONL, its lines from byte ``start`` up to ``stop``,
+    the first being line ``first_line``), or ``rows`` ``start`` to ``stop`` of a ``datasets``
+    dataset."""
+
+    kind: str
+    file: CorpusFile | None = None
+    start: int = 0
+    stop: int | None = None
+    first_line: int = 1
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file it reads (0 for rows: planned by count)."""
+        if self.file is None:
+            return 0
+        return (self.file.size if self.stop is None else self.stop) - self.start
+
+
+def _line_pieces(f: CorpusFile, target: int) -> list[Piece]:
+    """A JSONL file cut at line ends every ``target`` bytes or so; one read to count lines, so
+    each piece's documents keep their names (``file:line``)."""
+    cuts, line, pos, want = [(0, 1)], 1, 0, target
+    with f.path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            at = 0
+            while want < pos + len(chunk):
+                nl = chunk.find(b"\n", max(want - pos, at))
+                if nl < 0:
+                    break
+                line += chunk.count(b"\n", at, nl + 1)
+                at = nl + 1
+                cuts.append((pos + at, line))
+                want = pos + at + target
+            line += chunk.count(b"\n", at)
+            pos += len(chunk)
+    cuts = [c for c in cuts if c[0] < pos] or [(0, 1)]
+    stops = [c[0] for c in cuts[1:]] + [None]
+    return [Piece("file", f, start, stop, first) for (start, first), stop in zip(cuts, stops, strict=True)]
+
+
+def _jsonl_documents(f: CorpusFile, cfg: DataConfig, piece: Piece) -> Iterator[tuple[str, str]]:
+    with f.path.open("rb") as fh:
+        fh.seek(piece.start)
+        at = piece.start
+        for lineno, raw in enumerate(fh, piece.first_line):
+            if piece.stop is not None and at >= piece.stop:
+                return
+            at += len(raw)
+            if not raw.strip():
+                continue
+            where = f"{f.path}:{lineno}"
+            try:
+                row = json.loads(_decode(raw, where, cfg.invalid_utf8))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or cfg.text_field not in row:
+                raise DataError(f"{where}: no {cfg.text_field!r} field (set data.text_field)")
+            yield f"{f.name}:{lineno}", str(row[cfg.text_field])
+
+
+def _parquet_documents(f: CorpusFile, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """Row by row, a record batch at a time: memory stays bounded whatever the file's size."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f.path)
+    if cfg.text_field not in pf.schema_arrow.names:
+        raise DataError(
+            f"{f.path}: no {cfg.text_field!r} column (columns: {', '.join(pf.schema_arrow.names)}; "
+            "set data.text_field)"
+        )
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=[cfg.text_field]):
+        for text in batch.column(0).to_pylist():
+            yield f"{f.name}:{i}", text or ""
+            i += 1
+
+
+def _file_documents(f: CorpusFile, cfg: DataConfig, piece: Piece | None = None) -> Iterator[tuple[str, str]]:
     suffix = f.path.suffix.lower()
     if suffix == ".jsonl":
-        with f.path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                where = f"{f.path}:{lineno}"
-                try:
-                    row = json.loads(_decode(raw, where, cfg.invalid_utf8))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or cfg.text_field not in row:
-                    raise DataError(f"{where}: no {cfg.text_field!r} field (set data.text_field)")
-                yield f"{f.name}:{lineno}", str(row[cfg.text_field])
+        yield from _jsonl_documents(f, cfg, piece or Piece("file", f))
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(f.path)
-        if cfg.text_field not in table.column_names:
-            raise DataError(
-                f"{f.path}: no {cfg.text_field!r} column (columns: {', '.join(table.column_names)}; "
-                "set data.text_field)"
-            )
-        for i, text in enumerate(table.column(cfg.text_field).to_pylist()):
-            yield f"{f.name}:{i}", text or ""
+        yield from _parquet_documents(f, cfg)
     else:
         yield f.name, _decode(f.path.read_bytes(), str(f.path), cfg.invalid_utf8)
 
@@ -181,7 +242,20 @@ class Corpus:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.is_hf = cfg.source.startswith("hf:")
-        self.files = [] if self.is_hf else list_files(cfg.source)
+        if not self.is_hf:
+            self.files  # noqa: B018  a missing or empty source is refused at once
+
+    @classmethod
+    def reader(cls, cfg: DataConfig) -> Corpus:
+        """A corpus that reads the units it is given without listing the source first."""
+        out = cls.__new__(cls)
+        out.cfg, out.is_hf = cfg, cfg.source.startswith("hf:")
+        return out
+
+    @cached_property
+    def files(self) -> list[CorpusFile]:
+        """The source's files (listed once, when first needed: a unit of work names its own)."""
+        return [] if self.is_hf else list_files(self.cfg.source)
 
     def fingerprint(self, extra: str = "") -> str:
         """Changes when the source or the options that shape it change.
@@ -201,17 +275,25 @@ class Corpus:
             h.update(f"{f.name}\0{f.size}\0{f.mtime_ns}\n".encode())
         return h.hexdigest()
 
+    def _hf_rows(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, str]]:
+        ds = hf_dataset(self.cfg)
+        field = self.cfg.text_field
+        if ds.column_names is not None and field not in ds.column_names:
+            raise DataError(
+                f"data.source={self.cfg.source!r}: no {field!r} column "
+                f"(columns: {', '.join(ds.column_names)}; set data.text_field)"
+            )
+        if stop is None:  # the whole dataset (a stream has no length)
+            yield from ((f"{self.cfg.hf_split}:{i}", row[field] or "") for i, row in enumerate(ds))
+            return
+        for a in range(start, stop, 1024):
+            texts = ds[a: min(a + 1024, stop)][field]
+            yield from ((f"{self.cfg.hf_split}:{a + j}", t or "") for j, t in enumerate(texts))
+
     def documents(self) -> Iterator[tuple[str, str]]:
         """All (name, text) pairs in order, stopping before ``max_bytes`` would be exceeded."""
         if self.is_hf:
-            ds = hf_dataset(self.cfg)
-            field = self.cfg.text_field
-            if ds.column_names is not None and field not in ds.column_names:
-                raise DataError(
-                    f"data.source={self.cfg.source!r}: no {field!r} column "
-                    f"(columns: {', '.join(ds.column_names)}; set data.text_field)"
-                )
-            stream = ((f"{self.cfg.hf_split}:{i}", row[field] or "") for i, row in enumerate(ds))
+            stream = self._hf_rows()
         else:
             stream = (d for f in self.files for d in _file_documents(f, self.cfg))
         budget, total = self.cfg.max_bytes, 0
@@ -222,6 +304,39 @@ class Corpus:
                     return
                 total += size
             yield name, text
+
+    def units(self, unit_bytes: int) -> list[tuple[Piece, ...]]:
+        """The corpus cut into units of work of about ``unit_bytes`` input bytes, in order:
+        whole files (JSONL files larger than a unit cut at line ends), or row ranges of a
+        ``datasets`` dataset. One unit, the whole stream, under ``data.max_bytes`` (its cap runs
+        across documents in order) or for a streamed dataset (no length)."""
+        if self.cfg.max_bytes is not None or (self.is_hf and self.cfg.streaming):
+            return [(Piece("all"),)]
+        if self.is_hf:
+            ds = hf_dataset(self.cfg)
+            n, size = ds.num_rows, max(1, ds.data.nbytes)
+            rows = max(1, int(n * unit_bytes / size))
+            return [(Piece("rows", None, a, min(a + rows, n)),) for a in range(0, n, rows)] or [(Piece("all"),)]
+        units, current, held = [], [], 0
+        for f in self.files:
+            big = f.path.suffix.lower() == ".jsonl" and f.size > unit_bytes
+            for piece in _line_pieces(f, unit_bytes) if big else [Piece("file", f)]:
+                current.append(piece)
+                held += piece.size
+                if held >= unit_bytes:
+                    units.append(tuple(current))
+                    current, held = [], 0
+        return units + [tuple(current)] if current else units
+
+    def unit_documents(self, unit: tuple[Piece, ...]) -> Iterator[tuple[str, str]]:
+        """The (name, text) pairs of one unit, in corpus order."""
+        for piece in unit:
+            if piece.kind == "all":
+                yield from self.documents()
+            elif piece.kind == "rows":
+                yield from self._hf_rows(piece.start, piece.stop)
+            else:
+                yield from _file_documents(piece.file, self.cfg, piece)
 
     def texts(self, split: str) -> Iterator[str]:
         """Texts of one split (``train`` or ``val``), or of every document (``all``)."""

@@ -117,13 +117,16 @@ def _train_mixture_tokenizer(cfg: DataConfig, log: Callable[[str], None]) -> Pat
     return path
 
 
-def prepare_mixture(cfg: DataConfig, log: Callable[[str], None] = print) -> list[tuple[MixtureSource, PreparedData]]:
-    """Every source of ``data.mixture`` prepared (or read from its cache) with one tokenizer."""
+def prepare_mixture(cfg: DataConfig, log: Callable[[str], None] = print, workers: int = 1,
+                    part: tuple[int, int] | None = None) -> list[tuple[MixtureSource, PreparedData | None]]:
+    """Every source of ``data.mixture`` prepared (or read from its cache) with one tokenizer
+    (``workers`` and ``part`` as ``shards.prepare`` takes them: None for a source whose other
+    parts are still missing)."""
     tokenizer = _given_tokenizer(cfg) or _train_mixture_tokenizer(cfg, log)
     out = []
     for m in cfg.mixture:
         with _naming(m):
-            out.append((m, prepare(source_config(cfg, m, tokenizer), log=log)))
+            out.append((m, prepare(source_config(cfg, m, tokenizer), log=log, workers=workers, part=part)))
     return out
 
 

@@ -1,19 +1,28 @@
 """Packed token shards: one ``.bin`` memmap per split plus ``meta.json``, cached by fingerprint.
 
-A dataset directory holds ``tokenizer.json``, ``train.bin``, ``val.bin`` and ``meta.json``. It is
-built under a temporary name and renamed into place, so a killed prepare never leaves a
-directory that looks complete; ``meta.json`` existing means the shards are whole.
+A dataset directory holds ``tokenizer.json``, ``train.bin``, ``val.bin`` and ``meta.json``. Text
+is prepared in units of work (``Corpus.units``: whole files, large JSONL files cut at line ends,
+row ranges of a ``datasets`` dataset; ``data.shard_bytes`` each) under ``.KEY.partial/``: the
+tokenizer first (trained on a bounded sample), then each unit's ``train-NNNNN.bin`` and
+``val-NNNNN.bin`` with ``NNNNN.json`` renamed into place last, so a unit is whole or absent. A
+killed preparation resumes at the first missing unit; ``workers`` processes and ``part`` i/n
+(nodes, a Slurm array) share the units; whoever finds every unit written concatenates them in
+order (the tokens never depend on the split of the work) into a temporary directory renamed
+into place: ``meta.json`` existing means the shards are whole. Memory stays bounded by a unit's
+largest document and an encode batch, whatever the corpus's size.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +32,7 @@ from tqdm import tqdm
 
 from trainer.config import DataConfig
 from trainer.data import pretokenized
-from trainer.data.corpus import Corpus
+from trainer.data.corpus import Corpus, Piece, name_key
 from trainer.data.tokenizer import EOS, load_tokenizer, sample, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
 
@@ -76,39 +85,42 @@ def _tokenizer_spec(cfg: DataConfig) -> str:
     return f"{tok.kind}:{tok.vocab_size}:{tok.train_bytes}"
 
 
-def encode_to_file(tok: Tokenizer, texts: Iterable[str], path: Path, dtype: np.dtype) -> tuple[int, int]:
-    """Append each document's ids and an EOS to ``path``; returns (tokens, bytes read).
+def encode_documents(tok: Tokenizer, docs: Iterable[tuple[str, str]], outs: dict[str, Path],
+                     dtype: np.dtype, val_fraction: float) -> dict[str, dict[str, int]]:
+    """Append each document's ids and an EOS to its split's file (validation when a hash of its
+    name is below ``val_fraction``); returns tokens and bytes per split.
 
-    ``encode_batch`` runs on all cores in tokenizers' Rust thread pool: parallel without the
-    pickling and start-up cost of worker processes.
+    ``encode_batch`` runs on all cores in tokenizers' Rust thread pool (one thread per worker
+    process when there are several).
     """
     eos = tok.token_to_id(EOS)
     # encode_batch_fast (tokenizers >= 0.21) skips character offsets we never use: ~15 % faster.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    n_tokens = n_bytes = 0
-    batch: list[str] = []
-    bar = tqdm(unit="B", unit_scale=True, desc=f"tokenize {path.stem}", disable=None,
-               file=sys.stderr, leave=False)
-    with open(path, "wb") as out, bar:
+    counts = {split: {"bytes": 0, "tokens": 0} for split in outs}
+    files = {split: open(path, "wb") for split, path in outs.items()}  # noqa: SIM115  closed below
+    batch: list[tuple[str, str]] = []
 
-        def flush() -> None:
-            nonlocal n_tokens, n_bytes
-            encs = encode(batch, add_special_tokens=False)
-            ids = np.concatenate([np.array([*e.ids, eos], dtype=dtype) for e in encs])
-            ids.tofile(out)
-            count = len(ids)
-            size = sum(len(t.encode("utf-8", errors="replace")) for t in batch)
-            n_tokens, n_bytes = n_tokens + count, n_bytes + size
-            bar.update(size)
-            batch.clear()
+    def flush() -> None:
+        encs = encode([text for _, text in batch], add_special_tokens=False)
+        for (name, text), e in zip(batch, encs, strict=True):
+            split = "val" if name_key(name, "split") < val_fraction else "train"
+            ids = np.array([*e.ids, eos], dtype=dtype)
+            ids.tofile(files[split])
+            counts[split]["tokens"] += len(ids)
+            counts[split]["bytes"] += len(text.encode("utf-8", errors="replace"))
+        batch.clear()
 
-        for text in texts:
-            batch.append(text)
+    try:
+        for doc in docs:
+            batch.append(doc)
             if len(batch) >= ENCODE_BATCH:
                 flush()
         if batch:
             flush()
-    return n_tokens, n_bytes
+    finally:
+        for f in files.values():
+            f.close()
+    return counts
 
 
 def _pack_token_ids(cfg: DataConfig, key: str, tmp: Path, log: Callable[[str], None]) -> None:
@@ -151,19 +163,39 @@ def _complete_splits(cfg: DataConfig, meta: dict, d: Path, dtype: np.dtype, what
 
 
 def _hold_out_tail(d: Path, dtype: np.dtype, fraction: float, train: dict) -> dict:
-    tokens = np.fromfile(d / "train.bin", dtype=dtype)
-    n_val = max(1, int(len(tokens) * fraction))
-    tokens[-n_val:].tofile(d / "val.bin")
-    tokens[:-n_val].tofile(d / "train.bin")
-    val_bytes = int(train["bytes"] * n_val / len(tokens))
+    """The last ``fraction`` of the train tokens moved to ``val.bin``: copied in chunks and cut
+    off by truncation, never read whole."""
+    n = train["tokens"]
+    n_val = max(1, int(n * fraction))
+    cut = (n - n_val) * dtype.itemsize
+    with open(d / "train.bin", "rb") as src, open(d / "val.bin", "wb") as dst:
+        src.seek(cut)
+        shutil.copyfileobj(src, dst, 1 << 24)
+    os.truncate(d / "train.bin", cut)
+    val_bytes = int(train["bytes"] * n_val / n)
     return {
-        "train": {"bytes": train["bytes"] - val_bytes, "tokens": len(tokens) - n_val},
+        "train": {"bytes": train["bytes"] - val_bytes, "tokens": n - n_val},
         "val": {"bytes": val_bytes, "tokens": n_val},
     }
 
 
-def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData:
-    """Return the prepared dataset for ``cfg``, building it if no complete cache exists."""
+def parse_part(text: str) -> tuple[int, int]:
+    """``i/n`` (0 <= i < n) of ``--part``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise DataError(f"--part {text!r}: give i/n with 0 <= i < n (e.g. 0/4 ... 3/4, or "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return i, n
+
+
+def prepare(cfg: DataConfig, log: Callable[[str], None] = print, workers: int = 1,
+            part: tuple[int, int] | None = None) -> PreparedData | None:
+    """Return the prepared dataset for ``cfg``, building it if no complete cache exists: the
+    units of ``part`` (i, n) only, or all, with ``workers`` processes. None when ``part`` is
+    done but another part's units are still missing."""
     tokens = pretokenized.kind(cfg)
     if tokens and not cfg.tokenizer.path:
         raise DataError(f"data.source={cfg.source!r} holds token ids ({tokens}): set data.tokenizer.path "
@@ -175,47 +207,151 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print) -> PreparedData
     final = root / key[:20]
     if (final / "meta.json").is_file():
         return PreparedData(final, json.loads((final / "meta.json").read_text()))
-
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
-    try:
-        if tokens:
+    if tokens:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=root))
+        try:
             _pack_token_ids(cfg, key, tmp, log)
             publish(tmp, final)
-            return PreparedData(final, json.loads((final / "meta.json").read_text()))
-        t0 = time.perf_counter()
-        # Too few documents for a document-level split (one text file, or every document
-        # hashing to validation): train on everything and hold out the tail instead, as
-        # nanoGPT does for Shakespeare. Whether a file trains never depends on its name.
-        by_document = next(corpus.texts("train"), None) is not None
-        splits = ("train", "val") if by_document else ("all",)
-        if cfg.tokenizer.path:
-            tok = load_tokenizer(cfg.tokenizer.path)
-        else:
-            log(f"training a {cfg.tokenizer.vocab_size}-token {cfg.tokenizer.kind} tokenizer on {cfg.source}")
-            texts = sample(corpus.texts(splits[0]), cfg.tokenizer.train_bytes)
-            tok = train_tokenizer(cfg.tokenizer.kind, texts, cfg.tokenizer.vocab_size)
-        t_tok = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return PreparedData(final, json.loads((final / "meta.json").read_text()))
+
+    work = root / f".{key[:20]}.partial"
+    work.mkdir(exist_ok=True)
+    try:
+        return _prepare_text(cfg, corpus, key, work, final, log, workers, part)
+    except DataError:
+        # Bad input: fixing it changes the fingerprint, so nothing here would be reused.
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _prepare_text(cfg: DataConfig, corpus: Corpus, key: str, work: Path, final: Path, log: Callable[[str], None],
+                  workers: int, part: tuple[int, int] | None) -> PreparedData | None:
+    t0 = time.perf_counter()
+    tok = _work_tokenizer(cfg, corpus, work, log)
+    t_tok = time.perf_counter() - t0
+    units = corpus.units(cfg.shard_bytes)
+    mine = [u for u in range(len(units)) if part is None or u % part[1] == part[0]]
+    todo = [u for u in mine if not _unit_meta(work, u).is_file()]
+    if len(todo) < len(mine):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of {cfg.source} already written")
+    t1 = time.perf_counter()
+    _encode_units(cfg, work, [(u, units[u]) for u in todo], workers, log)
+    t_enc = time.perf_counter() - t1
+    missing = [u for u in range(len(units)) if not _unit_meta(work, u).is_file()]
+    if missing:
+        log(f"{cfg.source}: part {part[0]}/{part[1]} wrote its {len(mine)} shards; {len(missing)} of "
+            f"{len(units)} are still to come from the other parts, the last of which writes the dataset")
+        return None
+    prep = _finalize(cfg, key, tok, work, len(units), final, {"tokenizer": t_tok, "encode": t_enc}, log)
+    shutil.rmtree(work, ignore_errors=True)
+    return prep
+
+
+def _unit_meta(work: Path, u: int) -> Path:
+    return work / f"{u:05d}.json"
+
+
+def _work_tokenizer(cfg: DataConfig, corpus: Corpus, work: Path, log: Callable[[str], None]) -> Tokenizer:
+    """The given tokenizer, or the one trained for this preparation (kept in ``work``, so a
+    resumed or parallel preparation encodes with the same one)."""
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    path = work / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    log(f"training a {cfg.tokenizer.vocab_size}-token {cfg.tokenizer.kind} tokenizer on {cfg.source}")
+    # Too few documents for a document-level split (one text file, or every document hashing
+    # to validation): learn from everything, as it will all train.
+    split = "train" if next(corpus.texts("train"), None) is not None else "all"
+    tok = train_tokenizer(cfg.tokenizer.kind, sample(corpus.texts(split), cfg.tokenizer.train_bytes),
+                          cfg.tokenizer.vocab_size)
+    tmp = work / f"tokenizer.json.{os.getpid()}"
+    tok.save(str(tmp))
+    tmp.replace(path)  # concurrent parts train the same one: whoever renames last wins, equal
+    return tok
+
+
+def encode_unit(cfg: DataConfig, work: Path, u: int, unit: tuple[Piece, ...]) -> dict:
+    """Unit ``u`` into ``train-u.bin`` and ``val-u.bin``, then ``u.json`` with their counts:
+    each renamed into place when whole, the counts last."""
+    tok = Tokenizer.from_file(str(work / "tokenizer.json")) if not cfg.tokenizer.path else \
+        load_tokenizer(cfg.tokenizer.path)
+    dtype = token_dtype(tok.get_vocab_size())
+    tag = f"{os.getpid()}.tmp"
+    outs = {split: work / f"{split}-{u:05d}.bin.{tag}" for split in ("train", "val")}
+    t0 = time.perf_counter()
+    counts = encode_documents(tok, Corpus.reader(cfg).unit_documents(unit), outs, dtype, cfg.val_fraction)
+    for split, path in outs.items():
+        path.replace(work / f"{split}-{u:05d}.bin")
+    counts["seconds"] = round(time.perf_counter() - t0, 3)
+    meta = _unit_meta(work, u)
+    meta.with_suffix(f".{tag}").write_text(json.dumps(counts))
+    meta.with_suffix(f".{tag}").replace(meta)
+    return counts
+
+
+def _one_thread() -> None:
+    """A worker process's tokenizers use one thread: the processes are the parallelism."""
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece, ...]]], workers: int,
+                  log: Callable[[str], None]) -> None:
+    bar = tqdm(total=len(todo), unit="shard", desc=f"tokenize {cfg.source}", disable=None, file=sys.stderr,
+               leave=False)
+    with bar:
+        if workers <= 1 or len(todo) <= 1:
+            for u, unit in todo:
+                encode_unit(cfg, work, u, unit)
+                bar.update()
+            return
+        # spawn, not fork: the parent's tokenizers thread pool must not be inherited mid-state.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_one_thread) as pool:
+            for _ in pool.map(encode_unit, *zip(*((cfg, work, u, unit) for u, unit in todo), strict=True)):
+                bar.update()
+
+
+def _concatenate(paths: Iterator[Path], out: Path) -> None:
+    with open(out, "wb") as dst:
+        for p in paths:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def _finalize(cfg: DataConfig, key: str, tok: Tokenizer, work: Path, n_units: int, final: Path,
+              seconds: dict[str, float], log: Callable[[str], None]) -> PreparedData:
+    """Every unit's shards, in order, into a temporary directory renamed into place."""
+    counts = [json.loads(_unit_meta(work, u).read_text()) for u in range(n_units)]
+    dtype = token_dtype(tok.get_vocab_size())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:20]}-", dir=final.parent))
+    try:
         tok.save(str(tmp / "tokenizer.json"))
-        dtype = token_dtype(tok.get_vocab_size())
         meta = _meta(cfg, key, tok, dtype)
-        t1 = time.perf_counter()
-        for split in splits:
-            name = "train" if split == "all" else split
-            n_tokens, n_bytes = encode_to_file(tok, corpus.texts(split), tmp / f"{name}.bin", dtype)
-            meta["splits"][name] = {"bytes": n_bytes, "tokens": n_tokens}
+        total = {split: {k: sum(c[split][k] for c in counts) for k in ("bytes", "tokens")} for split in ("train", "val")}
+        if total["train"]["tokens"]:
+            for split in ("train", "val"):
+                _concatenate((work / f"{split}-{u:05d}.bin" for u in range(n_units)), tmp / f"{split}.bin")
+            meta["splits"] = total
+        else:  # no document hashed to training: they all train, and the tail validates
+            _concatenate((work / f"val-{u:05d}.bin" for u in range(n_units)), tmp / "train.bin")
+            meta["splits"] = {"train": total["val"], "val": {"bytes": 0, "tokens": 0}}
         _complete_splits(cfg, meta, tmp, dtype, "text")
-        t_enc = time.perf_counter() - t1
-        total_bytes = sum(s["bytes"] for s in meta["splits"].values())
-        meta["seconds"] = {"tokenizer": round(t_tok, 3), "encode": round(t_enc, 3)}
-        meta["encode_mb_per_s"] = round(total_bytes / 1e6 / max(t_enc, 1e-9), 2)
+        size = sum(s["bytes"] for s in meta["splits"].values())
+        meta["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        meta["encode_mb_per_s"] = round(size / 1e6 / max(sum(c["seconds"] for c in counts), 1e-9), 2)
+        meta["shards"] = n_units
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish(tmp, final)
-        n_tokens = sum(s["tokens"] for s in meta["splits"].values())
-        log(
-            f"prepared {total_bytes / 1e6:.1f} MB -> {n_tokens:,} tokens ({dtype.name}); tokenizer "
-            f"{t_tok:.1f}s, encoding {t_enc:.1f}s = {meta['encode_mb_per_s']} MB/s ({final})"
-        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return PreparedData(final, json.loads((final / "meta.json").read_text()))
+    meta = json.loads((final / "meta.json").read_text())
+    n_tokens = sum(s["tokens"] for s in meta["splits"].values())
+    log(f"prepared {size / 1e6:.1f} MB -> {n_tokens:,} tokens ({dtype.name}) in {n_units} shards; tokenizer "
+        f"{seconds['tokenizer']:.1f}s, encoding {seconds['encode']:.1f}s ({meta['encode_mb_per_s']} MB/s per "
+        f"process) ({final})")
+    return PreparedData(final, meta)
