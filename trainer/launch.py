@@ -18,6 +18,7 @@ from trainer.errors import SeqtrainError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch"
 EVAL_TEMPLATE = TEMPLATE.with_name("eval_follow.sbatch")
+PREPARE_TEMPLATE = TEMPLATE.with_name("prepare.sbatch")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class SlurmJob:
     eval_args: list[str] = field(default_factory=list)
     """Arguments for that ``seqtrain eval`` (``--tasks hellaswag --limit 500``)."""
     eval_every_seconds: int = 60
+    prepare_parts: int | None = None
+    """Instead of training: prepare the config's data as a job array of this many parts
+    (``seqtrain data prepare --part i/N``)."""
 
     def validate(self) -> None:
         for name in ("nodes", "signal_seconds"):
@@ -54,6 +58,10 @@ class SlurmJob:
             raise SeqtrainError("--gpus-per-node must be 0 (CPU nodes) or more")
         if "%a" in " ".join([self.config, *self.overrides, self.run_dir or ""]) and not self.array:
             raise SeqtrainError("'%a' (the array index) is used but no --array is given")
+        if self.prepare_parts is not None and (self.prepare_parts < 1 or self.array or self.eval_follow
+                                               or self.run_dir or self.nodes != 1):
+            raise SeqtrainError("--prepare takes --parts N (N >= 1, the array it submits) and none of --array, "
+                                "--eval-follow, --run-dir, --nodes")
         if self.eval_follow and (not self.run_dir or self.array):
             raise SeqtrainError("--eval-follow follows one run: give --run-dir, and no --array "
                                 "(per array task, run `seqtrain eval RUN --follow` yourself)")
@@ -90,7 +98,20 @@ class SlurmJob:
         """Processes per node: one per GPU, or ``--nproc-per-node`` on CPU nodes."""
         return self.nproc_per_node or self.gpus_per_node or 1
 
+    def render_prepare(self) -> str:
+        """The data preparation array's batch script."""
+        self.validate()
+        args = [self.config, *(a for o in self.overrides for a in ("--set", o))]
+        return self._fill(PREPARE_TEMPLATE, {
+            "JOB_NAME": self.name, "CPUS_PER_TASK": str(self.cpus_per_task or 1), "TIME": self.time,
+            "PARTS": str(self.prepare_parts), "LAST_PART": str(self.prepare_parts - 1),
+            "LOG_DIR": shlex.quote(str(Path(self.log_dir).absolute())), "SBATCH_EXTRA": self._extra(gpus=False),
+            "WORKDIR": shlex.quote(self.workdir), "PYTHON": shlex.quote(self.python),
+            "ARGS": " ".join(shlex.quote(a) for a in args)})
+
     def render(self) -> str:
+        if self.prepare_parts is not None:
+            return self.render_prepare()
         self.validate()
         args = ["train", self.config, *(a for o in self.overrides for a in ("--set", o))]
         if self.run_dir:

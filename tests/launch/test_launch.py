@@ -30,6 +30,7 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(shellcheck, tmp_path):
         "array": SlurmJob("plans/p/point_%a.yaml", array="0-11%4", run_dir="runs/p-%a"),
     }
     scripts = {name: job.render() for name, job in variants.items()}
+    scripts["prepare"] = SlurmJob(PRESET, prepare_parts=3, cpus_per_task=2, partition="cpu").render()
     scripts["eval-follow"] = SlurmJob(PRESET, run_dir="runs/a b", eval_follow=True, partition="cpu",
                                       eval_args=["--tasks", "hellaswag", "--limit", "50"]).render_eval()
     for name, text in scripts.items():
@@ -55,6 +56,11 @@ def test_rendered_script_contents():
     assert "#SBATCH --array=0-2" in arr and "%x-%A_%a.out" in arr
     with pytest.raises(Exception, match="no --array"):
         SlurmJob("p_%a.yaml").render()
+    prep = SlurmJob(PRESET, prepare_parts=3, cpus_per_task=2).render()
+    assert "#SBATCH --array=0-2" in prep and '--part "${SLURM_ARRAY_TASK_ID}/3"' in prep
+    assert "-m trainer data prepare" in prep and "@@" not in prep
+    with pytest.raises(Exception, match="--prepare takes --parts N"):
+        SlurmJob(PRESET, prepare_parts=2, array="0-3").render()
 
 
 def test_torchrun_commands():
@@ -215,3 +221,29 @@ def test_eval_follow_job_scores_every_checkpoint_beside_training(slurm, cache_di
     log = (logs / f"gpt-debug-eval-{eval_job}.out").read_text()
     assert f"of job {train_job}" in log and log.rstrip().endswith("finished with exit code 0"), log
     assert "one last pass" not in log
+
+
+@pytest.mark.slurm
+def test_prepare_array_writes_the_dataset_a_single_process_would(slurm, cache_dir, tmp_path, tiny_corpus):
+    """``--prepare --parts 3``: three array tasks share the shards; the one that completes the set
+    publishes the dataset, byte for byte the one a single process prepares."""
+    from trainer.config import load_config
+    from trainer.data.shards import prepare
+
+    logs = tmp_path / "logs"
+    settings = [f"data.source={tiny_corpus}", "data.max_bytes=null", "data.shard_bytes=3000",
+                "data.tokenizer.vocab_size=300"]
+    _submit(cache_dir, PRESET, "--prepare", "--parts", "3", "--cpus-per-task", "1", "--time", "00:10:00",
+            "--log-dir", str(logs), *sets(*settings))
+    outs = sorted(logs.glob("gpt-debug-prepare-*.out"))
+    assert len(outs) == 3 and all(o.read_text().rstrip().endswith("finished with exit code 0") for o in outs)
+    texts = [o.read_text() for o in outs]
+    assert sum("in 10 shards" in t for t in texts) >= 1, texts  # a task published it
+    assert sum("still to come from the other parts" in t for t in texts) >= 1, texts
+    cfg = load_config(PRESET, settings).data
+    done = prepare(cfg.model_copy(update={"cache_dir": str(cache_dir)}), log=lambda _: None)  # a cache hit
+    assert done.meta["shards"] == 10
+    single = prepare(cfg.model_copy(update={"cache_dir": str(tmp_path / "single")}), log=lambda _: None)
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (done.dir / name).read_bytes() == (single.dir / name).read_bytes(), name
+    assert not list((cache_dir / "datasets").glob(".*.partial"))

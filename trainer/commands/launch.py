@@ -38,6 +38,10 @@ def _slurm_parser(lsub) -> None:
     sl.add_argument("--eval-args", default="", help="arguments for that `seqtrain eval`, one string "
                     "(e.g. '--tasks hellaswag --limit 500')")
     sl.add_argument("--eval-every-seconds", type=int, default=60, help="how often the follower looks")
+    sl.add_argument("--prepare", action="store_true",
+                    help="instead of training, tokenize the config's data as a job array of --parts tasks "
+                         "(each `seqtrain data prepare --part i/N --workers CPUS`)")
+    sl.add_argument("--parts", type=int, default=4, help="with --prepare: array tasks (default 4)")
     add_overrides(sl, help="override a config value (repeatable)")
     mode = sl.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print the script")
@@ -78,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
             run_dir=args.run_dir, log_dir=args.log_dir, signal_seconds=args.signal_seconds,
             max_restarts=args.max_restarts, eval_follow=args.eval_follow,
             eval_args=shlex.split(args.eval_args), eval_every_seconds=args.eval_every_seconds,
+            prepare_parts=args.parts if args.prepare else None,
         )
         if args.dry_run:
             print(job.render(), end="")

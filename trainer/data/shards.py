@@ -240,12 +240,21 @@ def _prepare_text(cfg: DataConfig, corpus: Corpus, key: str, work: Path, final: 
     t1 = time.perf_counter()
     _encode_units(cfg, work, [(u, units[u]) for u in todo], workers, log)
     t_enc = time.perf_counter() - t1
+    if (final / "meta.json").is_file():  # another part finished the set meanwhile
+        return PreparedData(final, json.loads((final / "meta.json").read_text()))
     missing = [u for u in range(len(units)) if not _unit_meta(work, u).is_file()]
     if missing:
         log(f"{cfg.source}: part {part[0]}/{part[1]} wrote its {len(mine)} shards; {len(missing)} of "
             f"{len(units)} are still to come from the other parts, the last of which writes the dataset")
         return None
-    prep = _finalize(cfg, key, tok, work, len(units), final, {"tokenizer": t_tok, "encode": t_enc}, log)
+    try:
+        prep = _finalize(cfg, key, tok, work, len(units), final, {"tokenizer": t_tok, "encode": t_enc}, log)
+    except FileNotFoundError:
+        # Two parts completed the set at once and the other one published first (and removed
+        # the shards): its copy is the same.
+        if not (final / "meta.json").is_file():
+            raise
+        return PreparedData(final, json.loads((final / "meta.json").read_text()))
     shutil.rmtree(work, ignore_errors=True)
     return prep
 
