@@ -302,12 +302,6 @@ def encode_unit(cfg: DataConfig, work: Path, u: int, unit: tuple[Piece, ...]) ->
     return counts
 
 
-def _one_thread() -> None:
-    """A worker process's tokenizers use one thread: the processes are the parallelism."""
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
 def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece, ...]]], workers: int,
                   log: Callable[[str], None]) -> None:
     bar = tqdm(total=len(todo), unit="shard", desc=f"tokenize {cfg.source}", disable=None, file=sys.stderr,
@@ -318,11 +312,22 @@ def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece
                 encode_unit(cfg, work, u, unit)
                 bar.update()
             return
-        # spawn, not fork: the parent's tokenizers thread pool must not be inherited mid-state.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_one_thread) as pool:
-            for _ in pool.map(encode_unit, *zip(*((cfg, work, u, unit) for u, unit in todo), strict=True)):
-                bar.update()
+        # Forked workers share the parent's imports (torch alone is ~200 MB) page for page, so
+        # memory grows by an encode batch per worker, not by an interpreter. Each encodes on one
+        # thread (the processes are the parallelism): tokenizers' thread pool is off in them,
+        # said before the fork so that tokenizers need not warn about it.
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+                for _ in pool.map(encode_unit, *zip(*((cfg, work, u, unit) for u, unit in todo), strict=True)):
+                    bar.update()
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _concatenate(paths: Iterator[Path], out: Path) -> None:
