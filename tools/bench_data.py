@@ -16,8 +16,9 @@ line names) prepared with ``--workers`` processes inside a cgroup-v1 memory grou
 ``--limit-gb`` (page cache included, so the corpus cannot sit in memory), sampling every second
 the proportional set size of the process tree (shared pages once), the group's usage and the shards done.
 
-``loader``: samples/s of one rank's micro-batches from a three-source mixture (``MixtureBatches``),
-against the step rate the planner predicts for the 124M preset on one H100.
+``loader``: samples/s of one rank's micro-batches from a three-source mixture (``MixtureBatches``,
+random-access windows of 300 MB of tokens each), against the samples/s the planner predicts for
+the 124M preset on one H100.
 """
 
 from __future__ import annotations
@@ -168,8 +169,19 @@ def memory(corpus_gb: float, limit_gb: float, workers: int, root: Path) -> None:
         print(f"| {r[0]:.0f} | {r[3]} | {r[1] / 2**20:.0f} | {r[2] / 2**20:.0f} |")
 
 
+def _planned_samples_per_s() -> float:
+    """Samples/s one H100 trains the 124M preset at, by the planner (its fastest layout)."""
+    out = subprocess.run([sys.executable, "-m", "trainer", "plan", str(CONFIG), "--gpus", "1", "--json"],
+                         check=True, cwd=REPO, capture_output=True, text=True).stdout
+    fastest = min(lay["step_time_s"] for lay in json.loads(out)["layouts"] if lay["fits"])
+    from trainer.config import load_config
+
+    return load_config(str(CONFIG), []).train.global_batch_size / fastest
+
+
 def loader(steps: int) -> None:
-    """Samples/s of ``MixtureBatches`` (three sources, micro 8, accum 4, dp 8: rank 0's share)."""
+    """Samples/s of ``MixtureBatches`` at the 124M preset's shapes (sequence 1024, micro 16,
+    global 128 on one rank), three sources by weight, on this CPU; beside the GPU's need."""
     from trainer.data.mixture import MixtureBatches
     from trainer.data.sampler import WindowDataset
 
@@ -178,17 +190,21 @@ def loader(steps: int) -> None:
         sources = {}
         for i, (name, w) in enumerate({"web": 0.6, "code": 0.3, "books": 0.1}.items()):
             path = work / f"{name}.bin"
-            np.random.default_rng(i).integers(0, 50257, size=20_000_000, dtype=np.uint16).tofile(path)
+            np.random.default_rng(i).integers(0, 50257, size=50_000_000, dtype=np.uint16).tofile(path)
             sources[name] = (w, WindowDataset(path, np.dtype(np.uint16), 1024))
-        batches = MixtureBatches(sources, 8, 4, 8, seed=0, say=lambda _: None)
+        batches = MixtureBatches(sources, 16, 8, 1, seed=0, say=lambda _: None)
         t0 = time.perf_counter()
         for s in range(steps):
-            for m in range(4):
+            for m in range(8):
                 batches.micro_batch(s, m, 0)
-        rate = steps * 4 * 8 / (time.perf_counter() - t0)
+        rate = steps * 128 / (time.perf_counter() - t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"loader: {rate:,.0f} samples/s per rank (sequence 1024, 3-source mixture, micro 8 × accum 4, dp 8)")
+    need = _planned_samples_per_s()
+    print(f"| loader (one rank, one thread) | samples/s |\n| --- | ---: |\n"
+          f"| 3-source mixture, sequence 1024, micro 16 × accum 8 | {rate:,.0f} |\n"
+          f"| 124M preset on one H100, the planner's fastest layout | {need:,.0f} |\n\n"
+          f"headroom: {rate / need:.1f}x")
 
 
 def main() -> None:

@@ -401,3 +401,22 @@ def test_document_mask_batches_name_each_tokens_document_and_predict_no_first_to
     assert b["labels"][0].tolist() == [6, 0, -100, 8, 9, 0, -100, 3, 2, 1]
     plain = next(LMBatches(data, 1, 1, 1, seed=0).eval_batches(0, 1, 1))
     assert "document_ids" not in plain and plain["labels"][0].tolist()[2] == 7
+
+
+def test_a_tokenizer_learns_from_a_bounded_deterministic_sample(tiny_corpus, tmp_path):
+    """``data.tokenizer.train_bytes``: the first bytes of the training documents, in corpus order
+    (the last cut to fit): the same tokenizer as one trained on exactly that text."""
+    from trainer.data.tokenizer import sample, train_tokenizer
+
+    texts = ["ab" * 10, "cdé" * 10, "xyz" * 10]
+    assert list(sample(texts, 25)) == ["ab" * 10, "cdéc"]  # 20 bytes, then 5 more (é is 2)
+    assert list(sample(texts, 23)) == ["ab" * 10, "cd"]  # never half a character
+    assert sum(len(t.encode()) for t in sample(texts, 1000)) == 20 + 40 + 30
+    budget = 3000
+    cfg = DataConfig(source=str(tiny_corpus), cache_dir=str(tmp_path / "cache"), val_fraction=0.2,
+                     tokenizer={"vocab_size": 300, "train_bytes": budget})
+    got = prepare(cfg, log=lambda _: None).tokenizer
+    want = train_tokenizer("bpe", sample(Corpus(cfg).texts("train"), budget), 300)
+    assert got.to_str() == want.to_str()
+    whole = prepare(data_cfg(tiny_corpus, tmp_path / "whole"), log=lambda _: None).tokenizer
+    assert whole.to_str() != got.to_str()  # the bound changed what it learned

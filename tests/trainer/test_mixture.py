@@ -57,9 +57,8 @@ def sources(tmp_path_factory) -> dict[str, WindowDataset]:
     return out
 
 
-def _batches(sources, weights, micro=3, accum=2, dp=2, seed=7) -> MixtureBatches:
-    return MixtureBatches({n: (w, sources[n]) for n, w in weights.items()}, micro, accum, dp, seed,
-                          say=lambda _: None)
+def _batches(sources, weights, micro=3, accum=2, dp=2, seed=7, say=lambda _: None) -> MixtureBatches:
+    return MixtureBatches({n: (w, sources[n]) for n, w in weights.items()}, micro, accum, dp, seed, say=say)
 
 
 def _step_rows(b: MixtureBatches, step: int, accum: int, dp: int) -> np.ndarray:
@@ -69,7 +68,8 @@ def _step_rows(b: MixtureBatches, step: int, accum: int, dp: int) -> np.ndarray:
 
 def test_every_batch_draws_the_weights_share_and_1000_steps_match_the_weights(sources):
     weights = {"a": 0.5, "b": 0.3, "c": 0.2}
-    b = _batches(sources, weights)
+    said: list[str] = []
+    b = _batches(sources, weights, say=said.append)
     G, steps = 12, 1000
     seen = {n: [] for n in weights}
     per_step = []
@@ -100,6 +100,7 @@ def test_every_batch_draws_the_weights_share_and_1000_steps_match_the_weights(so
         assert set(ws[:upto]) == set(range(n_windows)) and len(ws[:upto]) - n_windows == upto - n_windows, n
         assert ws[:before] != ws[upto: upto + before]
     assert b.metrics(steps)["epoch/b"] == pytest.approx(seen_b := len(seen["b"]) / 300) and seen_b > 11
+    assert f"data.mixture source 'b' ran out by step {steps}: epoch 13 reads its windows again, in a new order" in said
 
 
 @pytest.mark.parametrize("layout", [(3, 4, 1), (3, 1, 4), (6, 2, 1), (1, 6, 2)])
