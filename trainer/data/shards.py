@@ -14,6 +14,8 @@ largest document and an encode batch, whatever the corpus's size.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import multiprocessing
 import os
@@ -283,11 +285,22 @@ def _work_tokenizer(cfg: DataConfig, corpus: Corpus, work: Path, log: Callable[[
     return tok
 
 
+def _unit_tokenizer(path: str) -> Tokenizer:
+    """One tokenizer per process for all its units: a fresh one per unit, used and dropped,
+    leaves a few MB behind each time (measured), which adds up over thousands of units."""
+    st = Path(path).stat()
+    return _load_once(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_once(path: str, mtime_ns: int, size: int) -> Tokenizer:
+    return load_tokenizer(path)
+
+
 def encode_unit(cfg: DataConfig, work: Path, u: int, unit: tuple[Piece, ...]) -> dict:
     """Unit ``u`` into ``train-u.bin`` and ``val-u.bin``, then ``u.json`` with their counts:
     each renamed into place when whole, the counts last."""
-    tok = Tokenizer.from_file(str(work / "tokenizer.json")) if not cfg.tokenizer.path else \
-        load_tokenizer(cfg.tokenizer.path)
+    tok = _unit_tokenizer(str(work / "tokenizer.json") if not cfg.tokenizer.path else cfg.tokenizer.path)
     dtype = token_dtype(tok.get_vocab_size())
     tag = f"{os.getpid()}.tmp"
     outs = {split: work / f"{split}-{u:05d}.bin.{tag}" for split in ("train", "val")}
@@ -318,12 +331,16 @@ def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece
         # said before the fork so that tokenizers need not warn about it.
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # The parent's objects out of the collector's reach: a child's collections would write
+        # to their headers and copy the pages they sit on, one by one, over its life.
+        gc.freeze()
         try:
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
                 for _ in pool.map(encode_unit, *zip(*((cfg, work, u, unit) for u, unit in todo), strict=True)):
                     bar.update()
         finally:
+            gc.unfreeze()
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM")
             else:
