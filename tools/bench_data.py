@@ -76,8 +76,10 @@ HF_MAP = """
 import sys, time, datasets
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[2])
+t_load = time.perf_counter()
 ds = datasets.load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[4])
 t0 = time.perf_counter()
+print(t0 - t_load)
 ds.map(lambda b: {"input_ids": [e.ids for e in tok.encode_batch_fast(b["text"], add_special_tokens=False)]},
        batched=True, num_proc=int(sys.argv[3]), remove_columns=["text"])
 print(time.perf_counter() - t0)
@@ -108,8 +110,11 @@ def throughput(mb: float, workers: int) -> None:
         ours = _timed(_prepare_args(corpus, work / "c1", [f"data.tokenizer.path={tok}", f"data.shard_bytes={shard}"])
                       + ["--workers", str(workers)])
         one = _timed(_prepare_args(corpus, work / "c2", [f"data.tokenizer.path={tok}"]))
-        hf = float(subprocess.run([sys.executable, "-c", HF_MAP, str(corpus), str(tok), str(workers),
-                                   str(work / "hf")], check=True, capture_output=True, text=True).stdout.split()[-1])
+        phase = {c: json.loads(next((work / c / "datasets").glob("*/meta.json")).read_text())["seconds"]["encode"]
+                 for c in ("c1", "c2")}
+        hf_load, hf = (float(x) for x in subprocess.run(
+            [sys.executable, "-c", HF_MAP, str(corpus), str(tok), str(workers), str(work / "hf")],
+            check=True, capture_output=True, text=True).stdout.split()[-2:])
         bare = float(subprocess.run([sys.executable, "-c", BARE, str(corpus), str(tok)], check=True,
                                     capture_output=True, text=True).stdout.split()[-1])
     finally:
@@ -118,8 +123,12 @@ def throughput(mb: float, workers: int) -> None:
     print("| what | seconds | MB/s | of the limit |\n| --- | ---: | ---: | ---: |")
     for name, s in ((f"`seqtrain data prepare --workers {workers}` (whole command: start-up, read, encode, "
                      "write, concatenate)", ours),
-                    ("`seqtrain data prepare` (one process, tokenizers' threads)", one),
-                    (f"HF `datasets.map(batched=True, num_proc={workers})` (encode into Arrow; load not timed)", hf),
+                    ("the same, its encode phase (read JSONL, encode, write the shards; `meta.json`)", phase["c1"]),
+                    ("`seqtrain data prepare` (one process, tokenizers' threads), whole command", one),
+                    ("the same, its encode phase", phase["c2"]),
+                    (f"HF `load_dataset('json')` + `map(batched=True, num_proc={workers})` (read into Arrow, encode)",
+                     hf_load + hf),
+                    ("the same, `map` alone (encode into Arrow)", hf),
                     ("bare `encode_batch_fast` loop, texts in memory (the limit)", bare)):
         print(f"| {name} | {s:.1f} | {mb_s(s):.2f} | {bare / s:.2f} |")
     print(f"\n{size / 1e6:.0f} MB of JSONL text")

@@ -104,12 +104,15 @@ def encode_documents(tok: Tokenizer, docs: Iterable[tuple[str, str]], outs: dict
 
     def flush() -> None:
         encs = encode([text for _, text in batch], add_special_tokens=False)
+        ids: dict[str, list[int]] = {split: [] for split in outs}
         for (name, text), e in zip(batch, encs, strict=True):
             split = "val" if name_key(name, "split") < val_fraction else "train"
-            ids = np.array([*e.ids, eos], dtype=dtype)
-            ids.tofile(files[split])
-            counts[split]["tokens"] += len(ids)
+            ids[split] += e.ids
+            ids[split].append(eos)
             counts[split]["bytes"] += len(text.encode("utf-8", errors="replace"))
+        for split, got in ids.items():  # one array per split and batch, not one per document
+            np.array(got, dtype=dtype).tofile(files[split])
+            counts[split]["tokens"] += len(got)
         batch.clear()
 
     try:
