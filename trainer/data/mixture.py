@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from trainer.config import DataConfig, MixtureSource
 from trainer.data import pretokenized
 from trainer.data.corpus import Corpus
 from trainer.data.sampler import BatchSchedule, LMBatches, WindowDataset, mark_documents
-from trainer.data.shards import PreparedData, prepare
+from trainer.data.shards import PreparedData, prepare, writer_tag
 from trainer.data.tokenizer import load_tokenizer, sample, tokenizer_hash, train_tokenizer
 from trainer.errors import DataError
 
@@ -111,7 +110,7 @@ def _train_mixture_tokenizer(cfg: DataConfig, log: Callable[[str], None]) -> Pat
         f"{len(corpora)} mixture sources")
     tok = train_tokenizer(tok_cfg.kind, texts(), tok_cfg.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(f".{writer_tag()}.tmp")
     tok.save(str(tmp))
     tmp.replace(path)  # whole or absent, whoever finishes last
     return path

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -73,6 +74,12 @@ def publish(tmp: Path, final: Path) -> None:
         # Another process (another node on a shared disk) finished first: keep its copy.
         if not (final / "meta.json").is_file():
             raise
+
+
+def writer_tag() -> str:
+    """Names this process's temporary files apart from every other writer's, on any node of a
+    shared file system."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -282,7 +289,7 @@ def _work_tokenizer(cfg: DataConfig, corpus: Corpus, work: Path, log: Callable[[
     split = "train" if next(corpus.texts("train"), None) is not None else "all"
     tok = train_tokenizer(cfg.tokenizer.kind, sample(corpus.texts(split), cfg.tokenizer.train_bytes),
                           cfg.tokenizer.vocab_size)
-    tmp = work / f"tokenizer.json.{os.getpid()}"
+    tmp = work / f"tokenizer.json.{writer_tag()}"
     tok.save(str(tmp))
     tmp.replace(path)  # concurrent parts train the same one: whoever renames last wins, equal
     return tok
@@ -305,7 +312,7 @@ def encode_unit(cfg: DataConfig, work: Path, u: int, unit: tuple[Piece, ...]) ->
     each renamed into place when whole, the counts last."""
     tok = _unit_tokenizer(str(work / "tokenizer.json") if not cfg.tokenizer.path else cfg.tokenizer.path)
     dtype = token_dtype(tok.get_vocab_size())
-    tag = f"{os.getpid()}.tmp"
+    tag = f"{writer_tag()}.tmp"
     outs = {split: work / f"{split}-{u:05d}.bin.{tag}" for split in ("train", "val")}
     t0 = time.perf_counter()
     counts = encode_documents(tok, Corpus.reader(cfg).unit_documents(unit), outs, dtype, cfg.val_fraction)
