@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.config import load_config
+from trainer.data.mixture import MixtureBatches
+from trainer.data.sampler import WindowDataset
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/gpt/gpt2-124m.yaml"
 WORDS = 30_000
@@ -183,17 +187,12 @@ def _planned_samples_per_s() -> float:
     out = subprocess.run([sys.executable, "-m", "trainer", "plan", str(CONFIG), "--gpus", "1", "--json"],
                          check=True, cwd=REPO, capture_output=True, text=True).stdout
     fastest = min(lay["step_time_s"] for lay in json.loads(out)["layouts"] if lay["fits"])
-    from trainer.config import load_config
-
     return load_config(str(CONFIG), []).train.global_batch_size / fastest
 
 
 def loader(steps: int) -> None:
     """Samples/s of ``MixtureBatches`` at the 124M preset's shapes (sequence 1024, micro 16,
     global 128 on one rank), three sources by weight, on this CPU; beside the GPU's need."""
-    from trainer.data.mixture import MixtureBatches
-    from trainer.data.sampler import WindowDataset
-
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
         sources = {}
