@@ -87,14 +87,14 @@ def splits(cfg: DataConfig, vocab_size: int, eos: int) -> dict[str, Iterator[np.
     source = kind(cfg)
     if source == "datasets-input-ids":
         where = f"data.source={cfg.source!r} column {IDS_COLUMN!r}"
-        return {split: _checked(_rows(cfg, split, eos), where, vocab_size) for split in ("train", "val")}
+        return {split: _checked(_in_chunks(_rows(cfg, split, eos)), where, vocab_size) for split in ("train", "val")}
     if source == "nanogpt":
         dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
         return {f.stem: _checked(_flat(f, dtype), f, vocab_size) for f in files(cfg)}
     idx, data = files(cfg)
     out = {}
     for split in ("train", "val"):
-        out[split] = _checked(_megatron_documents(idx, data, cfg.val_fraction, split), data, vocab_size)
+        out[split] = _checked(_in_chunks(_megatron_documents(idx, data, cfg.val_fraction, split)), data, vocab_size)
     return out
 
 
@@ -107,22 +107,30 @@ def _flat(path: Path, dtype) -> Iterator[np.ndarray]:
         yield np.asarray(ids[start:start + CHUNK])
 
 
+def _in_chunks(arrays: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Consecutive arrays joined into chunks of at least ``CHUNK`` ids (the last may be less)."""
+    buf: list[np.ndarray] = []
+    held = 0
+    for a in arrays:
+        buf.append(a)
+        held += len(a)
+        if held >= CHUNK:
+            yield np.concatenate(buf)
+            buf, held = [], 0
+    if buf:
+        yield np.concatenate(buf)
+
+
 def _rows(cfg: DataConfig, split: str, eos: int) -> Iterator[np.ndarray]:
-    """One split's rows (named ``SPLIT:i`` as text rows are), each closed by ``eos``, in chunks."""
-    want_val, buf, held = split == "val", [], 0
+    """One split's rows (named ``SPLIT:i`` as text rows are), each closed by ``eos``."""
+    want_val = split == "val"
     for i, row in enumerate(hf_dataset(cfg)):
         if (name_key(f"{cfg.hf_split}:{i}", "split") < cfg.val_fraction) != want_val:
             continue
         ids = np.asarray(row[IDS_COLUMN], dtype=np.int64)
         if ids.ndim != 1:
             raise DataError(f"data.source={cfg.source!r} row {i}: {IDS_COLUMN!r} is not a list of token ids")
-        buf.append(ids if len(ids) and ids[-1] == eos else np.append(ids, eos))
-        held += len(buf[-1])
-        if held >= CHUNK:
-            yield np.concatenate(buf)
-            buf, held = [], 0
-    if buf:
-        yield np.concatenate(buf)
+        yield ids if len(ids) and ids[-1] == eos else np.append(ids, eos)
 
 
 def _checked(chunks: Iterator[np.ndarray], path: Path | str, vocab_size: int) -> Iterator[np.ndarray]:
@@ -161,10 +169,10 @@ def read_megatron_index(idx: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np
 
 
 def _megatron_documents(idx: Path, data: Path, val_fraction: float, split: str) -> Iterator[np.ndarray]:
+    """One split's sequences, document by document (a document to validation by a hash of its
+    index)."""
     dtype, lengths, pointers, docs = read_megatron_index(idx)
     ids = np.memmap(data, dtype=np.uint8, mode="r")
-    buf: list[np.ndarray] = []
-    held = 0
     for d in range(len(docs) - 1):
         if (name_key(str(d), "split") < val_fraction) != (split == "val"):
             continue
@@ -172,10 +180,4 @@ def _megatron_documents(idx: Path, data: Path, val_fraction: float, split: str) 
             start, n = int(pointers[s]), int(lengths[s]) * dtype.itemsize
             if start + n > len(ids):
                 raise DataError(f"{data}: sequence {s} ends at byte {start + n}, past the file's {len(ids)}")
-            buf.append(np.frombuffer(ids[start:start + n], dtype=dtype))
-            held += len(buf[-1])
-        if held >= CHUNK:
-            yield np.concatenate(buf)
-            buf, held = [], 0
-    if buf:
-        yield np.concatenate(buf)
+            yield np.frombuffer(ids[start:start + n], dtype=dtype)
