@@ -1,0 +1,107 @@
+"""Recursive networks over trees: the child-sum Tree-LSTM (Tai, Socher & Manning 2015) and the
+plain recursive tanh cell (Socher et al. 2011, child-sum form), as a classifier of each tree's
+root.
+
+A batch is a forest flattened into nodes (``trainer/data/listops.py``'s ``batch_of``): each
+node's token, its parent's index (-1 at a root), its height (0 at a leaf) and each tree's root.
+Nodes are composed bottom-up **by height**: every node of one height, across the whole batch,
+in one matmul, its children (all lower, so already computed) gathered by index and summed with
+``index_add_``. A step therefore costs one pass per height level, whatever the batch size:
+Python runs ``max height + 1`` iterations, not one per node.
+
+Child-sum Tree-LSTM, node j with children C(j), input x_j (its token's embedding):
+
+    h̃_j = Σ_{k∈C(j)} h_k
+    i_j, o_j, u_j = σ(W_i x_j + U_i h̃_j + b_i), σ(W_o x_j + U_o h̃_j + b_o), tanh(W_u x_j + U_u h̃_j + b_u)
+    f_jk = σ(W_f x_j + U_f h_k + b_f)            (a forget gate per child)
+    c_j = i_j ⊙ u_j + Σ_k f_jk ⊙ c_k,   h_j = o_j ⊙ tanh(c_j)
+
+Recursive tanh cell: h_j = tanh(W x_j + U h̃_j + b).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from models.init import count_params, seeded_normal_
+
+
+class TreeRNNConfig(BaseModel):
+    """A recursive network classifying trees by their root."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    family: Literal["tree_rnn"] = "tree_rnn"
+    """Model family."""
+    cell: Literal["tree_lstm", "tanh"] = "tree_lstm"
+    """``tree_lstm``: child-sum Tree-LSTM; ``tanh``: plain recursive cell."""
+    vocab_size: int = Field(14, ge=2)
+    """Node tokens (ListOps: 4 operators and 10 digits)."""
+    n_classes: int = Field(10, ge=2)
+    """Classes of a tree (ListOps: its value, 0 to 9)."""
+    d_model: int = Field(128, ge=1)
+    """Embedding and state size."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the root state before the classifier."""
+    init_std: float = Field(0.1, gt=0)
+    """Std of the normal init of the weights."""
+
+
+class TreeRNN(nn.Module):
+    def __init__(self, cfg: TreeRNNConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, gates = cfg.d_model, 4 if cfg.cell == "tree_lstm" else 1
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.W = nn.Linear(d, gates * d)  # i, o, u, f (Tree-LSTM) from the node's own input
+        self.U = nn.Linear(d, (gates - 1 if gates > 1 else 1) * d, bias=False)  # i, o, u from the child sum
+        self.U_f = nn.Linear(d, d, bias=False) if gates > 1 else None  # f from each child
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(d, cfg.n_classes)
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                seeded_normal_(p.data, seed, name, cfg.init_std)
+            else:
+                nn.init.zeros_(p)
+
+    def num_params(self) -> int:
+        return count_params(self)
+
+    def node_states(self, tokens: torch.Tensor, parent: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Every node's state h, composed bottom-up one height level at a time."""
+        n, d = len(tokens), self.cfg.d_model
+        wx = self.W(self.embed(tokens))  # every node's input term at once
+        h = wx.new_zeros(n, d)
+        c = wx.new_zeros(n, d) if self.U_f is not None else None
+        has_parent = parent >= 0
+        for lv in range(int(level.max()) + 1):
+            idx = (level == lv).nonzero().squeeze(1)
+            # Children of this level's nodes: the nodes whose parent is at this level.
+            kids = (has_parent & (level[parent.clamp(min=0)] == lv)).nonzero().squeeze(1)
+            slot = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
+            slot[idx] = torch.arange(len(idx), device=tokens.device)
+            into = slot[parent[kids]]  # each child's parent, as a row of this level
+            h_sum = h.new_zeros(len(idx), d).index_add(0, into, h[kids])
+            if self.U_f is None:
+                new_h = torch.tanh(wx[idx] + self.U(h_sum))
+            else:
+                wi, wo, wu, wf = wx[idx].chunk(4, dim=1)
+                ui, uo, uu = self.U(h_sum).chunk(3, dim=1)
+                f = torch.sigmoid(wf[into] + self.U_f(h[kids]))  # a forget gate per child
+                new_c = torch.sigmoid(wi + ui) * torch.tanh(wu + uu) + \
+                    h.new_zeros(len(idx), d).index_add(0, into, f * c[kids])
+                new_h = torch.sigmoid(wo + uo) * torch.tanh(new_c)
+                c = c.index_copy(0, idx, new_c)  # out of place: earlier levels' reads stay valid
+            h = h.index_copy(0, idx, new_h)
+        return h
+
+    def forward(self, tokens: torch.Tensor, parent: torch.Tensor, level: torch.Tensor, roots: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits per tree, or with ``labels`` the mean cross-entropy."""
+        logits = self.head(self.drop(self.node_states(tokens, parent, level)[roots]))
+        return logits if labels is None else F.cross_entropy(logits.float(), labels)
