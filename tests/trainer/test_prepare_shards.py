@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,24 @@ def test_prepare_options_are_checked_in_one_line(tmp_path):
                      *sets(f"data.source={corpus}")], tmp_path / "cache", check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"seqtrain: error: {message}"), p.stderr
+
+
+def test_preparations_of_one_corpus_started_together_all_get_the_dataset(mixed_corpus, tmp_path):
+    """Four ``seqtrain data prepare`` at once on one cache (the first rank of four nodes, or an
+    array's tasks): the first to publish removes the shared work directory under the others;
+    each returns the same dataset, and nothing half-made is left."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    cmd = [sys.executable, "-m", "trainer", "data", "prepare", str(REPO / "configs/gpt/debug.yaml"),
+           *sets(f"data.source={mixed_corpus}", "data.max_bytes=null", "data.shard_bytes=2000",
+                 "data.tokenizer.vocab_size=300")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=cli_env(tmp_path / "cache"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0] * 4, [err[-2000:] for _, _, err in results]
+    dirs = {out.strip().splitlines()[-1].split(":")[0] for _, out, _ in results}
+    assert len(dirs) == 1
+    assert [e.name for e in (tmp_path / "cache" / "datasets").iterdir()] == [Path(dirs.pop()).name]

@@ -233,9 +233,15 @@ def prepare(cfg: DataConfig, log: Callable[[str], None] = print, workers: int = 
     work.mkdir(exist_ok=True)
     try:
         return _prepare_text(cfg, corpus, key, work, final, log, workers, part)
-    except DataError:
-        # Bad input: fixing it changes the fingerprint, so nothing here would be reused.
-        shutil.rmtree(work, ignore_errors=True)
+    except Exception as e:
+        # Several preparations of one corpus may run at once (a node's first rank each, the
+        # tasks of an array): whoever publishes first removes the shared work directory under
+        # the others' feet. Their copy would be the same: take it.
+        if (final / "meta.json").is_file():
+            shutil.rmtree(work, ignore_errors=True)  # in case this process made it again, late
+            return PreparedData(final, json.loads((final / "meta.json").read_text()))
+        if isinstance(e, DataError):  # bad input: fixing it changes the fingerprint
+            shutil.rmtree(work, ignore_errors=True)
         raise
 
 
@@ -252,21 +258,15 @@ def _prepare_text(cfg: DataConfig, corpus: Corpus, key: str, work: Path, final: 
     t1 = time.perf_counter()
     _encode_units(cfg, work, [(u, units[u]) for u in todo], workers, log)
     t_enc = time.perf_counter() - t1
-    if (final / "meta.json").is_file():  # another part finished the set meanwhile
+    if (final / "meta.json").is_file():  # another part (or preparation) finished the set meanwhile
+        shutil.rmtree(work, ignore_errors=True)
         return PreparedData(final, json.loads((final / "meta.json").read_text()))
     missing = [u for u in range(len(units)) if not _unit_meta(work, u).is_file()]
     if missing:
         log(f"{cfg.source}: part {part[0]}/{part[1]} wrote its {len(mine)} shards; {len(missing)} of "
             f"{len(units)} are still to come from the other parts, the last of which writes the dataset")
         return None
-    try:
-        prep = _finalize(cfg, key, tok, work, len(units), final, {"tokenizer": t_tok, "encode": t_enc}, log)
-    except FileNotFoundError:
-        # Two parts completed the set at once and the other one published first (and removed
-        # the shards): its copy is the same.
-        if not (final / "meta.json").is_file():
-            raise
-        return PreparedData(final, json.loads((final / "meta.json").read_text()))
+    prep = _finalize(cfg, key, tok, work, len(units), final, {"tokenizer": t_tok, "encode": t_enc}, log)
     shutil.rmtree(work, ignore_errors=True)
     return prep
 
