@@ -271,8 +271,8 @@ class MixtureBatches:
         last = self.segments[-1]
         if last.weights != self.weights or last.global_batch != self.global_batch:
             self.segments.append(Segment(step, self.global_batch, self.weights, self.counts(step)))
-        self._epochs = {n: int(c / len(self.data[n])) for n, c in self.counts(step).items() if n in self.data}
-        self._epochs.update({n: 0 for n in self.data if n not in self._epochs})
+        counts = self.counts(step)
+        self._epochs = {n: counts.get(n, 0) // len(ds) for n, ds in self.data.items()}
 
 
 class MixtureEval:

@@ -256,7 +256,7 @@ def _prepare_text(cfg: DataConfig, corpus: Corpus, key: str, work: Path, final: 
     if len(todo) < len(mine):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of {cfg.source} already written")
     t1 = time.perf_counter()
-    _encode_units(cfg, work, [(u, units[u]) for u in todo], workers, log)
+    _encode_units(cfg, work, [(u, units[u]) for u in todo], workers)
     t_enc = time.perf_counter() - t1
     if (final / "meta.json").is_file():  # another part (or preparation) finished the set meanwhile
         shutil.rmtree(work, ignore_errors=True)
@@ -325,8 +325,7 @@ def encode_unit(cfg: DataConfig, work: Path, u: int, unit: tuple[Piece, ...]) ->
     return counts
 
 
-def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece, ...]]], workers: int,
-                  log: Callable[[str], None]) -> None:
+def _encode_units(cfg: DataConfig, work: Path, todo: list[tuple[int, tuple[Piece, ...]]], workers: int) -> None:
     bar = tqdm(total=len(todo), unit="shard", desc=f"tokenize {cfg.source}", disable=None, file=sys.stderr,
                leave=False)
     with bar:
