@@ -2,7 +2,8 @@
 
 ``build(cfg, seed)`` maps a model config (selected by its ``family`` field) to an ``nn.Module``.
 Every family's ``forward(**batch)`` returns the training loss when the batch carries labels
-(the RNN language model also returns its recurrent state, for truncated BPTT).
+(the RNN language model also returns its recurrent state, for truncated BPTT); classifiers
+(trees, sequences) return logits without labels.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from torch import nn
 from models.encdec import EncDecConfig, EncoderDecoder
 from models.gpt import GPT, GPTConfig
 from models.rnn import RNNLM, RNNLMConfig, Seq2SeqRNN, Seq2SeqRNNConfig
+from models.seq_classifier import SeqClassifier, SeqClassifierConfig
+from models.tree_rnn import TreeRNN, TreeRNNConfig
 
 ModelConfig = Annotated[
-    GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig, Field(discriminator="family")
+    GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig | TreeRNNConfig | SeqClassifierConfig,
+    Field(discriminator="family"),
 ]
 """Any model config; the ``family`` field selects the member."""
 
@@ -26,6 +30,8 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "encdec": (EncDecConfig, EncoderDecoder),
     "rnn_lm": (RNNLMConfig, RNNLM),
     "rnn_seq2seq": (Seq2SeqRNNConfig, Seq2SeqRNN),
+    "tree_rnn": (TreeRNNConfig, TreeRNN),
+    "seq_classifier": (SeqClassifierConfig, SeqClassifier),
 }
 
 
@@ -35,4 +41,4 @@ def build(cfg, seed: int = 0) -> nn.Module:
 
 
 __all__ = ["FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
-           "Seq2SeqRNNConfig", "ModelConfig", "build"]
+           "Seq2SeqRNNConfig", "TreeRNNConfig", "SeqClassifierConfig", "ModelConfig", "build"]

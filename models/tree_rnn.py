@@ -40,10 +40,10 @@ class TreeRNNConfig(BaseModel):
     """Model family."""
     cell: Literal["tree_lstm", "tanh"] = "tree_lstm"
     """``tree_lstm``: child-sum Tree-LSTM; ``tanh``: plain recursive cell."""
-    vocab_size: int = Field(14, ge=2)
-    """Node tokens (ListOps: 4 operators and 10 digits)."""
-    n_classes: int = Field(10, ge=2)
-    """Classes of a tree (ListOps: its value, 0 to 9)."""
+    vocab_size: int | None = Field(None, ge=2)
+    """Node tokens (ListOps: 4 operators and 10 digits); null: the task's."""
+    n_classes: int | None = Field(None, ge=2)
+    """Classes of a tree (ListOps: its value, 0 to 9); null: the task's."""
     d_model: int = Field(128, ge=1)
     """Embedding and state size."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -55,12 +55,18 @@ class TreeRNNConfig(BaseModel):
 class TreeRNN(nn.Module):
     def __init__(self, cfg: TreeRNNConfig, seed: int = 0) -> None:
         super().__init__()
+        if cfg.vocab_size is None or cfg.n_classes is None:
+            raise ValueError("TreeRNNConfig.vocab_size and n_classes must be resolved first")
         self.cfg = cfg
         d, gates = cfg.d_model, 4 if cfg.cell == "tree_lstm" else 1
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.W = nn.Linear(d, gates * d)  # i, o, u, f (Tree-LSTM) from the node's own input
-        self.U = nn.Linear(d, (gates - 1 if gates > 1 else 1) * d, bias=False)  # i, o, u from the child sum
-        self.U_f = nn.Linear(d, d, bias=False) if gates > 1 else None  # f from each child
+        # The recurrent weights are used once per height level. They are this module's own
+        # parameters, not submodules called per level, so that ZeRO-3 gathers them once per
+        # forward (and once per backward) whatever the number of levels, which differs between
+        # ranks: it gathers a module's parameters each time that module is called.
+        self.U = nn.Parameter(torch.empty((gates - 1 if gates > 1 else 1) * d, d))  # i, o, u from the child sum
+        self.U_f = nn.Parameter(torch.empty(d, d)) if gates > 1 else None  # f from each child
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(d, cfg.n_classes)
         for name, p in self.named_parameters():
@@ -71,6 +77,15 @@ class TreeRNN(nn.Module):
 
     def num_params(self) -> int:
         return count_params(self)
+
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Training FLOPs per node (a tree's "tokens" are its nodes): 6 × the cell's weights,
+        each node multiplying W once, U once (its children's sum) and, as a child, U_f once.
+        An upper bound by a few percent: a leaf's U runs forward on its zero child sum, but
+        autograd skips that product's input gradient (a constant has none), and a root is no
+        child. The classifier runs once per tree and is not counted; ``seq_len`` plays no part."""
+        n = self.W.weight.numel() + sum(p.numel() for p in (self.U, self.U_f) if p is not None)
+        return float(6 * n), float(6 * self.num_params())
 
     def node_states(self, tokens: torch.Tensor, parent: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """Every node's state h, composed bottom-up one height level at a time."""
@@ -88,11 +103,11 @@ class TreeRNN(nn.Module):
             into = slot[parent[kids]]  # each child's parent, as a row of this level
             h_sum = h.new_zeros(len(idx), d).index_add(0, into, h[kids])
             if self.U_f is None:
-                new_h = torch.tanh(wx[idx] + self.U(h_sum))
+                new_h = torch.tanh(wx[idx] + F.linear(h_sum, self.U))
             else:
                 wi, wo, wu, wf = wx[idx].chunk(4, dim=1)
-                ui, uo, uu = self.U(h_sum).chunk(3, dim=1)
-                f = torch.sigmoid(wf[into] + self.U_f(h[kids]))  # a forget gate per child
+                ui, uo, uu = F.linear(h_sum, self.U).chunk(3, dim=1)
+                f = torch.sigmoid(wf[into] + F.linear(h[kids], self.U_f))  # a forget gate per child
                 new_c = torch.sigmoid(wi + ui) * torch.tanh(wu + uu) + \
                     h.new_zeros(len(idx), d).index_add(0, into, f * c[kids])
                 new_h = torch.sigmoid(wo + uo) * torch.tanh(new_c)

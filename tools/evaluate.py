@@ -3,7 +3,7 @@
 Language models: loss (nats/token), perplexity = exp(loss), bits per byte and per character
 (total NLL / ln 2 over the UTF-8 bytes and the characters of the predicted text), token
 accuracy. Sequence-to-sequence: exact match, BLEU and chrF (sacrebleu, detokenized text),
-greedy or beam. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
+greedy or beam. Classifiers: accuracy over a split of ListOps expressions. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
 any layout: the weights are consolidated on load.
 """
 
@@ -24,12 +24,18 @@ from trainer import checkpoint
 from trainer.callbacks.checkpointing import FINISHED
 from trainer.callbacks.tracking import open_run
 from trainer.config import Config, TrackingConfig, load_config
-from trainer.data import prepare
+from trainer.data import listops, prepare
 from trainer.data.mixture import prepare_mixture
 from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
-from trainer.evaluation.inference import encode_sources, load_for_inference, translate_ids
+from trainer.evaluation.inference import (
+    classify,
+    encode_sources,
+    load_classifier,
+    load_for_inference,
+    translate_ids,
+)
 from trainer.families import spec
 
 if TYPE_CHECKING:
@@ -136,12 +142,16 @@ def _pairs(cfg: Config, data: str | None, split: str, limit: int) -> list[tuple[
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: str | None = None,
-                        split: str = "val", beam: int = 1, limit: int = 500,
+                        split: str = "val", beam: int = 1, limit: int | None = None,
                         max_tokens: int | None = 200_000, samples: int = 3,
                         harness: Harness | None = None) -> dict[str, Any]:
     """Metrics of one checkpoint: lm-eval tasks with ``harness``, else perplexity and bits
     (language models) or BLEU/chrF (sequence-to-sequence)."""
     ckpt = checkpoint.resolve(path)
+    if checkpoint.saved_config(ckpt).family.examples:
+        if harness is not None or text_file:
+            raise CheckpointError(f"{ckpt}: a classifier; give --data (a ListOps file or config) and --split")
+        return _classifier_metrics(ckpt, data, split, limit, samples)
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt),
                            "family": cfg.model.family}
@@ -152,7 +162,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
     if cfg.is_seq2seq:
         if text_file:
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
-        return {**out, **_translation_metrics(model, src_tok, tgt_tok, cfg, _pairs(cfg, data, split, limit),
+        return {**out, **_translation_metrics(model, src_tok, tgt_tok, cfg, _pairs(cfg, data, split, limit or 500),
                                               beam, samples)}
     sets = _lm_tokens(ckpt.parent.parent, cfg, src_tok, text_file, data)
     out.update(_lm_source_metrics(model, src_tok, sets, cfg.data.seq_len, max_tokens))
@@ -161,6 +171,27 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
     gen = model.generate(torch.tensor([[eos]] * samples), 64, 0.8, 50, None, (eos,), g)
     out["samples"] = [src_tok.decode(r.tolist()[1:]) for r in gen]
     return out
+
+
+def _classifier_metrics(ckpt: Path, data: str | None, split: str, limit: int | None,
+                        samples: int) -> dict[str, Any]:
+    """Accuracy on ``split`` of the run's ListOps data (or of ``--data``: a config, or a ListOps
+    file read whole), every expression of it unless ``limit``."""
+    model, cfg = load_classifier(ckpt)
+    if data and not data.endswith((".yaml", ".yml")):
+        rows = list(listops.read_file(data))
+        trees, labels = [t for t, _ in rows], [t.value() if y is None else y for t, y in rows]
+    else:
+        trees, labels = listops.read_splits(load_config(data).data if data else cfg.data, cfg.train.seed)[split]
+    trees, labels = trees[:limit], labels[:limit]
+    if not trees:
+        raise DataError(f"--split {split}: no expressions to classify")
+    pred = classify(model, cfg, trees)
+    return {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt), "family": cfg.model.family,
+            "accuracy": sum(p == y for p, y in zip(pred, labels, strict=True)) / len(trees),
+            "examples": len(trees),
+            "samples": [{"expression": t.text(), "label": y, "output": p}
+                        for t, y, p in list(zip(trees, labels, pred, strict=True))[:samples]]}
 
 
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
@@ -251,6 +282,8 @@ def curve_metrics(results: list[dict[str, Any]]) -> list[str]:
         return ["bleu", "exact_match"]
     if "loss" in results[0]:
         return ["loss", "bits_per_byte"]
+    if "accuracy" in results[0]:
+        return ["accuracy"]
     # lm-eval tasks: the first metric of each task (``task/acc``), at most four panels.
     tasks: dict[str, str] = {}
     for k in results[0]:

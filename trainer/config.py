@@ -73,7 +73,8 @@ class DataConfig(_Section):
     ``datasets.load_dataset(NAME)`` (``hf:json`` / ``hf:parquet`` with ``hf_data_files``).
     Already tokenized (with ``data.tokenizer.path``, the tokenizer that made the ids): a folder
     holding nanoGPT's ``train.bin`` (and ``val.bin``), or a Megatron-LM / GPT-NeoX indexed
-    dataset named by its prefix (``PREFIX.bin`` + ``PREFIX.idx``)."""
+    dataset named by its prefix (``PREFIX.bin`` + ``PREFIX.idx``). Classifier families:
+    ``listops`` (generated) or a ListOps file (``EXPRESSION`` or ``LABEL<TAB>EXPRESSION`` per line)."""
     text_field: str = "text"
     """Field holding the text in ``.jsonl`` / ``.parquet`` files and ``datasets`` rows."""
     hf_config: str | None = None
@@ -89,12 +90,12 @@ class DataConfig(_Section):
     val_source: str | None = None
     """Sequence-to-sequence: the official validation pairs (a ``.tsv``/``.jsonl`` file, or a
     source file with ``val_target_source``); then all of ``source`` trains. Unset: a hash slice
-    of ``source`` of ``val_fraction`` validates."""
+    of ``source`` of ``val_fraction`` validates. Classifiers: a ListOps file."""
     val_target_source: str | None = None
     """Sequence-to-sequence: the target file aligned line by line with ``val_source``."""
     test_source: str | None = None
     """Sequence-to-sequence: the official test pairs, for ``seqtrain eval RUN --split test``
-    (never read in training)."""
+    (never read in training). Classifiers: a ListOps file."""
     test_target_source: str | None = None
     """Sequence-to-sequence: the target file aligned line by line with ``test_source``."""
     source_field: str = "source"
@@ -102,7 +103,8 @@ class DataConfig(_Section):
     target_field: str = "target"
     """Sequence-to-sequence JSONL: the field holding the target text."""
     num_pairs: int = Field(20_000, ge=10)
-    """Sequence-to-sequence ``source: dates`` (the embedded task): pairs to generate."""
+    """The embedded generated tasks: pairs of ``source: dates``, expressions of
+    ``source: listops``."""
     shared_vocab: bool = True
     """Sequence-to-sequence: one tokenizer for both sides (else one per side)."""
     max_tokens: int | None = Field(None, ge=1)
@@ -453,8 +455,14 @@ class Config(_Section):
             raise ValueError(f"train.scheduled_sampling is for model.family="
                              f"{_one_of('scheduled_sampling')}, not {fam}")
         for key in ("target_source", "val_source", "val_target_source", "test_source", "test_target_source"):
-            if getattr(self.data, key) and not spec.pairs:
+            if getattr(self.data, key) and not (spec.pairs or (spec.examples and "target" not in key)):
                 raise ValueError(f"data.{key} is for sequence-to-sequence families, not {fam}")
+        if spec.examples and (self.data.tbptt or self.data.mixture is not None or self.data.sampling == "random"):
+            raise ValueError(f"model.family={fam} reads labelled examples: data.tbptt, data.mixture and "
+                             "data.sampling=random are for language models")
+        if spec.examples and self.data.source not in ("listops",) and not self.data.source.endswith((".txt", ".tsv")):
+            raise ValueError(f"model.family={fam} classifies labelled examples: set data.source to 'listops' "
+                             f"(the embedded task) or a ListOps .txt/.tsv file, not {self.data.source!r}")
         for split in ("val", "test"):
             if getattr(self.data, f"{split}_target_source") and not getattr(self.data, f"{split}_source"):
                 raise ValueError(f"data.{split}_target_source needs data.{split}_source (the source side)")
@@ -633,7 +641,7 @@ class Config(_Section):
             raise ConfigError(f"parallel.pp={p.pp} does not combine with train.compile yet; "
                               "compile without pipeline parallelism")
 
-    def with_vocab(self, sizes: dict[str, int], where: Path, pad_id: int | None = None) -> Config:
+    def with_vocab(self, sizes: dict[str, int], where: Path | str, pad_id: int | None = None) -> Config:
         """A copy finished from the prepared data: ``null`` vocabulary sizes filled from the
         tokenizers (``sizes``: side ► size, rounded up to ``parallel.vocab_multiple``), every
         size checked against them and against the tensor-parallel degree, and the padding id of
@@ -646,11 +654,13 @@ class Config(_Section):
             have, need = getattr(out.model, key), sizes[side]
             if have is None:
                 setattr(out.model, key, -(-need // mult) * mult)
-            elif have < need:
+            elif have < need and side in ("src", "tgt"):
                 raise DataError(
                     f"tokenizer at {where} has {need} tokens but model.{key}={have}; "
                     f"raise model.{key} or set it to null"
                 )
+            elif have != need and side not in ("src", "tgt"):  # a task's fixed alphabet
+                raise DataError(f"{where} has {need} {side} but model.{key}={have}; set it to {need} or null")
         out.check_vocab()
         return out
 

@@ -12,7 +12,9 @@ are data, applied from outside by ``trainer/parallel/tensor.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from torch import nn
@@ -32,6 +34,12 @@ class FamilySpec:
     """Model config field ► tokenizer side (``src``/``tgt``) whose size fills it when null."""
     pairs: bool = False
     """Trains on (source, target) pairs (``trainer/data/seq2seq.py``), else on a token stream."""
+    examples: str | None = None
+    """Classifies labelled examples of a task (``data.source: listops`` or a task file), read
+    as ``trees`` (node tensors) or ``sequences`` (padded token ids); None: text."""
+    units: Callable[[dict[str, Any]], Any] | None = None
+    """The work units of a batch ("tokens" in throughput, per which ``flops_per_token``
+    counts): None: its labels other than -100."""
     carries_state: bool = False
     """Recurrent language model: returns ``(loss or logits, state)``, may train with truncated
     BPTT (``data.tbptt``) and is evaluated over contiguous streams."""
@@ -86,6 +94,16 @@ _ENCDEC_PLAN = {
     "out": "vocab_head", "loss_fn": "vocab_loss",
 }
 
+
+
+def _nodes(batch: dict[str, Any]) -> int:
+    return batch["tokens"].numel()
+
+
+def _sequence_tokens(batch: dict[str, Any]) -> int:
+    return sum(batch["lengths"])  # host lengths: no read of the device
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
@@ -104,6 +122,14 @@ FAMILIES: dict[str, FamilySpec] = {
         "rnn_seq2seq", *models.FAMILIES["rnn_seq2seq"],
         vocab={"src_vocab_size": "src", "tgt_vocab_size": "tgt"}, pairs=True,
         scheduled_sampling=True, head_vocab="tgt_vocab_size", callbacks=("scheduled_sampling",),
+    ),
+    "tree_rnn": FamilySpec(
+        "tree_rnn", *models.FAMILIES["tree_rnn"], vocab={"vocab_size": "nodes", "n_classes": "classes"},
+        examples="trees", units=_nodes,
+    ),
+    "seq_classifier": FamilySpec(
+        "seq_classifier", *models.FAMILIES["seq_classifier"],
+        vocab={"vocab_size": "tokens", "n_classes": "classes"}, examples="sequences", units=_sequence_tokens,
     ),
 }
 assert FAMILIES.keys() == models.FAMILIES.keys(), "every model family needs a spec"

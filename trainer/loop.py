@@ -170,7 +170,7 @@ class Trainer:
 
     def _eval_loss(self, val) -> float:
         """Mean loss over ``val``'s evaluation slice."""
-        n, dp, rank = self._eval_count(val), self.dims.dp, self.dims.dp_rank
+        n, dp, rank = self.eval_count(val), self.dims.dp, self.dims.dp_rank
         # Rank r takes global batches r, r + dp, ...; every rank runs the same count, a surplus
         # one weighted zero.
         rounds = -(-n // dp)
@@ -179,7 +179,7 @@ class Trainer:
         total = self.module.eval_loss_sum(batches, counted, getattr(val, "after_eval_forward", None))
         return float(self.dims.dp_mean(total)) * dp / n  # collective + host sync
 
-    def _eval_count(self, val) -> int:
+    def eval_count(self, val) -> int:
         """``eval.batches``, or fewer where the validation split holds fewer (a multiple of dp):
         each window counts once, not the split's head twice."""
         n, dp = self.cfg.eval.batches, self.dims.dp

@@ -53,3 +53,30 @@ def test_encdec_flops_per_token_match_torch_flop_counter():
     counted = counted_flops_per_token(model, {"src_ids": src, "tgt_in": tgt, "labels": tgt}, tgt.numel())
     exact, _ = model.flops_per_token(32)
     assert exact == pytest.approx(counted, rel=0.03)
+
+
+@pytest.mark.parametrize("cell", ["tree_lstm", "tanh"])
+def test_tree_rnn_flops_per_node_match_torch_flop_counter(cell):
+    """Per node of a ListOps forest; ours an upper bound by the leaves' skipped input gradient."""
+    from models import TreeRNNConfig
+    from trainer.data.listops import batch_of, generate
+
+    model = build(TreeRNNConfig(cell=cell, vocab_size=14, n_classes=10, d_model=64))
+    batch = batch_of(generate(32, seed=0))
+    counted = counted_flops_per_token(model, batch, len(batch["tokens"]))
+    exact, _ = model.flops_per_token(0)
+    assert counted <= exact <= 1.15 * counted
+
+
+def test_transformer_classifier_flops_per_token_match_torch_flop_counter():
+    """(``nn.LSTM``'s kernel is not seen by the counter: the LSTM encoder's 6 × weights is the
+    same count as the RNN language model's.)"""
+    from models import SeqClassifierConfig
+
+    model = build(SeqClassifierConfig(encoder="transformer", vocab_size=16, n_classes=10, pad_id=15,
+                                      d_model=64, n_layers=2, d_ff=256, max_len=32))
+    x = torch.randint(0, 15, (4, 32))
+    counted = counted_flops_per_token(model, {"input_ids": x, "lengths": [32] * 4, "labels": x[:, 0] % 10},
+                                      x.numel())
+    exact, _ = model.flops_per_token(32)
+    assert exact == pytest.approx(counted, rel=0.01)

@@ -18,14 +18,14 @@ def recursive_state(m: TreeRNN, node: Node) -> tuple[torch.Tensor, torch.Tensor 
     W, b = m.W.weight, m.W.bias
     h_sum = sum((h for h, _ in kids), torch.zeros(d))
     if m.cfg.cell == "tanh":
-        return torch.tanh(W @ x + b + m.U.weight @ h_sum), None
+        return torch.tanh(W @ x + b + m.U @ h_sum), None
     Wi, Wo, Wu, Wf = W.chunk(4, 0)
     bi, bo, bu, bf = b.chunk(4, 0)
-    Ui, Uo, Uu = m.U.weight.chunk(3, 0)
+    Ui, Uo, Uu = m.U.chunk(3, 0)
     i = torch.sigmoid(Wi @ x + bi + Ui @ h_sum)
     o = torch.sigmoid(Wo @ x + bo + Uo @ h_sum)
     u = torch.tanh(Wu @ x + bu + Uu @ h_sum)
-    c = i * u + sum((torch.sigmoid(Wf @ x + bf + m.U_f.weight @ hk) * ck for hk, ck in kids), torch.zeros(d))
+    c = i * u + sum((torch.sigmoid(Wf @ x + bf + m.U_f @ hk) * ck for hk, ck in kids), torch.zeros(d))
     return o * torch.tanh(c), c
 
 
@@ -33,7 +33,7 @@ def recursive_state(m: TreeRNN, node: Node) -> tuple[torch.Tensor, torch.Tensor 
 def test_batched_by_height_equals_node_by_node_recursion(cell):
     trees = generate(24, seed=3, max_tokens=60)
     assert len({t.height() for t in trees}) > 2  # several shapes in one batch
-    m = TreeRNN(TreeRNNConfig(cell=cell, d_model=16, init_std=0.3), seed=1)
+    m = TreeRNN(TreeRNNConfig(cell=cell, vocab_size=14, n_classes=10, d_model=16, init_std=0.3), seed=1)
     batch = batch_of(trees)
     logits = m(**{k: v for k, v in batch.items() if k != "labels"})
     want = torch.stack([m.head(recursive_state(m, t)[0]) for t in trees])

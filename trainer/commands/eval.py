@@ -15,8 +15,8 @@ def register(sub) -> None:
     ev.add_argument("--data", help="a config whose data section to evaluate on (its validation split), "
                     "or for sequence-to-sequence a .tsv/.jsonl of pairs")
     ev.add_argument("--split", default="val", choices=("val", "test"),
-                    help="sequence-to-sequence: which set of the run's data to translate (official "
-                    "files where data.val_source / data.test_source name them)")
+                    help="sequence-to-sequence and classifiers: which set of the run's data to score "
+                    "(official files where data.val_source / data.test_source name them)")
     ev.add_argument("--text-file", help="language models: a plain text file to evaluate on")
     ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (language models)")
     ev.add_argument("--task-dir", help="a folder of lm-eval task YAML files (local tasks, offline)")
@@ -26,7 +26,7 @@ def register(sub) -> None:
     ev.add_argument("--every-seconds", type=float, default=60.0, help="with --follow: how often to look")
     ev.add_argument("--beam", type=int, default=1, help="sequence-to-sequence beam size (1: greedy)")
     ev.add_argument("--limit", type=int, help="sequence-to-sequence pairs to decode (default 500); "
-                    "lm-eval documents per task (default all)")
+                    "examples to classify, lm-eval documents per task (default all)")
     ev.add_argument("--max-tokens", type=int, default=200_000, help="language-model tokens to score")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(run=main)
@@ -40,7 +40,7 @@ def _evaluation_keywords(args: argparse.Namespace) -> dict:
         if args.task_dir or args.num_fewshot is not None:
             raise SeqtrainError("--task-dir and --num-fewshot go with --tasks (lm-eval task names)")
         return dict(data=args.data, text_file=args.text_file, split=args.split, beam=args.beam,
-                    limit=500 if args.limit is None else args.limit, max_tokens=args.max_tokens)
+                    limit=args.limit, max_tokens=args.max_tokens)
     from trainer.data import hub
 
     # Before lm-eval (and datasets) are imported: offline, they read their caches at once.

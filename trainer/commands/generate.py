@@ -1,5 +1,6 @@
-"""``seqtrain generate CKPT``: sample from a language model or translate with a
-sequence-to-sequence model (a checkpoint of any layout, on one device)."""
+"""``seqtrain generate CKPT``: sample from a language model, translate with a
+sequence-to-sequence model or classify with a classifier (the value of ListOps expressions):
+a checkpoint of any layout, on one device."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ def register(sub) -> None:
     g.add_argument("--prompt", default="", help="language models: text to continue")
     g.add_argument("--source", action="append", default=[],
                    help="sequence-to-sequence: a source sentence (repeatable)")
-    g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines")
+    g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines; "
+                   "classifiers: a file of ListOps expressions")
+    g.add_argument("--expression", action="append", default=[],
+                   help="classifiers: a ListOps expression to evaluate, e.g. '[MAX 2 [MIN 4 7 ] 0 ]' (repeatable)")
     g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
     g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -31,6 +35,8 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from trainer.evaluation.inference import generate_text, translate
 
+    if args.expression:
+        return _classify(args)
     if args.source or args.input:
         sources = list(args.source)
         if args.input:
@@ -45,4 +51,20 @@ def main(args: argparse.Namespace) -> int:
                             args.top_k, args.top_p, args.seed, args.num_samples)
     for i, s in enumerate(samples):
         print(f"----- sample {i} -----\n{s}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    """Each expression (``--expression``, then the lines of ``--input``) and the model's value."""
+    from trainer.data import listops
+    from trainer.evaluation.inference import classify, load_classifier
+
+    model, cfg = load_classifier(args.checkpoint)
+    trees = [listops.parse(e, f"--expression {i + 1}") for i, e in enumerate(args.expression)]
+    if args.input:
+        if not args.input.is_file():
+            raise SeqtrainError(f"--input {args.input}: no such file")
+        trees += [t for t, _ in listops.read_file(args.input)]
+    for tree, value in zip(trees, classify(model, cfg, trees), strict=True):
+        print(f"{tree.text()}\t{value}")
     return 0

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 from trainer import distributed
 from trainer.config import Config
+from trainer.data import listops
+from trainer.data.examples import ExampleBatches
 from trainer.data.mixture import MixtureBatches, MixtureEval, prepare_mixture
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
 from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
@@ -62,6 +64,8 @@ def _on_local_rank0_first(fn):
 
 def build_data(cfg: Config, dims: ParallelDims) -> Data:
     """Tokenize (or read the cache), check there is enough data, and batch it."""
+    if cfg.family.examples:
+        return _example_data(cfg, dims)
     return (_pair_data if cfg.family.pairs else _lm_data)(cfg, dims)
 
 
@@ -129,3 +133,25 @@ def _mixture_data(cfg: Config, dims: ParallelDims) -> Data:
         val.append((m.label, m.weight, LMBatches(val_ds, t.micro_batch_size, 1, dims.dp, t.seed, document_eos=eos)))
     batches = MixtureBatches(train, t.micro_batch_size, t.grad_accum, dims.dp, t.seed, eos, say=_say)
     return Data(cfg, batches, MixtureEval(val), [first.dir / "tokenizer.json"])
+
+
+def _example_data(cfg: Config, dims: ParallelDims) -> Data:
+    """Labelled ListOps expressions, as trees or token sequences. Generating or parsing them
+    takes seconds, deterministically, so every rank does it and nothing is cached."""
+    splits = listops.read_splits(cfg.data, cfg.train.seed)
+    trees = cfg.family.examples == "trees"
+    sizes = {"nodes": len(listops.VOCAB), "tokens": listops.SEQ_PAD + 1, "classes": listops.N_CLASSES}
+    cfg = cfg.with_vocab(sizes, f"data.source={cfg.data.source!r}", pad_id=None if trees else listops.SEQ_PAD)
+    to_batch = listops.BATCHERS[cfg.family.examples]
+    t = cfg.train
+
+    def batches(split: str, accum: int) -> ExampleBatches:
+        xs, ys = splits[split]
+        if len(xs) < t.micro_batch_size * dims.dp:
+            raise DataError(f"the {split} split of data.source={cfg.data.source!r} has {len(xs)} examples, "
+                            f"fewer than one micro-batch per rank ({t.micro_batch_size} x dp {dims.dp})")
+        return ExampleBatches(len(xs), lambda idx: to_batch([xs[i] for i in idx], [ys[i] for i in idx]),
+                              t.micro_batch_size, accum, dims.dp, t.seed)
+
+    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {len(v[0])}" for k, v in splits.items()) + " expressions")
+    return Data(cfg, batches("train", t.grad_accum), batches("val", 1), [])

@@ -20,9 +20,11 @@ import random
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from trainer.config import DataConfig
 from trainer.data.corpus import name_key
 from trainer.errors import DataError
 
@@ -31,6 +33,10 @@ CLOSE = "]"
 DIGITS = tuple(str(d) for d in range(10))
 VOCAB = (*OPERATORS, *DIGITS)
 """Token ids of tree nodes (``]`` only closes a list: it is no node)."""
+SEQ_VOCAB = (*VOCAB, CLOSE)
+"""Token ids of the expression read as a sequence (brackets included); padding is one more."""
+SEQ_PAD = len(SEQ_VOCAB)
+N_CLASSES = 10
 LIST_P, MAX_ARGS, MAX_DEPTH = 0.25, 5, 20
 
 
@@ -135,6 +141,65 @@ def read_file(path, max_rows: int | None = None) -> Iterator[tuple[Node, int | N
             yield tree, int(label) if label else None
 
 
+def sequence_batch(trees: Sequence[Node], labels: Sequence[int] | None = None) -> dict:
+    """Expressions as token sequences for ``models.seq_classifier``: ids (``SEQ_VOCAB``) padded
+    with ``SEQ_PAD``, the lengths (a host list) and the labels."""
+    rows = [[SEQ_VOCAB.index(t) for t in tree.text().split()] for tree in trees]
+    ids = torch.full((len(rows), max(map(len, rows))), SEQ_PAD, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+    return {"input_ids": ids, "lengths": [len(r) for r in rows],
+            "labels": torch.tensor(list(labels) if labels is not None else [t.value() for t in trees])}
+
+
+Split = tuple[list[Node], list[int]]
+"""Trees and their labels."""
+
+
+def read_splits(cfg: DataConfig, seed: int) -> dict[str, Split]:
+    """``train``, ``val`` and ``test``: hash slices of ``data.source`` (``listops``:
+    ``data.num_pairs`` expressions generated from ``seed``, at most ``data.seq_len`` tokens each;
+    else a ListOps file), or the files ``data.val_source`` / ``data.test_source`` where given
+    (then that slice of the source trains)."""
+    if cfg.source == "listops":
+        rows = [(t, t.value()) for t in generate(cfg.num_pairs, seed, cfg.seq_len)]
+    else:
+        rows = _labelled(cfg.source, "data.source", cfg.seq_len)
+    out: dict[str, Split] = {k: ([], []) for k in ("train", "val", "test")}
+    for tree, label in rows:
+        k = split_of(tree.text(), cfg.val_fraction, cfg.val_fraction)
+        k = "train" if k != "train" and getattr(cfg, f"{k}_source") else k  # a file holds that split
+        out[k][0].append(tree)
+        out[k][1].append(label)
+    for k in ("val", "test"):
+        path = getattr(cfg, f"{k}_source")
+        if path:
+            rows = _labelled(path, f"data.{k}_source", cfg.seq_len)
+            out[k] = ([t for t, _ in rows], [y for _, y in rows])
+    for k in ("train", "val"):
+        if not out[k][0]:
+            raise DataError(f"data.source={cfg.source!r}: its {len(rows)} expressions leave the {k} split "
+                            f"empty with data.val_fraction={cfg.val_fraction}; use more (data.num_pairs) "
+                            "or give data.val_source")
+    return out
+
+
+def _labelled(path: str, key: str, max_tokens: int) -> list[tuple[Node, int]]:
+    """A ListOps file's (tree, label) rows, each no longer than ``data.seq_len`` tokens."""
+    if not Path(path).is_file():
+        hint = " (or 'listops', the embedded generator)" if key == "data.source" else ""
+        raise DataError(f"{key}={path!r}: no such file{hint}")
+    rows = []
+    for lineno, (tree, label) in enumerate(read_file(path), 1):
+        if len(tree.text().split()) > max_tokens:
+            raise DataError(f"{path}: expression {lineno} has {len(tree.text().split())} tokens, more than "
+                            f"data.seq_len={max_tokens}; raise data.seq_len")
+        rows.append((tree, tree.value() if label is None else label))
+    if not rows:
+        raise DataError(f"{key}={path!r}: no expressions")
+    return rows
+
+
 def batch_of(trees: Sequence[Node], labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """Trees as flat node tensors for ``models.tree_rnn``: each node's token id (``VOCAB``),
     its parent's index (-1 at a root), its height (leaves 0), each tree's root index, and the
@@ -156,3 +221,7 @@ def batch_of(trees: Sequence[Node], labels: Sequence[int] | None = None) -> dict
            "roots": torch.tensor(roots)}
     out["labels"] = torch.tensor(list(labels) if labels is not None else [t.value() for t in trees])
     return out
+
+
+BATCHERS = {"trees": batch_of, "sequences": sequence_batch}
+"""A classifier family's input kind (``FamilySpec.examples``) ► how its batches are built."""

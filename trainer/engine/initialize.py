@@ -131,7 +131,7 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
     sched = build_scheduler(opt, cfg)
     if not uses_deepspeed(cfg, dims.world_size):
         engine = LocalEngine(model, opt, sched, deepspeed_config(cfg))
-        return EngineModule(engine, sched, dims, device, guard, flops_per_token, peak)
+        return _counting(EngineModule(engine, sched, dims, device, guard, flops_per_token, peak), cfg)
     import deepspeed
 
     distributed.quiet_deepspeed()
@@ -140,4 +140,11 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
     )
     ds_private.undo_initial_optimizer_step(engine.optimizer)
     kind = PipelineModule if dims.pp > 1 else EngineModule
-    return kind(engine, sched, dims, device, guard, flops_per_token, peak)
+    return _counting(kind(engine, sched, dims, device, guard, flops_per_token, peak), cfg)
+
+
+def _counting(module, cfg: Config):
+    """The family's work units count a batch's "tokens" (nodes of trees, say)."""
+    if cfg.family.units is not None:
+        module.units = cfg.family.units
+    return module

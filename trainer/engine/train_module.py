@@ -65,6 +65,9 @@ class EngineModule:
         self.peak = peak
         self._skipped_before = 0  # skipped updates of the run before this process resumed it
         self._engine_skips = ds_private.skipped_steps(engine)  # DeepSpeed's count after the last step
+        self.units: Callable[[Batch], Any] = count_targets
+        """A batch's "tokens" for throughput and MFU (the family's ``units``; set by
+        ``initialize``)."""
         self.before_update: list[Callable[[], None]] = []
         """Called before each optimizer update, after the step's forwards and backwards (an
         asynchronous save's fence: ``trainer/checkpoint/async_writer.py``)."""
@@ -113,7 +116,7 @@ class EngineModule:
             self.engine.step()
             mark("optimizer")
             loss_sum += loss.detach()
-            tokens += count_targets(batch)
+            tokens += self.units(batch)
         self._end_step()
         return loss_sum / n, tokens
 
@@ -129,6 +132,12 @@ class EngineModule:
             if b < counted:
                 total += model_loss(out).float()
         return total
+
+    @torch.no_grad()
+    def predict(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
+        """The model's output for each batch, without its labels (a classifier's logits). Every
+        rank runs the same count under ZeRO-3, as ``eval_loss_sum``."""
+        return [self.engine(**{k: v for k, v in self._to_device(b).items() if k != "labels"}) for b in batches]
 
     def train(self) -> None:
         self.engine.train()

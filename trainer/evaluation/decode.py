@@ -8,6 +8,7 @@ from tokenizers import Tokenizer
 
 from trainer.config import Config
 from trainer.data.build import Data
+from trainer.evaluation.accuracy import AccuracyValidation
 from trainer.evaluation.inference import translate_ids
 from trainer.loop import Trainer
 
@@ -41,9 +42,11 @@ class DecodeValidation:
         return {f"val_{k}": v for k, v in text_metrics(hyps_in_order, self.refs, cfg.eval.bleu_tokenize).items()}
 
 
-def evaluators(cfg: Config, data: Data) -> list[DecodeValidation]:
-    """The evaluations a run adds to its validation loss: decoding metrics of a
-    sequence-to-sequence model with ``eval.decode_samples`` > 0."""
+def evaluators(cfg: Config, data: Data) -> list:
+    """The evaluations a run adds to its validation loss: accuracy of a classifier, decoding
+    metrics of a sequence-to-sequence model with ``eval.decode_samples`` > 0."""
+    if cfg.family.examples:
+        return [AccuracyValidation()]
     if data.decodable is None or not cfg.eval.decode_samples:
         return []
     return [DecodeValidation(cfg, *data.decodable)]

@@ -1,5 +1,5 @@
 """Inference on one device from a checkpoint of any layout: sample from a language model,
-translate with a sequence-to-sequence model. ``seqtrain generate`` and ``eval`` use it, and so
+translate with a sequence-to-sequence model, classify with a classifier. ``seqtrain generate`` and ``eval`` use it, and so
 does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from trainer import checkpoint
 from trainer.config import Config
+from trainer.data import listops
 from trainer.data.tokenizer import EOS
 from trainer.errors import SeqtrainError
 
@@ -79,3 +80,22 @@ def translate(path: str | Path, sources: list[str], beam: int = 1, length_penalt
     outs = translate_ids(model, encode_sources(src_tok, sources, eos), cfg.model.pad_id, eos, max_len,
                          beam, length_penalty, batch=len(sources) or 1)
     return [tgt_tok.decode(o) for o in outs]
+
+
+@torch.no_grad()
+def classify(model: torch.nn.Module, cfg: Config, trees: list[listops.Node], batch: int = 256) -> list[int]:
+    """A classifier's label for each ListOps expression, ``batch`` at a time."""
+    to_batch = listops.BATCHERS[cfg.family.examples]
+    out: list[int] = []
+    for k in range(0, len(trees), batch):
+        inputs = {n: v for n, v in to_batch(trees[k: k + batch]).items() if n != "labels"}
+        out += model(**inputs).argmax(-1).tolist()
+    return out
+
+
+def load_classifier(path: str | Path) -> tuple[torch.nn.Module, Config]:
+    """(model in eval mode, config) of a classifier's checkpoint."""
+    model, cfg, _ = checkpoint.load_model(path)
+    if not cfg.family.examples:
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model, not a classifier")
+    return model.eval(), cfg

@@ -42,12 +42,18 @@ def on_meta() -> Iterator[None]:
     saved = {n: getattr(nn.init, n) for n in names}
     try:
         for n in names:
-            setattr(nn.init, n, lambda t, *args, **kwargs: t)
+            setattr(nn.init, n, _skip_init)
         with torch.device("meta"):
             yield
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
+
+
+def _skip_init(*args, **kwargs) -> torch.Tensor:
+    """An initialiser that leaves its tensor alone (``torch.overrides`` may pass the tensor by
+    keyword, as ``nn.MultiheadAttention``'s ``constant_`` calls are dispatched)."""
+    return args[0] if args else kwargs["tensor"]
 
 
 def whole_shape(p: torch.Tensor) -> tuple[int, ...]:
