@@ -3,7 +3,7 @@
 ``build(cfg, seed)`` maps a model config (selected by its ``family`` field) to an ``nn.Module``.
 Every family's ``forward(**batch)`` returns the training loss when the batch carries labels
 (the RNN language model also returns its recurrent state, for truncated BPTT); classifiers
-(trees, sequences) return logits without labels.
+(trees, sequences) return logits without labels, the text-line recognizer log-probabilities.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from torch import nn
 
 from models.encdec import EncDecConfig, EncoderDecoder
 from models.gpt import GPT, GPTConfig
+from models.mdrnn import TextLineConfig, TextLineRecognizer
 from models.rnn import RNNLM, RNNLMConfig, Seq2SeqRNN, Seq2SeqRNNConfig
 from models.seq_classifier import SeqClassifier, SeqClassifierConfig
 from models.tree_rnn import TreeRNN, TreeRNNConfig
 
 ModelConfig = Annotated[
-    GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig | TreeRNNConfig | SeqClassifierConfig,
+    GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig | TreeRNNConfig | SeqClassifierConfig
+    | TextLineConfig,
     Field(discriminator="family"),
 ]
 """Any model config; the ``family`` field selects the member."""
@@ -32,6 +34,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "rnn_seq2seq": (Seq2SeqRNNConfig, Seq2SeqRNN),
     "tree_rnn": (TreeRNNConfig, TreeRNN),
     "seq_classifier": (SeqClassifierConfig, SeqClassifier),
+    "mdrnn": (TextLineConfig, TextLineRecognizer),
 }
 
 
@@ -41,4 +44,5 @@ def build(cfg, seed: int = 0) -> nn.Module:
 
 
 __all__ = ["FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
-           "Seq2SeqRNNConfig", "TreeRNNConfig", "SeqClassifierConfig", "ModelConfig", "build"]
+           "Seq2SeqRNNConfig", "TreeRNNConfig", "SeqClassifierConfig", "TextLineConfig", "ModelConfig",
+           "build"]

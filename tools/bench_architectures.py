@@ -1,10 +1,14 @@
 """What an architecture buys, at equal CPU minutes: presets trained through ``seqtrain train``
 on one thread each, then scored on their held-out test split with ``seqtrain eval``.
 
-    python -m tools.bench_architectures listops [--jobs 2] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures listops|textlines [--jobs 2] [--out /tmp/bench-arch]
 
 ``listops``: the child-sum Tree-LSTM on gold trees against two sequential readers of the same
 expressions, an LSTM and a Transformer encoder (``configs/listops/``); test accuracy.
+
+``textlines``: the four-corner MD-LSTM against a 1D bidirectional LSTM over the same block
+columns (``configs/textlines/``); character error rate on the test lines, drawn in a slanted
+font no training line has.
 
 Each run is its own process with ``OMP_NUM_THREADS=1``; ``--jobs`` run side by side (one per
 core). Its CPU time (user + system, from ``wait4``) is what the comparison holds equal: each
@@ -25,6 +29,7 @@ from pathlib import Path
 
 SUITES = {
     "listops": ["configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml", "configs/listops/transformer.yaml"],
+    "textlines": ["configs/textlines/mdlstm.yaml", "configs/textlines/bilstm.yaml"],
 }
 
 
@@ -55,7 +60,7 @@ def _train_all(configs: list[str], out: Path, jobs: int) -> dict[str, float]:
     return cpu
 
 
-def _test_accuracy(run_dir: Path) -> dict:
+def _test_score(run_dir: Path) -> dict:
     res = subprocess.run([sys.executable, "-m", "trainer", "eval", str(run_dir / "checkpoints"), "--split",
                           "test", "--json"], check=True, capture_output=True, text=True)
     rows = json.loads(res.stdout)
@@ -72,11 +77,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = SUITES[a.suite]
     cpu = _train_all(configs, out, a.jobs)
-    print("| preset | model | steps | CPU min | test accuracy | examples |\n|---|---|---:|---:|---:|---:|")
+    metric, count = ("accuracy", "examples") if a.suite == "listops" else ("cer", "lines")
+    print(f"| preset | model | steps | CPU min | test {metric} | {count} |\n|---|---|---:|---:|---:|---:|")
     for config in configs:
-        r = _test_accuracy(out / Path(config).stem)
-        print(f"| `{config}` | {r['family']} | {r['step']} | {cpu[config] / 60:.1f} | {100 * r['accuracy']:.1f} % "
-              f"| {r['examples']} |")
+        r = _test_score(out / Path(config).stem)
+        print(f"| `{config}` | {r['family']} | {r['step']} | {cpu[config] / 60:.1f} | {100 * r[metric]:.1f} % "
+              f"| {r[count]} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Language models: loss (nats/token), perplexity = exp(loss), bits per byte and per character
 (total NLL / ln 2 over the UTF-8 bytes and the characters of the predicted text), token
 accuracy. Sequence-to-sequence: exact match, BLEU and chrF (sacrebleu, detokenized text),
-greedy or beam. Classifiers: accuracy over a split of ListOps expressions. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
+greedy or beam. Classifiers: accuracy over a split of ListOps expressions. Text lines:
+character error rate. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
 any layout: the weights are consolidated on load.
 """
 
@@ -24,16 +25,18 @@ from trainer import checkpoint
 from trainer.callbacks.checkpointing import FINISHED
 from trainer.callbacks.tracking import open_run
 from trainer.config import Config, TrackingConfig, load_config
-from trainer.data import listops, prepare
+from trainer.data import listops, prepare, textlines
 from trainer.data.mixture import prepare_mixture
 from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
+from trainer.evaluation.examples import char_errors
 from trainer.evaluation.inference import (
     classify,
     encode_sources,
     load_classifier,
     load_for_inference,
+    read_lines,
     translate_ids,
 )
 from trainer.families import spec
@@ -148,9 +151,12 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
     """Metrics of one checkpoint: lm-eval tasks with ``harness``, else perplexity and bits
     (language models) or BLEU/chrF (sequence-to-sequence)."""
     ckpt = checkpoint.resolve(path)
-    if checkpoint.saved_config(ckpt).family.examples:
+    kind = checkpoint.saved_config(ckpt).family.examples
+    if kind:
         if harness is not None or text_file:
-            raise CheckpointError(f"{ckpt}: a classifier; give --data (a ListOps file or config) and --split")
+            raise CheckpointError(f"{ckpt}: a {kind} model; give --data (a config, or a ListOps file) and --split")
+        if kind == "images":
+            return _recognition_metrics(ckpt, data, split, limit, samples)
         return _classifier_metrics(ckpt, data, split, limit, samples)
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt),
@@ -192,6 +198,21 @@ def _classifier_metrics(ckpt: Path, data: str | None, split: str, limit: int | N
             "examples": len(trees),
             "samples": [{"expression": t.text(), "label": y, "output": p}
                         for t, y, p in list(zip(trees, labels, pred, strict=True))[:samples]]}
+
+
+def _recognition_metrics(ckpt: Path, data: str | None, split: str, limit: int | None,
+                         samples: int) -> dict[str, Any]:
+    """Character error rate (jiwer) of the best-path transcriptions of ``split``'s text lines
+    (``test``: drawn in the font no training line has), every line unless ``limit``."""
+    model, cfg = load_classifier(ckpt, ("images",))
+    lines = textlines.read_splits(load_config(data).data if data else cfg.data, cfg.train.seed)[split]
+    n = min(len(lines), limit or len(lines))
+    refs = lines.texts[:n]
+    hyps = read_lines(model, [lines.image(i) for i in range(n)])
+    errors, chars = char_errors(refs, hyps)
+    return {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt), "family": cfg.model.family,
+            "cer": errors / chars, "lines": n,
+            "samples": [{"reference": r, "output": h} for r, h in list(zip(refs, hyps, strict=True))[:samples]]}
 
 
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
@@ -282,8 +303,8 @@ def curve_metrics(results: list[dict[str, Any]]) -> list[str]:
         return ["bleu", "exact_match"]
     if "loss" in results[0]:
         return ["loss", "bits_per_byte"]
-    if "accuracy" in results[0]:
-        return ["accuracy"]
+    if "accuracy" in results[0] or "cer" in results[0]:
+        return ["accuracy" if "accuracy" in results[0] else "cer"]
     # lm-eval tasks: the first metric of each task (``task/acc``), at most four panels.
     tasks: dict[str, str] = {}
     for k in results[0]:

@@ -455,14 +455,14 @@ class Config(_Section):
             raise ValueError(f"train.scheduled_sampling is for model.family="
                              f"{_one_of('scheduled_sampling')}, not {fam}")
         for key in ("target_source", "val_source", "val_target_source", "test_source", "test_target_source"):
-            if getattr(self.data, key) and not (spec.pairs or (spec.examples and "target" not in key)):
+            if getattr(self.data, key) and not (spec.pairs or (spec.task == "listops" and "target" not in key)):
                 raise ValueError(f"data.{key} is for sequence-to-sequence families, not {fam}")
         if spec.examples and (self.data.tbptt or self.data.mixture is not None or self.data.sampling == "random"):
             raise ValueError(f"model.family={fam} reads labelled examples: data.tbptt, data.mixture and "
                              "data.sampling=random are for language models")
-        if spec.examples and self.data.source not in ("listops",) and not self.data.source.endswith((".txt", ".tsv")):
-            raise ValueError(f"model.family={fam} classifies labelled examples: set data.source to 'listops' "
-                             f"(the embedded task) or a ListOps .txt/.tsv file, not {self.data.source!r}")
+        if spec.examples and self.data.source != spec.task and not self.data.source.endswith((".txt", ".tsv")):
+            raise ValueError(f"model.family={fam} learns labelled examples: set data.source to {spec.task!r} "
+                             f"(the embedded task) or a .txt/.tsv file of them, not {self.data.source!r}")
         for split in ("val", "test"):
             if getattr(self.data, f"{split}_target_source") and not getattr(self.data, f"{split}_source"):
                 raise ValueError(f"data.{split}_target_source needs data.{split}_source (the source side)")

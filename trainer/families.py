@@ -35,8 +35,10 @@ class FamilySpec:
     pairs: bool = False
     """Trains on (source, target) pairs (``trainer/data/seq2seq.py``), else on a token stream."""
     examples: str | None = None
-    """Classifies labelled examples of a task (``data.source: listops`` or a task file), read
-    as ``trees`` (node tensors) or ``sequences`` (padded token ids); None: text."""
+    """Learns labelled examples of a task rather than text: ``trees`` (node tensors) or
+    ``sequences`` (padded token ids) of ListOps, ``images`` of text lines; None: text."""
+    task: str | None = None
+    """The embedded task of an example family (``data.source``), which also reads a file."""
     units: Callable[[dict[str, Any]], Any] | None = None
     """The work units of a batch ("tokens" in throughput, per which ``flops_per_token``
     counts): None: its labels other than -100."""
@@ -104,6 +106,10 @@ def _sequence_tokens(batch: dict[str, Any]) -> int:
     return sum(batch["lengths"])  # host lengths: no read of the device
 
 
+def _pixel_columns(batch: dict[str, Any]) -> int:
+    return sum(batch["widths"])  # host widths, padding not counted
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "gpt": FamilySpec(
         "gpt", *models.FAMILIES["gpt"], vocab={"vocab_size": "src"},
@@ -125,11 +131,16 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "tree_rnn": FamilySpec(
         "tree_rnn", *models.FAMILIES["tree_rnn"], vocab={"vocab_size": "nodes", "n_classes": "classes"},
-        examples="trees", units=_nodes,
+        examples="trees", task="listops", units=_nodes,
     ),
     "seq_classifier": FamilySpec(
         "seq_classifier", *models.FAMILIES["seq_classifier"],
-        vocab={"vocab_size": "tokens", "n_classes": "classes"}, examples="sequences", units=_sequence_tokens,
+        vocab={"vocab_size": "tokens", "n_classes": "classes"}, examples="sequences", task="listops",
+        units=_sequence_tokens,
+    ),
+    "mdrnn": FamilySpec(
+        "mdrnn", *models.FAMILIES["mdrnn"], vocab={"n_labels": "labels"}, examples="images", task="textlines",
+        units=_pixel_columns,
     ),
 }
 assert FAMILIES.keys() == models.FAMILIES.keys(), "every model family needs a spec"

@@ -55,14 +55,14 @@ def test_encdec_flops_per_token_match_torch_flop_counter():
     assert exact == pytest.approx(counted, rel=0.03)
 
 
-@pytest.mark.parametrize("cell", ["tree_lstm", "tanh"])
+@pytest.mark.parametrize("cell", ["tree_lstm", "binary_lstm", "tanh"])
 def test_tree_rnn_flops_per_node_match_torch_flop_counter(cell):
     """Per node of a ListOps forest; ours an upper bound by the leaves' skipped input gradient."""
     from models import TreeRNNConfig
     from trainer.data.listops import batch_of, generate
 
-    model = build(TreeRNNConfig(cell=cell, vocab_size=14, n_classes=10, d_model=64))
-    batch = batch_of(generate(32, seed=0))
+    model = build(TreeRNNConfig(cell=cell, vocab_size=16, n_classes=10, d_model=64))
+    batch = batch_of(generate(32, seed=0), binary=model.cfg.binary)
     counted = counted_flops_per_token(model, batch, len(batch["tokens"]))
     exact, _ = model.flops_per_token(0)
     assert counted <= exact <= 1.15 * counted
@@ -80,3 +80,23 @@ def test_transformer_classifier_flops_per_token_match_torch_flop_counter():
                                       x.numel())
     exact, _ = model.flops_per_token(32)
     assert exact == pytest.approx(counted, rel=0.01)
+
+
+def test_md_lstm_flops_per_pixel_column_match_torch_flop_counter():
+    """Per pixel column, two terms apart: the wavefront also runs the rows a diagonal does not
+    cross (masked; ours counts the cells only), (H' + W' − 1) / W' times the recurrent products;
+    and the first layer's input projection needs no input gradient (the pixels), 4 not 6.
+    (``nn.LSTM``'s kernel, the baseline's, is not seen by the counter.)"""
+    from models import TextLineConfig
+
+    model = build(TextLineConfig(encoder="mdlstm", n_labels=40, d_hidden=16, n_layers=2))
+    x = torch.rand(2, 32, 400)
+    labels = torch.randint(1, 41, (2, 20))
+    counted = counted_flops_per_token(model, {"images": x, "widths": [400, 400], "labels": labels,
+                                              "label_lengths": [20, 20]}, 2 * 400)
+    exact, _ = model.flops_per_token(0)
+    rows, cols, pw = 32 // 4, 400 // 4, 4
+    recurrent = sum(layer.UV.numel() for layer in model.layers) * rows / pw
+    first_input = model.layers[0].W.numel() * rows / pw
+    want = exact + 6 * recurrent * ((rows + cols - 1) / cols - 1) - 2 * first_input
+    assert want == pytest.approx(counted, rel=0.01)

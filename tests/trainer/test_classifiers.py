@@ -83,8 +83,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(preset, extra, cache_dir, tmp
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("preset,extra,zero", [
-    (TREE, [], 1), (TREE, [], 2), (TREE, [], 3),
-    (SEQ, [], 2), (SEQ, ["model.encoder=transformer"], 3)], ids=["tree-z1", "tree-z2", "tree-z3", "lstm-z2",
+    (TREE, [], 1), (TREE, [], 2), (TREE, ["model.cell=binary_lstm"], 3),
+    (SEQ, [], 2), (SEQ, ["model.encoder=transformer"], 3)], ids=["tree-z1", "tree-z2", "binary-tree-z3", "lstm-z2",
                                                                "transformer-z3"])
 def test_two_process_data_parallel_matches_one_process(preset, extra, zero, cache_dir, tmp_path):
     args = [*SMALL, *extra, "train.steps=5", "train.micro_batch_size=8", "train.global_batch_size=16",

@@ -1,5 +1,6 @@
 """``seqtrain generate CKPT``: sample from a language model, translate with a
-sequence-to-sequence model or classify with a classifier (the value of ListOps expressions):
+sequence-to-sequence model, classify with a classifier (the value of ListOps expressions) or
+read text-line images:
 a checkpoint of any layout, on one device."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def register(sub) -> None:
                    help="sequence-to-sequence: a source sentence (repeatable)")
     g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines; "
                    "classifiers: a file of ListOps expressions")
+    g.add_argument("--image", action="append", default=[], type=Path,
+                   help="text-line recognizers: a grey image of one line of text (repeatable)")
     g.add_argument("--expression", action="append", default=[],
                    help="classifiers: a ListOps expression to evaluate, e.g. '[MAX 2 [MIN 4 7 ] 0 ]' (repeatable)")
     g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
@@ -37,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.expression:
         return _classify(args)
+    if args.image:
+        return _read_images(args)
     if args.source or args.input:
         sources = list(args.source)
         if args.input:
@@ -67,4 +72,20 @@ def _classify(args: argparse.Namespace) -> int:
         trees += [t for t, _ in listops.read_file(args.input)]
     for tree, value in zip(trees, classify(model, cfg, trees), strict=True):
         print(f"{tree.text()}\t{value}")
+    return 0
+
+
+def _read_images(args: argparse.Namespace) -> int:
+    """Each image file and the text the recognizer reads in it."""
+    from trainer.data import textlines
+    from trainer.evaluation.inference import load_classifier, read_lines
+
+    model, _ = load_classifier(args.checkpoint, ("images",))
+    images = []
+    for path in args.image:
+        if not path.is_file():
+            raise SeqtrainError(f"--image {path}: no such file")
+        images.append(textlines.read_image(path))
+    for path, text in zip(args.image, read_lines(model, images), strict=True):
+        print(f"{path}\t{text}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from trainer import distributed
 from trainer.config import Config
-from trainer.data import listops
+from trainer.data import listops, textlines
 from trainer.data.examples import ExampleBatches
 from trainer.data.mixture import MixtureBatches, MixtureEval, prepare_mixture
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
@@ -136,22 +136,38 @@ def _mixture_data(cfg: Config, dims: ParallelDims) -> Data:
 
 
 def _example_data(cfg: Config, dims: ParallelDims) -> Data:
-    """Labelled ListOps expressions, as trees or token sequences. Generating or parsing them
-    takes seconds, deterministically, so every rank does it and nothing is cached."""
-    splits = listops.read_splits(cfg.data, cfg.train.seed)
-    trees = cfg.family.examples == "trees"
-    sizes = {"nodes": len(listops.VOCAB), "tokens": listops.SEQ_PAD + 1, "classes": listops.N_CLASSES}
-    cfg = cfg.with_vocab(sizes, f"data.source={cfg.data.source!r}", pad_id=None if trees else listops.SEQ_PAD)
-    to_batch = listops.BATCHERS[cfg.family.examples]
+    """Labelled examples: ListOps expressions as trees or token sequences, or rendered text
+    lines. Generating, parsing or rendering them takes seconds, deterministically, so every
+    rank does it and nothing is cached."""
     t = cfg.train
+    where = f"data.source={cfg.data.source!r}"
+    if cfg.family.examples == "images":
+        lines = textlines.read_splits(cfg.data, t.seed)
+        cfg = cfg.with_vocab({"labels": len(textlines.ALPHABET)}, where)
+        if cfg.model.height != textlines.HEIGHT:
+            raise DataError(f"model.height={cfg.model.height}: the text lines are rendered {textlines.HEIGHT} "
+                            "pixels high; set it to that")
+        splits = {k: (len(v), v.batch) for k, v in lines.items()}
+    else:
+        exprs = listops.read_splits(cfg.data, t.seed)
+        trees = cfg.family.examples == "trees"
+        binary = getattr(cfg.model, "binary", False)  # the binary Tree-LSTM reads binarized trees
+        sizes = {"nodes": len(listops.BINARY_VOCAB if binary else listops.VOCAB), "tokens": listops.SEQ_PAD + 1,
+                 "classes": listops.N_CLASSES}
+        cfg = cfg.with_vocab(sizes, where, pad_id=None if trees else listops.SEQ_PAD)
+        to_batch = listops.batcher(cfg.family.examples, binary)
+
+        def collate(xs, ys):
+            return lambda idx: to_batch([xs[i] for i in idx], [ys[i] for i in idx])
+
+        splits = {k: (len(xs), collate(xs, ys)) for k, (xs, ys) in exprs.items()}
 
     def batches(split: str, accum: int) -> ExampleBatches:
-        xs, ys = splits[split]
-        if len(xs) < t.micro_batch_size * dims.dp:
-            raise DataError(f"the {split} split of data.source={cfg.data.source!r} has {len(xs)} examples, "
-                            f"fewer than one micro-batch per rank ({t.micro_batch_size} x dp {dims.dp})")
-        return ExampleBatches(len(xs), lambda idx: to_batch([xs[i] for i in idx], [ys[i] for i in idx]),
-                              t.micro_batch_size, accum, dims.dp, t.seed)
+        n, collate = splits[split]
+        if n < t.micro_batch_size * dims.dp:
+            raise DataError(f"the {split} split of {where} has {n} examples, fewer than one micro-batch "
+                            f"per rank ({t.micro_batch_size} x dp {dims.dp})")
+        return ExampleBatches(n, collate, t.micro_batch_size, accum, dims.dp, t.seed)
 
-    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {len(v[0])}" for k, v in splits.items()) + " expressions")
+    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {n}" for k, (n, _) in splits.items()) + " examples")
     return Data(cfg, batches("train", t.grad_accum), batches("val", 1), [])

@@ -200,28 +200,54 @@ def _labelled(path: str, key: str, max_tokens: int) -> list[tuple[Node, int]]:
     return rows
 
 
-def batch_of(trees: Sequence[Node], labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Trees as flat node tensors for ``models.tree_rnn``: each node's token id (``VOCAB``),
-    its parent's index (-1 at a root), its height (leaves 0), each tree's root index, and the
-    labels (each tree's value when not given)."""
-    tokens, parent, level, roots = [], [], [], []
+JOIN = "·"
+"""The token of an inner node of a binarized tree (its embedding acts as a learned bias)."""
+BINARY_VOCAB = (*SEQ_VOCAB, JOIN)
+"""Node tokens of binarized trees."""
 
-    def visit(node: Node, up: int) -> int:
+
+def binarized(node: Node) -> Node:
+    """The tree of the authors' released parses, ``( ( ( [MAX 2 ) 9 ) ] )``: each list a
+    left-branching chain that joins its operator with its arguments one by one, then with ``]``;
+    the tokens (operators, digits, ``]``) are the leaves, every inner node (``JOIN``) has two
+    children."""
+    if not node.children:
+        return Node(node.token)
+    acc = Node(node.token)
+    for child in node.children:
+        acc = Node(JOIN, [acc, binarized(child)])
+    return Node(JOIN, [acc, Node(CLOSE)])
+
+
+def batch_of(trees: Sequence[Node], labels: Sequence[int] | None = None, binary: bool = False) -> dict[str, torch.Tensor]:
+    """Trees as flat node tensors for ``models.tree_rnn``: each node's token id (``VOCAB``;
+    ``BINARY_VOCAB`` with ``binary``: the trees binarized first), its parent's index (-1 at a
+    root), its height (leaves 0), which child of its parent it is (``side``: 0 first), each
+    tree's root index, and the labels (each tree's value when not given)."""
+    vocab = BINARY_VOCAB if binary else VOCAB
+    tokens, parent, level, side, roots = [], [], [], [], []
+
+    def visit(node: Node, up: int, k: int) -> int:
         me = len(tokens)
-        tokens.append(VOCAB.index(node.token))
+        tokens.append(vocab.index(node.token))
         parent.append(up)
+        side.append(k)
         level.append(0)
-        level[me] = 1 + max(visit(c, me) for c in node.children) if node.children else 0
+        level[me] = 1 + max(visit(c, me, i) for i, c in enumerate(node.children)) if node.children else 0
         return level[me]
 
     for tree in trees:
         roots.append(len(tokens))
-        visit(tree, -1)
+        visit(binarized(tree) if binary else tree, -1, 0)
     out = {"tokens": torch.tensor(tokens), "parent": torch.tensor(parent), "level": torch.tensor(level),
-           "roots": torch.tensor(roots)}
+           "side": torch.tensor(side), "roots": torch.tensor(roots)}
     out["labels"] = torch.tensor(list(labels) if labels is not None else [t.value() for t in trees])
     return out
 
 
-BATCHERS = {"trees": batch_of, "sequences": sequence_batch}
-"""A classifier family's input kind (``FamilySpec.examples``) ► how its batches are built."""
+def batcher(kind: str, binary: bool = False):
+    """How an example family's batches are built: ``trees`` (binarized with ``binary``, the
+    binary Tree-LSTM's input) or ``sequences``."""
+    if kind == "sequences":
+        return sequence_batch
+    return lambda trees, labels=None: batch_of(trees, labels, binary)

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from trainer.config import Config
 from trainer.data.build import Data
-from trainer.evaluation.accuracy import AccuracyValidation
+from trainer.evaluation.examples import ExampleValidation
 from trainer.evaluation.inference import translate_ids
 from trainer.loop import Trainer
 
@@ -43,10 +43,11 @@ class DecodeValidation:
 
 
 def evaluators(cfg: Config, data: Data) -> list:
-    """The evaluations a run adds to its validation loss: accuracy of a classifier, decoding
-    metrics of a sequence-to-sequence model with ``eval.decode_samples`` > 0."""
+    """The evaluations a run adds to its validation loss: accuracy of a classifier, character
+    error rate of a text-line recognizer, decoding metrics of a sequence-to-sequence model
+    with ``eval.decode_samples`` > 0."""
     if cfg.family.examples:
-        return [AccuracyValidation()]
+        return [ExampleValidation(cfg.family.examples)]
     if data.decodable is None or not cfg.eval.decode_samples:
         return []
     return [DecodeValidation(cfg, *data.decodable)]

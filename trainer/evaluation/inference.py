@@ -1,5 +1,5 @@
 """Inference on one device from a checkpoint of any layout: sample from a language model,
-translate with a sequence-to-sequence model, classify with a classifier. ``seqtrain generate`` and ``eval`` use it, and so
+translate with a sequence-to-sequence model, classify with a classifier, read text lines. ``seqtrain generate`` and ``eval`` use it, and so
 does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from models.mdrnn import ctc_greedy
 from trainer import checkpoint
 from trainer.config import Config
-from trainer.data import listops
+from trainer.data import listops, textlines
 from trainer.data.tokenizer import EOS
 from trainer.errors import SeqtrainError
 
@@ -85,7 +86,7 @@ def translate(path: str | Path, sources: list[str], beam: int = 1, length_penalt
 @torch.no_grad()
 def classify(model: torch.nn.Module, cfg: Config, trees: list[listops.Node], batch: int = 256) -> list[int]:
     """A classifier's label for each ListOps expression, ``batch`` at a time."""
-    to_batch = listops.BATCHERS[cfg.family.examples]
+    to_batch = listops.batcher(cfg.family.examples, getattr(cfg.model, "binary", False))
     out: list[int] = []
     for k in range(0, len(trees), batch):
         inputs = {n: v for n, v in to_batch(trees[k: k + batch]).items() if n != "labels"}
@@ -93,9 +94,23 @@ def classify(model: torch.nn.Module, cfg: Config, trees: list[listops.Node], bat
     return out
 
 
-def load_classifier(path: str | Path) -> tuple[torch.nn.Module, Config]:
-    """(model in eval mode, config) of a classifier's checkpoint."""
+@torch.no_grad()
+def read_lines(model: torch.nn.Module, images: list, batch: int = 64) -> list[str]:
+    """A text-line recognizer's best-path transcription of each image (``textlines.read_image``
+    or ``render`` arrays), ``batch`` at a time."""
+    out: list[str] = []
+    for k in range(0, len(images), batch):
+        b = textlines.line_batch(images[k: k + batch])
+        log_probs = model(b["images"], b["widths"])
+        out += [textlines.decode(ids) for ids in ctc_greedy(log_probs, model.output_lengths(b["widths"]))]
+    return out
+
+
+def load_classifier(path: str | Path, kind: tuple[str, ...] = ("trees", "sequences")) -> tuple[torch.nn.Module, Config]:
+    """(model in eval mode, config) of an example family's checkpoint: a classifier, or with
+    ``kind=("images",)`` a text-line recognizer."""
     model, cfg, _ = checkpoint.load_model(path)
-    if not cfg.family.examples:
-        raise SeqtrainError(f"{path} is a {cfg.model.family} model, not a classifier")
+    if cfg.family.examples not in kind:
+        what = "a text-line recognizer" if kind == ("images",) else "a classifier"
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model, not {what}")
     return model.eval(), cfg
