@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from models.tree_rnn import TreeRNN, TreeRNNConfig
-from trainer.data.listops import BINARY_VOCAB, JOIN, VOCAB, Node, batch_of, binarized, generate, parse
+from trainer.data.listops import (
+    BINARY_VOCAB,
+    JOIN,
+    VOCAB,
+    Node,
+    batch_of,
+    binarized,
+    generate,
+    parse,
+)
 
 
 def recursive_state(m: TreeRNN, node: Node) -> tuple[torch.Tensor, torch.Tensor | None]:
