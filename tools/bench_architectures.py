@@ -1,10 +1,16 @@
 """What an architecture buys, at equal CPU minutes: presets trained through ``seqtrain train``
 on one thread each, then scored on their held-out test split with ``seqtrain eval``.
 
-    python -m tools.bench_architectures listops|textlines [--jobs 2] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures listops|textlines [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures tree-steps
 
-``listops``: the child-sum Tree-LSTM on gold trees against two sequential readers of the same
-expressions, an LSTM and a Transformer encoder (``configs/listops/``); test accuracy.
+``listops``: the binary Tree-LSTM on the binarized gold trees and the child-sum Tree-LSTM on the
+trees as written, against two sequential readers of the same expressions, an LSTM and a
+Transformer encoder (``configs/listops/``); test accuracy.
+
+``tree-steps``: the Tree-LSTM's training step time (forward and backward, one thread) as the
+batch grows at fixed tree shapes, and as the trees deepen at a fixed batch: one pass per height
+level, so time follows the height of the deepest tree and, within a level, the node count.
 
 ``textlines``: the four-corner MD-LSTM against a 1D bidirectional LSTM over the same block
 columns (``configs/textlines/``); character error rate on the test lines, drawn in a slanted
@@ -22,13 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from models.tree_rnn import TreeRNN, TreeRNNConfig
+from trainer.data.listops import Node, batch_of
+
 SUITES = {
-    "listops": ["configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml", "configs/listops/transformer.yaml"],
+    "listops": ["configs/listops/binary-tree-lstm.yaml", "configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml",
+                "configs/listops/transformer.yaml"],
     "textlines": ["configs/textlines/mdlstm.yaml", "configs/textlines/bilstm.yaml"],
 }
 
@@ -67,15 +80,47 @@ def _test_score(run_dir: Path) -> dict:
     return rows[-1] if isinstance(rows, list) else rows
 
 
+def _chain(height: int) -> Node:
+    """A list nested ``height`` deep, three arguments at every level."""
+    node = Node("[SM", [Node("3"), Node("4"), Node("5")])
+    for _ in range(height - 1):
+        node = Node("[MAX", [Node("1"), node, Node("2")])
+    return node
+
+
+def _step_ms(model, batch: dict, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(**batch).backward()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+def tree_steps() -> None:
+    torch.set_num_threads(1)
+    for cell in ("tree_lstm", "binary_lstm"):
+        model = TreeRNN(TreeRNNConfig(cell=cell, vocab_size=16, n_classes=10, d_model=128))
+        print(f"\n{cell}\n| batch | trees' height | nodes | levels | ms per step |\n|---:|---:|---:|---:|---:|")
+        shapes = [(b, _chain(4)) for b in (16, 64, 256)] + [(64, _chain(h)) for h in (2, 8, 16)]
+        for b, tree in shapes:
+            batch = batch_of([tree] * b, binary=model.cfg.binary)
+            print(f"| {b} | {tree.height()} | {len(batch['tokens'])} | {int(batch['level'].max()) + 1} "
+                  f"| {_step_ms(model, batch):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("suite", choices=sorted(SUITES))
+    ap.add_argument("suite", choices=sorted([*SUITES, "tree-steps"]))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-arch"))
+    ap.add_argument("--only", action="append", default=[], help="a preset's name (its file stem), repeatable")
     a = ap.parse_args()
+    if a.suite == "tree-steps":
+        return tree_steps()
     out = a.out / a.suite
     out.mkdir(parents=True, exist_ok=True)
-    configs = SUITES[a.suite]
+    configs = [c for c in SUITES[a.suite] if not a.only or Path(c).stem in a.only]
     cpu = _train_all(configs, out, a.jobs)
     metric, count = ("accuracy", "examples") if a.suite == "listops" else ("cer", "lines")
     print(f"| preset | model | steps | CPU min | test {metric} | {count} |\n|---|---|---:|---:|---:|---:|")

@@ -130,7 +130,8 @@ def train(cfg: Config, run_dir: Path, clock: Stopwatch | None = None) -> Trainer
     _say(
         f"{cfg.name}: {cfg.model.family} {n / 1e6:.2f}M params, world {dims.world_size} "
         f"(dp {dims.dp}, tp {dims.tp}, pp {dims.pp}, zero {cfg.parallel.zero_stage}), "
-        f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, device {device}"
+        f"global batch {cfg.train.global_batch_size} "
+        f"{'examples' if cfg.family.examples else f'x {cfg.data.seq_len} tokens'}, device {device}"
         f"{_predicted(cfg, module, device)}"
     )
     trainer.fit()
