@@ -27,3 +27,15 @@ def seeded_normal_(t: torch.Tensor, seed: int, name: str, std: float) -> torch.T
 def count_params(module: nn.Module, exclude: set[torch.Tensor] | None = None) -> int:
     """Parameters counted once (tied weights once), minus the tensors in ``exclude``."""
     return sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in (exclude or ()))
+
+
+@torch.no_grad()
+def init_matrices_(module: nn.Module, seed: int, std: float) -> None:
+    """Every weight matrix N(0, std²) seeded by its name; vectors (biases) zero, a norm's gain one."""
+    for name, p in module.named_parameters():
+        if p.dim() > 1:
+            seeded_normal_(p.data, seed, name, std)
+        elif "norm" in name and name.endswith("weight"):
+            nn.init.ones_(p)
+        else:
+            nn.init.zeros_(p)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.init import count_params, seeded_normal_
+from models.init import count_params, init_matrices_
 
 GATES = 5  # i, o, u, f↑, f←
 
@@ -173,11 +173,7 @@ class TextLineRecognizer(nn.Module):
             features = 2 * d
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(features, cfg.n_labels + 1)
-        for name, p in self.named_parameters():
-            if p.dim() > 1:
-                seeded_normal_(p.data, seed, name, cfg.init_std)
-            else:
-                nn.init.zeros_(p)
+        init_matrices_(self, seed, cfg.init_std)
 
     def num_params(self) -> int:
         return count_params(self)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.init import count_params, seeded_normal_
+from models.init import count_params, init_matrices_
 
 
 class SeqClassifierConfig(BaseModel):
@@ -74,13 +74,7 @@ class SeqClassifier(nn.Module):
             self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(d, cfg.n_classes)
-        for name, p in self.named_parameters():
-            if p.dim() > 1:
-                seeded_normal_(p.data, seed, name, cfg.init_std)
-            elif "norm" in name and name.endswith("weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
+        init_matrices_(self, seed, cfg.init_std)
         with torch.no_grad():
             self.embed.weight[cfg.pad_id].zero_()
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from models.init import count_params, seeded_normal_
+from models.init import count_params, init_matrices_
 
 
 class TreeRNNConfig(BaseModel):
@@ -85,11 +85,7 @@ class TreeRNN(nn.Module):
         self.U_f = nn.Parameter(torch.empty(d, d)) if gates == 4 else None  # f from each child
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(d, cfg.n_classes)
-        for name, p in self.named_parameters():
-            if p.dim() > 1:
-                seeded_normal_(p.data, seed, name, cfg.init_std)
-            else:
-                nn.init.zeros_(p)
+        init_matrices_(self, seed, cfg.init_std)
 
     def num_params(self) -> int:
         return count_params(self)

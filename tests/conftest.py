@@ -83,3 +83,35 @@ def sets(*pairs: str) -> list[str]:
     for p in pairs:
         out += ["--set", p]
     return out
+
+
+def assert_resume_is_exact(preset: str, args: list[str], stop_at: int, steps: int, cache_dir: Path,
+                           tmp_path: Path) -> None:
+    """A run stopped by a signal at ``stop_at`` and resumed logs the uninterrupted run's loss,
+    gradient norm and tokens at every step, bitwise (CPU, fp32)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(["train", preset, "--run-dir", str(straight), *sets(*args)], cache_dir)
+    run_cli(["train", preset, "--run-dir", str(resumed), *sets(*args)], cache_dir,
+            env={"SEQTRAIN_FAULT": f"usr1@{stop_at}"})
+    second = run_cli(["train", preset, "--run-dir", str(resumed), *sets(*args)], cache_dir)
+    assert f"at step {stop_at}" in second.stdout
+    a, _ = read_metrics(straight)
+    b, _ = read_metrics(resumed)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b, strict=True):
+        assert (ra["loss"], ra["grad_norm"], ra["tokens"]) == (rb["loss"], rb["grad_norm"], rb["tokens"])
+
+
+def assert_two_processes_match_one(preset: str, args: list[str], steps: int, cache_dir: Path,
+                                   tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    """Two data-parallel processes log one process's losses (to 1e-5), gradient norms and
+    tokens; returns both runs' evaluation rows."""
+    run_cli(["train", preset, "--run-dir", str(tmp_path / "one"), *sets(*args)], cache_dir)
+    run_cli(["train", preset, "--run-dir", str(tmp_path / "two"), *sets(*args)], cache_dir, nproc=2)
+    (one, one_eval), (two, two_eval) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == steps
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert a["tokens"] == b["tokens"]
+    return one_eval, two_eval

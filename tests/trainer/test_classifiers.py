@@ -9,7 +9,14 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_cli, sets
+from tests.conftest import (
+    REPO,
+    assert_resume_is_exact,
+    assert_two_processes_match_one,
+    read_metrics,
+    run_cli,
+    sets,
+)
 from trainer.config import load_config
 from trainer.data import listops
 
@@ -69,16 +76,7 @@ def test_eval_and_generate_agree_with_the_expressions_values(trained_tree, cache
                          ids=["tree_lstm", "transformer"])
 def test_a_resumed_run_equals_an_uninterrupted_one(preset, extra, cache_dir, tmp_path):
     args = [*SMALL, *extra, "train.steps=8", "checkpoint.every=4"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(["train", preset, "--run-dir", str(straight), *sets(*args)], cache_dir)
-    run_cli(["train", preset, "--run-dir", str(resumed), *sets(*args)], cache_dir, env={"SEQTRAIN_FAULT": "usr1@4"})
-    second = run_cli(["train", preset, "--run-dir", str(resumed), *sets(*args)], cache_dir)
-    assert "at step 4" in second.stdout
-    a, _ = read_metrics(straight)
-    b, _ = read_metrics(resumed)
-    assert [r["step"] for r in b] == list(range(1, 9))
-    for ra, rb in zip(a, b, strict=True):
-        assert (ra["loss"], ra["grad_norm"], ra["tokens"]) == (rb["loss"], rb["grad_norm"], rb["tokens"])
+    assert_resume_is_exact(preset, args, 4, 8, cache_dir, tmp_path)
 
 
 @pytest.mark.distributed
@@ -89,14 +87,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(preset, extra, cache_dir, tmp
 def test_two_process_data_parallel_matches_one_process(preset, extra, zero, cache_dir, tmp_path):
     args = [*SMALL, *extra, "train.steps=5", "train.micro_batch_size=8", "train.global_batch_size=16",
             f"parallel.zero_stage={zero}", "eval.every=5", "eval.batches=4"]
-    run_cli(["train", preset, "--run-dir", str(tmp_path / "one"), *sets(*args)], cache_dir)
-    run_cli(["train", preset, "--run-dir", str(tmp_path / "two"), *sets(*args)], cache_dir, nproc=2)
-    (one, one_eval), (two, two_eval) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 5
-    for a, b in zip(one, two, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        assert a["tokens"] == b["tokens"]
+    one_eval, two_eval = assert_two_processes_match_one(preset, args, 5, cache_dir, tmp_path)
     assert two_eval[0]["val_accuracy"] == one_eval[0]["val_accuracy"]
     assert two_eval[0]["val_loss"] == pytest.approx(one_eval[0]["val_loss"], rel=1e-5)
 

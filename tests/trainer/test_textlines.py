@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, read_metrics, run_cli, sets
+from tests.conftest import (
+    REPO,
+    assert_resume_is_exact,
+    assert_two_processes_match_one,
+    read_metrics,
+    run_cli,
+    sets,
+)
 from trainer.config import DataConfig
 from trainer.data import textlines
 
@@ -68,15 +75,7 @@ def test_the_recognizer_learns_and_generate_reads_an_image_file_as_eval_does(tra
 
 def test_a_resumed_run_equals_an_uninterrupted_one(cache_dir, tmp_path):
     args = [*SMALL, "train.steps=6", "checkpoint.every=3", "model.dropout=0.1"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli(["train", MD, "--run-dir", str(straight), *sets(*args)], cache_dir)
-    run_cli(["train", MD, "--run-dir", str(resumed), *sets(*args)], cache_dir, env={"SEQTRAIN_FAULT": "usr1@3"})
-    run_cli(["train", MD, "--run-dir", str(resumed), *sets(*args)], cache_dir)
-    a, _ = read_metrics(straight)
-    b, _ = read_metrics(resumed)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b, strict=True):
-        assert (ra["loss"], ra["grad_norm"], ra["tokens"]) == (rb["loss"], rb["grad_norm"], rb["tokens"])
+    assert_resume_is_exact(MD, args, 3, 6, cache_dir, tmp_path)
 
 
 @pytest.mark.distributed
@@ -84,14 +83,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(cache_dir, tmp_path):
 def test_two_process_data_parallel_matches_one_process(preset, zero, cache_dir, tmp_path):
     args = [*SMALL, "train.steps=4", "train.global_batch_size=8", f"parallel.zero_stage={zero}",
             "eval.every=4", "eval.batches=2"]
-    run_cli(["train", preset, "--run-dir", str(tmp_path / "one"), *sets(*args)], cache_dir)
-    run_cli(["train", preset, "--run-dir", str(tmp_path / "two"), *sets(*args)], cache_dir, nproc=2)
-    (one, one_eval), (two, two_eval) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        assert a["tokens"] == b["tokens"]
+    one_eval, two_eval = assert_two_processes_match_one(preset, args, 4, cache_dir, tmp_path)
     assert two_eval[0]["val_cer"] == pytest.approx(one_eval[0]["val_cer"], abs=1e-12)
 
 
