@@ -107,11 +107,11 @@ class TreeRNN(nn.Module):
         wx = self.W(self.embed(tokens))  # every node's input term at once
         h = wx.new_zeros(n, d)
         c = wx.new_zeros(n, d) if self.cfg.cell != "tanh" else None
-        has_parent = parent >= 0
+        parent_level = torch.where(parent >= 0, level[parent.clamp(min=0)], -1)  # -1 at a root
         for lv in range(int(level.max()) + 1):
             idx = (level == lv).nonzero().squeeze(1)
             # Children of this level's nodes: the nodes whose parent is at this level.
-            kids = (has_parent & (level[parent.clamp(min=0)] == lv)).nonzero().squeeze(1)
+            kids = (parent_level == lv).nonzero().squeeze(1)
             slot = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
             slot[idx] = torch.arange(len(idx), device=tokens.device)
             into = slot[parent[kids]]  # each child's parent, as a row of this level

@@ -168,18 +168,23 @@ class Trainer:
         self.module.train()
         return metrics
 
+    def eval_slice(self, val) -> tuple[list, int, int]:
+        """This rank's share of ``val``'s evaluation slice: (its batches, how many of the first
+        of them count, the slice's batch count over all ranks). Rank r takes global batches r,
+        r + dp, ...; every rank runs the same count (ZeRO-3 gathers collectively), a surplus
+        one counted nowhere."""
+        n, dp, rank = self._eval_count(val), self.dims.dp, self.dims.dp_rank
+        rounds = -(-n // dp)
+        counted = sum(b * dp + rank < n for b in range(rounds))
+        return list(val.eval_batches(rank, dp, rounds)), counted, n
+
     def _eval_loss(self, val) -> float:
         """Mean loss over ``val``'s evaluation slice."""
-        n, dp, rank = self.eval_count(val), self.dims.dp, self.dims.dp_rank
-        # Rank r takes global batches r, r + dp, ...; every rank runs the same count, a surplus
-        # one weighted zero.
-        rounds = -(-n // dp)
-        batches = list(val.eval_batches(rank, dp, rounds))
-        counted = sum(b * dp + rank < n for b in range(rounds))
+        batches, counted, n = self.eval_slice(val)
         total = self.module.eval_loss_sum(batches, counted, getattr(val, "after_eval_forward", None))
-        return float(self.dims.dp_mean(total)) * dp / n  # collective + host sync
+        return float(self.dims.dp_mean(total)) * self.dims.dp / n  # collective + host sync
 
-    def eval_count(self, val) -> int:
+    def _eval_count(self, val) -> int:
         """``eval.batches``, or fewer where the validation split holds fewer (a multiple of dp):
         each window counts once, not the split's head twice."""
         n, dp = self.cfg.eval.batches, self.dims.dp

@@ -41,14 +41,10 @@ class ExampleValidation:
         self.name, self.counts = ("val_cer", _char_errors) if kind == "images" else ("val_accuracy", _hits)
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
-        val, dims = trainer.data.val, trainer.dims
-        n, dp, rank = trainer.eval_count(val), dims.dp, dims.dp_rank
-        rounds = -(-n // dp)
-        batches = list(val.eval_batches(rank, dp, rounds))
+        batches, counted, _ = trainer.eval_slice(trainer.data.val)
         outs = trainer.module.predict(batches)  # every rank the same count (ZeRO-3 gathers)
         total = torch.zeros(2, dtype=torch.float64)
-        for b, (batch, out) in enumerate(zip(batches, outs, strict=True)):
-            if b * dp + rank < n:  # a surplus round counts nothing
-                total += torch.tensor(self.counts(batch, out, trainer.module.model), dtype=torch.float64)
-        total = trainer.dims.dp_mean(total.to(trainer.device)) * dp  # collective: every rank's sums
+        for batch, out in list(zip(batches, outs, strict=True))[:counted]:
+            total += torch.tensor(self.counts(batch, out, trainer.module.model), dtype=torch.float64)
+        total = trainer.dims.dp_mean(total.to(trainer.device)) * trainer.dims.dp  # collective: every rank's sums
         return {self.name: float(total[0] / total[1])}
