@@ -116,3 +116,11 @@ def test_an_image_the_recognizer_cannot_read_is_one_line(trained_bilstm, cache_d
                          (tmp_path / "missing.png", "no such file")):
         p = run_cli(["generate", str(trained_bilstm), "--image", str(path)], cache_dir, check=False)
         assert p.returncode == 2 and needle in p.stderr.strip().splitlines()[-1], p.stderr
+
+
+def test_character_error_rate_counts_edits_over_reference_characters():
+    """By hand: 'abc' ► 'abd' one substitution, 'hello' ► 'hllo!' one deletion and one
+    insertion, 'de' ► 'd' one deletion: 4 edits over 3 + 5 + 2 reference characters."""
+    from trainer.evaluation.examples import char_errors
+
+    assert char_errors(["abc", "hello", "de"], ["abd", "hllo!", "d"]) == (4.0, 10.0)
