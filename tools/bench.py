@@ -395,7 +395,7 @@ def _worker_main(argv: list[str]) -> None:
 
     if distributed.rank() == 0:
         print(json.dumps(result), flush=True)
-    distributed.shutdown()
+    distributed.leave(0)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -153,8 +154,26 @@ def shutdown() -> None:
 
     Exiting with a live gloo group lets its threads be torn down during interpreter exit,
     which can abort a rank ("terminate called without an active exception") after training
-    has finished, and turn a finished job into a failed one.
+    has finished, and turn a finished job into a failed one; ``leave`` is the way out.
     """
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """Shut the process group down, then end a multi-process rank at once with ``code``.
+
+    Everything is saved and logged by now. Native threads of the distributed stack can still
+    abort a rank during interpreter teardown, even after ``shutdown`` ("terminate called
+    without an active exception", SIGABRT), which would turn a finished job into a failed one
+    for torchrun and Slurm: so a rank of several leaves without teardown. One process returns
+    ``code`` and exits normally, with its atexit handlers.
+    """
+    many = world_size() > 1
+    shutdown()
+    if many:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from trainer.commands._args import add_overrides
@@ -30,14 +28,5 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     clock.lap("config")
     trainer = train(cfg, args.run_dir or Path("runs") / cfg.name, clock)
-    distributed.shutdown()
     code = 3 if trainer.diverged else 0  # a failed job for the scheduler, unlike a clean stop
-    if distributed.world_size() > 1:
-        # Everything is saved, logged and the process group destroyed. Native threads of the
-        # distributed stack can still abort a rank during interpreter teardown ("terminate
-        # called without an active exception"), which would turn a finished job into a failed
-        # one for torchrun and Slurm: leave now, without teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return distributed.leave(code)

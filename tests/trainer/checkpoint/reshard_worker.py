@@ -8,7 +8,6 @@ consolidated tensors, sliced for this rank, exactly.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -52,10 +51,6 @@ def main(ckpt: Path, config: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
-    # As ``seqtrain train`` leaves (trainer/commands/train.py says why): the distributed
-    # stack's native threads can abort a rank during interpreter teardown.
     from trainer import distributed
 
-    distributed.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    distributed.leave(0)  # trainer/distributed.py says why a rank leaves without teardown
