@@ -3,8 +3,9 @@
 Sinusoidal positions, padding masks on self- and cross-attention, optional shared source/target
 embeddings, pre- or post-LayerNorm, label smoothing. Single-device code.
 
-Batch contract: ``src_ids`` (B, S), ``tgt_in`` (B, T) = BOS + target, ``labels`` (B, T) =
-target + EOS with -100 at padding; padding id ``pad_id`` in ``src_ids`` and ``tgt_in``.
+Batch contract: ``src`` (B, S) token ids, or with ``model.source`` what its encoder reads
+(``models/sources.py``: images); ``tgt_in`` (B, T) = BOS + target, ``labels`` (B, T) = target +
+EOS with -100 at padding; padding id ``pad_id`` in token ``src`` and ``tgt_in``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from torch import nn
 
 from models.decoding import decode
 from models.fused_qkv import split_heads
-from models.init import count_params, seeded_normal_
+from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
+from models.positions import sinusoidal_table
+from models.sources import ImageEncoder, ImageSource
 
 
 class EncDecConfig(BaseModel):
@@ -42,8 +45,10 @@ class EncDecConfig(BaseModel):
     """Feed-forward inner size; ``null`` means ``4 * d_model``."""
     max_seq_len: int = Field(256, ge=1)
     """Longest source or target sequence (sinusoidal table size)."""
+    source: ImageSource | None = None
+    """What the encoder reads: ``null``: token ids; else its encoder (``models/sources.py``)."""
     src_vocab_size: int | None = Field(None, ge=2)
-    """Source vocabulary; ``null`` takes the source tokenizer's size."""
+    """Source vocabulary; ``null`` takes the source tokenizer's size (unused with ``source``)."""
     tgt_vocab_size: int | None = Field(None, ge=2)
     """Target vocabulary; ``null`` takes the target tokenizer's size."""
     share_embeddings: bool = False
@@ -65,6 +70,8 @@ class EncDecConfig(BaseModel):
     def _check(self) -> EncDecConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if self.share_embeddings and self.source is not None:
+            raise ValueError(f"model.share_embeddings needs a token source, not model.source.kind={self.source.kind}")
         if self.share_embeddings and None not in (self.src_vocab_size, self.tgt_vocab_size) \
                 and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError("model.share_embeddings needs src_vocab_size == tgt_vocab_size")
@@ -73,16 +80,6 @@ class EncDecConfig(BaseModel):
     @property
     def ff_size(self) -> int:
         return self.d_ff or 4 * self.d_model
-
-
-def sinusoidal_table(n: int, d: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    inv = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-    pe = torch.zeros(n, d)
-    pe[:, 0::2] = torch.sin(pos * inv)
-    pe[:, 1::2] = torch.cos(pos * inv[: d // 2])
-    return pe
 
 
 class Attention(nn.Module):
@@ -170,11 +167,14 @@ class DecoderLayer(nn.Module):
 class EncoderDecoder(nn.Module):
     def __init__(self, cfg: EncDecConfig, seed: int = 0) -> None:
         super().__init__()
-        if cfg.src_vocab_size is None or cfg.tgt_vocab_size is None:
+        if (cfg.source is None and cfg.src_vocab_size is None) or cfg.tgt_vocab_size is None:
             raise ValueError("EncDecConfig vocab sizes must be resolved before building the model")
         self.cfg = cfg
         d = cfg.d_model
-        self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
+        if cfg.source is None:
+            self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
+        else:
+            self.source = ImageEncoder(cfg.source, d)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
         self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -206,24 +206,39 @@ class EncoderDecoder(nn.Module):
             t.zero_()
         elif "norm" in name:
             t.fill_(1.0)
+        elif name.startswith("source."):  # convolutions followed by ReLU
+            seeded_normal_(t, self.seed, name, fan_in_std(t))
         else:
             seeded_normal_(t, self.seed, name, self.cfg.init_std)
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute the buffers that are not parameters (after a build on the meta device)."""
         self.pe = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(device)
+        if self.cfg.source is not None:
+            self.source.init_buffers(device)
 
     def num_params(self, non_embedding: bool = False) -> int:
         # A set: shared source/target embeddings are subtracted once.
-        return count_params(self, {self.src_embed.weight, self.tgt_embed.weight} if non_embedding else None)
+        embeddings = {self.tgt_embed.weight, *([] if self.cfg.source else [self.src_embed.weight])}
+        return count_params(self, embeddings if non_embedding else None)
+
+    def flops_per_sample(self, tgt_len: int, src_len: int | None = None) -> float:
+        """Training FLOPs of one pair: the encoder over ``src_len`` positions (an image
+        source: its grid, after its convolutions), the decoder and head over ``tgt_len``
+        tokens, attention counted over whole rows."""
+        c = self.cfg
+        src_len = c.source.grid ** 2 if c.source else src_len or tgt_len
+        source = count_params(self.source) if c.source else 0
+        enc = count_params(self.encoder) + count_params(self.enc_norm)
+        dec = self.num_params(non_embedding=True) - enc - source + c.d_model * c.tgt_vocab_size
+        attn = 12 * c.d_model * (c.n_enc_layers * src_len ** 2 + c.n_dec_layers * tgt_len * (tgt_len + src_len))
+        convs = self.source.flops_per_image() if c.source else 0.0
+        return float(6 * (enc * src_len + dec * tgt_len) + attn + convs)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
-        """Training FLOPs per target token (source length taken equal to target length)."""
-        c = self.cfg
-        attn = 12 * c.d_model * seq_len * (c.n_enc_layers + 2 * c.n_dec_layers)
-        head = c.d_model * c.tgt_vocab_size
-        exact = 6 * (self.num_params(non_embedding=True) + head) + attn
-        return float(exact), float(6 * self.num_params())
+        """Training FLOPs per target token of a pair with ``seq_len`` target tokens (and as
+        many source tokens)."""
+        return self.flops_per_sample(seq_len) / seq_len, float(6 * self.num_params())
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         x = table(ids) * math.sqrt(self.cfg.d_model)
@@ -231,13 +246,17 @@ class EncoderDecoder(nn.Module):
         # would promote bf16 activations to fp32 ahead of bf16 norms and projections.
         return self.drop(x + self.pe[: ids.shape[1]].to(x.dtype))
 
-    def encode(self, src_ids: torch.Tensor, src_lengths: list[int] | None = None,
+    def encode(self, src: torch.Tensor, src_lengths: list[int] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder states and the (B, 1, 1, S) keep-mask of real source tokens; no mask when
-        ``src_lengths`` (host ints, from the batch) say that no row is padded."""
-        padded = src_lengths is None or min(src_lengths) < src_ids.shape[1]
-        src_mask = (src_ids != self.cfg.pad_id)[:, None, None, :] if padded else None
-        x = self._embed(self.src_embed, src_ids)
+        ``src_lengths`` (host ints, from the batch) say that no row is padded, or for images
+        (all of one size)."""
+        if self.cfg.source is not None:
+            x, src_mask = self.drop(self.source(src)), None
+        else:
+            padded = src_lengths is None or min(src_lengths) < src.shape[1]
+            src_mask = (src != self.cfg.pad_id)[:, None, None, :] if padded else None
+            x = self._embed(self.src_embed, src)
         for layer in self.encoder:
             x = layer(x, src_mask)
         return self.enc_norm(x), src_mask
@@ -250,26 +269,46 @@ class EncoderDecoder(nn.Module):
             y = layer(y, mem, None, src_mask)
         return self.out(self.dec_norm(y))
 
-    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
                 src_lengths: list[int] | None = None):
-        mem, src_mask = self.encode(src_ids, src_lengths)
+        mem, src_mask = self.encode(src, src_lengths)
         logits = self.decode(tgt_in, mem, src_mask)
         if labels is None:
             return logits
         return self.loss_fn(logits, labels)
 
-    def decoder_step_fn(self, src_ids: torch.Tensor):
+    def decoder_step_fn(self, src: torch.Tensor):
         """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
-        mem, src_mask = self.encode(src_ids)
+        mem, src_mask = self.encode(src)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-            return self.decode(prefix, mem[rows], src_mask[rows])[:, -1].float().log_softmax(-1)
+            mask = None if src_mask is None else src_mask[rows]
+            return self.decode(prefix, mem[rows], mask)[:, -1].float().log_softmax(-1)
 
         return step
 
     @torch.no_grad()
-    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
+    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """(B, T, S) attention of each target position over the source, averaged over the
+        last decoder layer's heads (for attention maps)."""
+        mem, src_mask = self.encode(src)
+        y = self._embed(self.tgt_embed, tgt_in)
+        for layer in self.decoder[:-1]:
+            y = layer(y, mem, None, src_mask)
+        last = self.decoder[-1]
+        y = last.sub1(y, lambda h: last.self_attn(h, h, None, causal=True))
+        h = last.sub2.norm(y) if last.sub2.pre else y
+        attn = last.cross_attn
+        (q,) = split_heads(attn.q_proj(h), attn.head_dim, 1)
+        k, _ = split_heads(attn.kv_proj(mem), attn.head_dim, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+        if src_mask is not None:
+            scores = scores.masked_fill(~src_mask, float("-inf"))
+        return scores.softmax(-1).mean(1)
+
+    @torch.no_grad()
+    def translate(self, src: torch.Tensor, bos: int, eos: int, max_len: int = 64,
                   beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
         max_len = min(max_len, self.cfg.max_seq_len - 1)
-        return decode(self.decoder_step_fn(src_ids), src_ids.shape[0], bos, eos, max_len, beam,
-                      length_penalty, src_ids.device)
+        return decode(self.decoder_step_fn(src), src.shape[0], bos, eos, max_len, beam,
+                      length_penalty, src.device)

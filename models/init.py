@@ -24,6 +24,11 @@ def seeded_normal_(t: torch.Tensor, seed: int, name: str, std: float) -> torch.T
     return t
 
 
+def fan_in_std(t: torch.Tensor) -> float:
+    """He initialisation's std for a convolution or linear weight followed by a ReLU."""
+    return (2.0 / t[0].numel()) ** 0.5
+
+
 def count_params(module: nn.Module, exclude: set[torch.Tensor] | None = None) -> int:
     """Parameters counted once (tied weights once), minus the tensors in ``exclude``."""
     return sum(p.numel() for p in module.parameters()) - sum(p.numel() for p in (exclude or ()))

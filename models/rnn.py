@@ -21,7 +21,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.decoding import decode
 from models.gpt import sample_next
-from models.init import count_params, seeded_normal_
+from models.init import count_params, fan_in_std, seeded_normal_
+from models.sources import ImageEncoder, ImageSource
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -81,8 +82,11 @@ class Seq2SeqRNNConfig(_RNNBase):
     """Recurrent cell of encoder and decoder."""
     d_attn: int = Field(128, ge=1)
     """Size of the additive attention's hidden layer (v, W and U)."""
+    source: ImageSource | None = None
+    """What the encoder reads: ``null``: token ids; else its encoder (``models/sources.py``),
+    whose features of width ``d_embed`` the bidirectional RNN reads in their place."""
     src_vocab_size: int | None = Field(None, ge=2)
-    """Source vocabulary; ``null`` takes the source tokenizer's size."""
+    """Source vocabulary; ``null`` takes the source tokenizer's size (unused with ``source``)."""
     tgt_vocab_size: int | None = Field(None, ge=2)
     """Target vocabulary; ``null`` takes the target tokenizer's size."""
     share_embeddings: bool = False
@@ -91,6 +95,12 @@ class Seq2SeqRNNConfig(_RNNBase):
     """Padding token id."""
     max_seq_len: int = Field(256, ge=1)
     """Longest target generated."""
+
+    @model_validator(mode="after")
+    def _shared(self) -> Seq2SeqRNNConfig:
+        if self.share_embeddings and self.source is not None:
+            raise ValueError(f"model.share_embeddings needs a token source, not model.source.kind={self.source.kind}")
+        return self
 
 
 class RNNLM(nn.Module):
@@ -163,12 +173,15 @@ class AdditiveAttention(nn.Module):
 class Seq2SeqRNN(nn.Module):
     def __init__(self, cfg: Seq2SeqRNNConfig, seed: int = 0) -> None:
         super().__init__()
-        if cfg.src_vocab_size is None or cfg.tgt_vocab_size is None:
+        if (cfg.source is None and cfg.src_vocab_size is None) or cfg.tgt_vocab_size is None:
             raise ValueError("Seq2SeqRNNConfig vocab sizes must be resolved before building the model")
         self.cfg = cfg
         cell = CELLS[cfg.cell]
         inter = cfg.dropout if cfg.n_layers > 1 else 0.0
-        self.src_embed = nn.Embedding(cfg.src_vocab_size, cfg.d_embed)
+        if cfg.source is None:
+            self.src_embed = nn.Embedding(cfg.src_vocab_size, cfg.d_embed)
+        else:
+            self.source = ImageEncoder(cfg.source, cfg.d_embed)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, cfg.d_embed)
         self.encoder = cell(cfg.d_embed, cfg.d_hidden, cfg.n_layers, batch_first=True,
                             bidirectional=True, dropout=inter)
@@ -185,23 +198,40 @@ class Seq2SeqRNN(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         # A set: shared source/target embeddings are subtracted once.
-        return count_params(self, {self.src_embed.weight, self.tgt_embed.weight} if non_embedding else None)
+        embeddings = {self.tgt_embed.weight, *([] if self.cfg.source else [self.src_embed.weight])}
+        return count_params(self, embeddings if non_embedding else None)
+
+    def flops_per_sample(self, tgt_len: int, src_len: int | None = None) -> float:
+        """Training FLOPs of one pair: 6 × the encoder's weights per source position (an image
+        source: its grid, after its convolutions), 6 × the rest per target token, plus the
+        attention of each target token over the source states."""
+        c = self.cfg
+        src_len = c.source.grid ** 2 if c.source else src_len or tgt_len
+        source = count_params(self.source) if c.source else 0
+        enc = count_params(self.encoder) + count_params(self.bridge) + count_params(self.attention.U)
+        dec = self.num_params(non_embedding=True) - enc - source
+        attn = 6 * src_len * (c.d_attn + 2 * c.d_hidden)  # tanh(W s + U h) · v and the weighted sum
+        convs = self.source.flops_per_image() if c.source else 0.0
+        return float(6 * (enc * src_len + dec * tgt_len) + attn * tgt_len + convs)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
-        """6 × non-embedding weights, plus the attention over ``seq_len`` source states."""
-        c = self.cfg
-        attn = 6 * seq_len * (c.d_attn + 2 * c.d_hidden)  # tanh(W s + U h) · v and the weighted sum
-        return float(6 * self.num_params(non_embedding=True) + attn), float(6 * self.num_params())
+        """Training FLOPs per target token of a pair with ``seq_len`` target tokens (and as
+        many source tokens)."""
+        return self.flops_per_sample(seq_len) / seq_len, float(6 * self.num_params())
 
-    def encode(self, src_ids: torch.Tensor, src_lengths: list[int] | None = None):
-        mask = src_ids != self.cfg.pad_id
-        # Packing wants the lengths on the host: the batch's own (no device read), else counted.
-        lengths = torch.tensor(src_lengths) if src_lengths is not None else mask.sum(1).clamp(min=1).cpu()
-        # Packing runs the recurrence over real tokens only: padding cannot leak into any state.
-        packed = pack_padded_sequence(self.drop(self.src_embed(src_ids)), lengths, batch_first=True,
-                                      enforce_sorted=False)
-        out, final = self.encoder(packed)
-        keys, _ = pad_packed_sequence(out, batch_first=True, total_length=src_ids.shape[1])
+    def encode(self, src: torch.Tensor, src_lengths: list[int] | None = None):
+        if self.cfg.source is not None:  # images: one size, nothing padded, nothing to pack
+            out, final = self.encoder(self.drop(self.source(src)))
+            keys, mask = out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+        else:
+            mask = src != self.cfg.pad_id
+            # Packing wants the lengths on the host: the batch's own (no device read), else counted.
+            lengths = torch.tensor(src_lengths) if src_lengths is not None else mask.sum(1).clamp(min=1).cpu()
+            # Packing runs the recurrence over real tokens only: padding cannot leak into any state.
+            packed = pack_padded_sequence(self.drop(self.src_embed(src)), lengths, batch_first=True,
+                                          enforce_sorted=False)
+            out, final = self.encoder(packed)
+            keys, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
         h_n = final[0] if isinstance(final, tuple) else final  # (layers*2, B, H)
         backward_first = h_n.view(self.cfg.n_layers, 2, *h_n.shape[1:])[:, 1]  # (layers, B, H)
         s0 = torch.tanh(self.bridge(backward_first)).contiguous()
@@ -217,9 +247,9 @@ class Seq2SeqRNN(nn.Module):
         h = torch.tanh(self.pre_out(torch.cat([out[:, 0], context, emb], -1)))
         return self.out(self.drop(h)), state, weights
 
-    def forward(self, src_ids: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
                 src_lengths: list[int] | None = None):
-        keys, keys_proj, mask, state = self.encode(src_ids, src_lengths)
+        keys, keys_proj, mask, state = self.encode(src, src_lengths)
         logits, prev = [], tgt_in[:, 0]
         for i in range(tgt_in.shape[1]):
             if i > 0:
@@ -238,18 +268,18 @@ class Seq2SeqRNN(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def attention_weights(self, src_ids: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """(B, T, S) attention weights under teacher forcing (for inspection and tests)."""
-        keys, keys_proj, mask, state = self.encode(src_ids)
+        keys, keys_proj, mask, state = self.encode(src)
         out = []
         for i in range(tgt_in.shape[1]):
             _, state, w = self._step(tgt_in[:, i], state, keys, keys_proj, mask)
             out.append(w)
         return torch.stack(out, 1)
 
-    def decoder_step_fn(self, src_ids: torch.Tensor):
+    def decoder_step_fn(self, src: torch.Tensor):
         """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
-        keys, keys_proj, mask, s0 = self.encode(src_ids)
+        keys, keys_proj, mask, s0 = self.encode(src)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             # Re-run the decoder over the prefix: simple, and decoding is not the hot path.
@@ -261,11 +291,11 @@ class Seq2SeqRNN(nn.Module):
         return step
 
     @torch.no_grad()
-    def translate(self, src_ids: torch.Tensor, bos: int, eos: int, max_len: int = 64,
+    def translate(self, src: torch.Tensor, bos: int, eos: int, max_len: int = 64,
                   beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
         max_len = min(max_len, self.cfg.max_seq_len)
-        return decode(self.decoder_step_fn(src_ids), src_ids.shape[0], bos, eos, max_len, beam,
-                      length_penalty, src_ids.device)
+        return decode(self.decoder_step_fn(src), src.shape[0], bos, eos, max_len, beam,
+                      length_penalty, src.device)
 
 
 @torch.no_grad()
@@ -273,5 +303,7 @@ def _init(module: nn.Module, seed: int, std: float) -> None:
     for name, p in module.named_parameters():
         if "bias" in name:
             p.zero_()
+        elif name.startswith("source."):  # convolutions followed by ReLU
+            seeded_normal_(p, seed, name, fan_in_std(p))
         else:
             seeded_normal_(p, seed, name, std)

@@ -3,7 +3,8 @@
 Language models: loss (nats/token), perplexity = exp(loss), bits per byte and per character
 (total NLL / ln 2 over the UTF-8 bytes and the characters of the predicted text), token
 accuracy. Sequence-to-sequence: exact match, BLEU and chrF (sacrebleu, detokenized text),
-greedy or beam. Classifiers: accuracy over a split of ListOps expressions. Text lines:
+greedy or beam; image captioners against every caption of a scene, with attention maps as PNGs.
+Classifiers: accuracy over a split of ListOps expressions. Text lines:
 character error rate. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
 any layout: the weights are consolidated on load.
 """
@@ -25,13 +26,14 @@ from trainer import checkpoint
 from trainer.callbacks.checkpointing import FINISHED
 from trainer.callbacks.tracking import open_run
 from trainer.config import Config, TrackingConfig, load_config
-from trainer.data import listops, prepare, textlines
+from trainer.data import listops, prepare, scenes, textlines
 from trainer.data.mixture import prepare_mixture
 from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
 from trainer.errors import CheckpointError, DataError
 from trainer.evaluation.examples import char_errors
 from trainer.evaluation.inference import (
+    caption_ids,
     classify,
     encode_sources,
     load_classifier,
@@ -165,6 +167,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
         if cfg.is_seq2seq:
             raise CheckpointError(f"{ckpt}: lm-eval tasks score language models, not {cfg.model.family}")
         return {**out, **harness.score(model, src_tok), "samples": []}
+    if getattr(cfg.model, "source", None) is not None:
+        return {**out, **_caption_metrics(ckpt, model, tgt_tok, cfg, data, split, limit, beam, samples)}
     if cfg.is_seq2seq:
         if text_file:
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
@@ -213,6 +217,28 @@ def _recognition_metrics(ckpt: Path, data: str | None, split: str, limit: int | 
     return {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt), "family": cfg.model.family,
             "cer": errors / chars, "lines": n,
             "samples": [{"reference": r, "output": h} for r, h in list(zip(refs, hyps, strict=True))[:samples]]}
+
+
+def _caption_metrics(ckpt: Path, model, tok, cfg: Config, data: str | None, split: str, limit: int | None,
+                     beam: int, samples: int) -> dict[str, Any]:
+    """Exact match, BLEU and chrF of the captions of ``split``'s scenes (``test``: colour-shape
+    combinations no training scene shows) against every caption the grammar gives each, and
+    the attention maps of the first ``samples`` as PNGs under the run's ``eval/attention/``."""
+    from trainer.evaluation.attention import attention_png
+    from trainer.evaluation.metrics import text_metrics
+
+    split_scenes = scenes.read_splits(load_config(data).data if data else cfg.data, cfg.train.seed)[split]
+    n = min(len(split_scenes), limit or 500)
+    images = [split_scenes.image(i) for i in range(n)]
+    eos = tok.token_to_id(EOS)
+    outs = caption_ids(model, cfg, images, eos, beam)
+    hyps = [tok.decode(o) for o in outs]
+    refs = [split_scenes.references(i) for i in range(n)]
+    where = ckpt.parent.parent / "eval" / "attention"
+    pngs = [str(attention_png(model, tok, images[i], outs[i], eos, where / f"{ckpt.name}-{split}-beam{beam}-{i}.png"))
+            for i in range(min(samples, n))]
+    return {**text_metrics(hyps, refs, cfg.eval.bleu_tokenize), "scenes": n, "attention_pngs": pngs,
+            "samples": [{"reference": refs[i][0], "output": hyps[i]} for i in range(min(samples, n))]}
 
 
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
@@ -349,5 +375,8 @@ def _log_mlflow(run_dir: Path, results: list[dict[str, Any]], png: Path) -> None
             mlflow.log_metrics({f"eval/{k}": float(v) for k, v in r.items()
                                 if isinstance(v, int | float) and k != "step"}, step=r["step"])
         mlflow.log_artifact(str(png), "eval")
+        for r in results:
+            for f in r.get("attention_pngs", ()):
+                mlflow.log_artifact(f, "eval/attention")
     finally:
         mlflow.end_run()

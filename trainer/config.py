@@ -651,6 +651,8 @@ class Config(_Section):
             out.model.pad_id = pad_id
         mult = self.parallel.vocab_multiple
         for key, side in self.family.vocab.items():
+            if side not in sizes:  # a side the data has no tokens on (an image source)
+                continue
             have, need = getattr(out.model, key), sizes[side]
             if have is None:
                 setattr(out.model, key, -(-need // mult) * mult)
@@ -669,7 +671,7 @@ class Config(_Section):
         tp = self.parallel.tp
         for key in self.family.vocab if tp > 1 else ():
             n = getattr(self.model, key)
-            if n % tp:
+            if n is not None and n % tp:
                 raise ConfigError(
                     f"model.{key}={n} is not divisible by parallel.tp={tp}; set "
                     f"parallel.vocab_multiple={64 * tp} to pad the tokenizer's vocabulary"

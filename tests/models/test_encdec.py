@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from models import EncDecConfig, build
-from models.encdec import sinusoidal_table
 from models.fused_qkv import unfuse
+from models.positions import sinusoidal_table
 
 PAD = 1
 

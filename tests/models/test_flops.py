@@ -50,7 +50,7 @@ def test_encdec_flops_per_token_match_torch_flop_counter():
                        src_vocab_size=200, tgt_vocab_size=200, dropout=0.0)
     model = build(cfg)
     src, tgt = torch.randint(2, 200, (2, 32)), torch.randint(2, 200, (2, 32))
-    counted = counted_flops_per_token(model, {"src_ids": src, "tgt_in": tgt, "labels": tgt}, tgt.numel())
+    counted = counted_flops_per_token(model, {"src": src, "tgt_in": tgt, "labels": tgt}, tgt.numel())
     exact, _ = model.flops_per_token(32)
     assert exact == pytest.approx(counted, rel=0.03)
 

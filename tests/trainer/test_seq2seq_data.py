@@ -92,8 +92,8 @@ def test_buckets_respect_the_token_budget_and_cover_each_pair_once(tmp_path):
     assert (tin[:, 1:][real[:, :-1]] == lab[:, :-1][real[:, :-1]]).all()  # labels are tgt_in shifted
     # Every layout with the same global number of micro-batches per step reads the same buckets.
     one = PairBatches(split, buckets, accum=4, dp=1, pad_id=1, bos_id=0, eos_id=0, seed=0)
-    a = sorted(tuple(pb.micro_batch(3, m, r)["src_ids"].flatten().tolist()) for m in range(2) for r in range(2))
-    b = sorted(tuple(one.micro_batch(3, m, 0)["src_ids"].flatten().tolist()) for m in range(4))
+    a = sorted(tuple(pb.micro_batch(3, m, r)["src"].flatten().tolist()) for m in range(2) for r in range(2))
+    b = sorted(tuple(one.micro_batch(3, m, 0)["src"].flatten().tolist()) for m in range(4))
     assert a == b
 
 

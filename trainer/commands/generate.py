@@ -21,7 +21,11 @@ def register(sub) -> None:
     g.add_argument("--input", type=Path, help="sequence-to-sequence: a file of source lines; "
                    "classifiers: a file of ListOps expressions")
     g.add_argument("--image", action="append", default=[], type=Path,
-                   help="text-line recognizers: a grey image of one line of text (repeatable)")
+                   help="text-line recognizers: a grey image of one line of text; image captioners: "
+                   "an image of the size the model reads (repeatable)")
+    g.add_argument("--attention-png", type=Path,
+                   help="image captioners: where to write the attention map of each word (with several "
+                   "images, NAME-1.png, NAME-2.png, ...)")
     g.add_argument("--expression", action="append", default=[],
                    help="classifiers: a ListOps expression to evaluate, e.g. '[MAX 2 [MIN 4 7 ] 0 ]' (repeatable)")
     g.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
@@ -76,7 +80,13 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _read_images(args: argparse.Namespace) -> int:
-    """Each image file and the text the recognizer reads in it."""
+    """Each image file and the text the recognizer reads in it, or its caption."""
+    from trainer import checkpoint
+
+    if getattr(checkpoint.saved_config(checkpoint.resolve(args.checkpoint)).model, "source", None) is not None:
+        return _caption(args)
+    if args.attention_png:
+        raise SeqtrainError("--attention-png goes with an image captioner; this is a text-line recognizer")
     from trainer.data import textlines
     from trainer.evaluation.inference import load_classifier, read_lines
 
@@ -88,4 +98,25 @@ def _read_images(args: argparse.Namespace) -> int:
         images.append(textlines.read_image(path))
     for path, text in zip(args.image, read_lines(model, images), strict=True):
         print(f"{path}\t{text}")
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    """Each image file and its caption; with ``--attention-png``, the attention maps."""
+    from trainer.data import scenes
+    from trainer.data.tokenizer import EOS
+    from trainer.evaluation.attention import attention_png
+    from trainer.evaluation.inference import caption_ids, load_captioner
+
+    model, tok, cfg = load_captioner(args.checkpoint)
+    src, eos = cfg.model.source, tok.token_to_id(EOS)
+    images = [scenes.read_image(p, src.channels, src.size) for p in args.image]
+    outs = caption_ids(model, cfg, images, eos, args.beam, args.length_penalty)
+    for k, (path, ids) in enumerate(zip(args.image, outs, strict=True), 1):
+        print(f"{path}\t{tok.decode(ids)}")
+        if args.attention_png:
+            out = args.attention_png
+            if len(args.image) > 1:
+                out = out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
+            attention_png(model, tok, images[k - 1], ids, eos, out)
     return 0

@@ -8,17 +8,22 @@ the run directory see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+from tokenizers import Tokenizer
+
 from trainer import distributed
 from trainer.config import Config
-from trainer.data import listops, textlines
+from trainer.data import listops, scenes, textlines
 from trainer.data.examples import ExampleBatches
 from trainer.data.mixture import MixtureBatches, MixtureEval, prepare_mixture
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
-from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs
+from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs, target_tensors
 from trainer.data.shards import prepare
+from trainer.data.tokenizer import EOS, PAD
 from trainer.errors import DataError
 from trainer.parallel import ParallelDims
 
@@ -40,9 +45,13 @@ class Data(NamedTuple):
 
 class Decodable(NamedTuple):
     tokenizer: Any
-    """The target side's tokenizer (detokenizes hypotheses and references)."""
-    split: Any
-    """The validation pairs (``src(i)``, ``tgt(i)``)."""
+    """The target side's tokenizer (detokenizes hypotheses)."""
+    n: int
+    """Validation examples there are to decode."""
+    source: Callable[[int], torch.Tensor]
+    """Example ``i``'s source as the model reads it: token ids, or an image."""
+    references: Callable[[int], list[str]]
+    """Example ``i``'s reference texts (one per pair; every caption of a scene)."""
     eos: int
     """End of sequence, also the decoder's start token."""
 
@@ -66,6 +75,8 @@ def build_data(cfg: Config, dims: ParallelDims) -> Data:
     """Tokenize (or read the cache), check there is enough data, and batch it."""
     if cfg.family.examples:
         return _example_data(cfg, dims)
+    if getattr(cfg.model, "source", None) is not None:
+        return _caption_data(cfg, dims)
     return (_pair_data if cfg.family.pairs else _lm_data)(cfg, dims)
 
 
@@ -112,7 +123,42 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     # BOS of the decoder is the EOS token (as GPT-2 does): no extra symbol to learn.
     train_b = PairBatches(train_split, buckets, t.grad_accum, dims.dp, pad, eos, eos, t.seed)
     val_b = PairBatches(val_split, val_buckets, 1, dims.dp, pad, eos, eos, t.seed, shuffle=False)
-    return Data(cfg, train_b, val_b, prep.tokenizer_files(), Decodable(prep.tokenizer("tgt"), val_split, eos))
+    tok = prep.tokenizer("tgt")
+    decodable = Decodable(tok, len(val_split), lambda i: torch.from_numpy(val_split.src(i).astype("int64")),
+                          lambda i: [tok.decode(val_split.tgt(i).tolist())], eos)
+    return Data(cfg, train_b, val_b, prep.tokenizer_files(), decodable)
+
+
+def _caption_data(cfg: Config, dims: ParallelDims) -> Data:
+    """Images and their captions: the scenes of the embedded task, rendered when their batch
+    is built (every rank draws them; seconds), with a tokenizer trained on the training
+    captions (cached, built on local rank 0 first)."""
+    t, src = cfg.train, cfg.model.source
+    splits = scenes.read_splits(cfg.data, t.seed)
+    tok_file = _on_local_rank0_first(lambda log: scenes.caption_tokenizer(cfg.data, splits["train"].targets, log))
+    tok = Tokenizer.from_file(str(tok_file))
+    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
+    if pad is None or eos is None:
+        raise DataError(f"data.tokenizer.path={str(tok_file)!r}: no {PAD!r} and {EOS!r} tokens")
+    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
+    if (src.channels, src.size) != (3, scenes.IMAGE_SIZE):
+        raise DataError(f"model.source.channels={src.channels}, model.source.size={src.size}: the scenes are "
+                        f"RGB, {scenes.IMAGE_SIZE} pixels square; set 3 and {scenes.IMAGE_SIZE}")
+    ids = {k: [tok.encode(c, add_special_tokens=False).ids for c in s.targets] for k, s in splits.items()}
+    longest = max(len(x) for v in ids.values() for x in v) + 1
+    if longest > cfg.model.max_seq_len:
+        raise DataError(f"captions need {longest} decoder positions but model.max_seq_len={cfg.model.max_seq_len}")
+
+    def collate(split: scenes.SceneSplit):
+        return lambda idx: {"src": split.images(idx),
+                            **target_tensors([ids[split.name][i] for i in idx], pad, eos, eos)}
+
+    sizes = {k: (len(v), collate(v)) for k, v in splits.items()}
+    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {n}" for k, (n, _) in sizes.items()) + " scenes")
+    val = splits["val"]
+    decodable = Decodable(tok, len(val), lambda i: torch.from_numpy(val.image(i)), val.references, eos)
+    return Data(cfg, _examples(cfg, dims, sizes, "train"), _examples(cfg, dims, sizes, "val"), [tok_file],
+                decodable)
 
 
 def _mixture_data(cfg: Config, dims: ParallelDims) -> Data:
@@ -162,12 +208,16 @@ def _example_data(cfg: Config, dims: ParallelDims) -> Data:
 
         splits = {k: (len(xs), collate(xs, ys)) for k, (xs, ys) in exprs.items()}
 
-    def batches(split: str, accum: int) -> ExampleBatches:
-        n, collate = splits[split]
-        if n < t.micro_batch_size * dims.dp:
-            raise DataError(f"the {split} split of {where} has {n} examples, fewer than one micro-batch "
-                            f"per rank ({t.micro_batch_size} x dp {dims.dp})")
-        return ExampleBatches(n, collate, t.micro_batch_size, accum, dims.dp, t.seed)
-
     _say(f"{cfg.data.source}: " + ", ".join(f"{k} {n}" for k, (n, _) in splits.items()) + " examples")
-    return Data(cfg, batches("train", t.grad_accum), batches("val", 1), [])
+    return Data(cfg, _examples(cfg, dims, splits, "train"), _examples(cfg, dims, splits, "val"), [])
+
+
+def _examples(cfg: Config, dims: ParallelDims, splits: dict[str, tuple[int, Any]], split: str) -> ExampleBatches:
+    """``split``'s examples (count, collate) as micro-batches: training ones shuffled with
+    gradient accumulation, validation ones in order."""
+    t = cfg.train
+    n, collate = splits[split]
+    if n < t.micro_batch_size * dims.dp:
+        raise DataError(f"the {split} split of data.source={cfg.data.source!r} has {n} examples, fewer than "
+                        f"one micro-batch per rank ({t.micro_batch_size} x dp {dims.dp})")
+    return ExampleBatches(n, collate, t.micro_batch_size, t.grad_accum if split == "train" else 1, dims.dp, t.seed)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +277,21 @@ def make_buckets(split: PairSplit, max_len: int, micro_batch: int, max_tokens: i
     return batches, len(src_len) - len(keep)
 
 
+def target_tensors(tgts: Sequence[Sequence[int]], pad: int, bos: int, eos: int) -> dict[str, torch.Tensor]:
+    """The decoder's side of a batch: ``tgt_in`` = BOS + target (padded with ``pad``) and
+    ``labels`` = target + EOS (padded with -100)."""
+    t_len = max(len(t) for t in tgts) + 1
+    tgt_in = torch.full((len(tgts), t_len), pad, dtype=torch.long)
+    labels = torch.full((len(tgts), t_len), -100, dtype=torch.long)
+    for r, t in enumerate(tgts):
+        t = torch.as_tensor(np.asarray(t, dtype=np.int64))
+        tgt_in[r, 0] = bos
+        tgt_in[r, 1: len(t) + 1] = t
+        labels[r, : len(t)] = t
+        labels[r, len(t)] = eos
+    return {"tgt_in": tgt_in, "labels": labels}
+
+
 class PairBatches:
     """Micro-batches of (source, target) pairs for training and evaluation."""
 
@@ -303,23 +318,13 @@ class PairBatches:
 
     def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         srcs = [self.split.src(i) for i in idx]
-        tgts = [self.split.tgt(i) for i in idx]
-        s_len = max(len(s) for s in srcs)
-        t_len = max(len(t) for t in tgts) + 1
-        src = torch.full((len(idx), s_len), self.pad, dtype=torch.long)
-        tgt_in = torch.full((len(idx), t_len), self.pad, dtype=torch.long)
-        labels = torch.full((len(idx), t_len), -100, dtype=torch.long)
-        for r, (s, t) in enumerate(zip(srcs, tgts, strict=True)):
+        src = torch.full((len(idx), max(len(s) for s in srcs)), self.pad, dtype=torch.long)
+        for r, s in enumerate(srcs):
             src[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
-            t = torch.from_numpy(t.astype(np.int64))
-            tgt_in[r, 0] = self.bos
-            tgt_in[r, 1: len(t) + 1] = t
-            labels[r, : len(t)] = t
-            labels[r, len(t)] = self.eos
         # The source lengths stay on the host (a list, which the move to the device leaves
         # alone): the models build masks and packed sequences from them without reading the
         # device, and attend without any mask to a batch that has no padding.
-        return {"src_ids": src, "tgt_in": tgt_in, "labels": labels,
+        return {"src": src, **target_tensors([self.split.tgt(i) for i in idx], self.pad, self.bos, self.eos),
                 "src_lengths": [max(1, len(s)) for s in srcs]}
 
     def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:

@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer
 
 from trainer.config import Config
-from trainer.data.build import Data
+from trainer.data.build import Data, Decodable
 from trainer.evaluation.examples import ExampleValidation
 from trainer.evaluation.inference import translate_ids
 from trainer.loop import Trainer
 
 
 class DecodeValidation:
-    """Greedy/beam decoding of the first ``eval.decode_samples`` validation pairs: exact match,
-    BLEU and chrF (sacrebleu) against the detokenized references. Each data-parallel rank
-    decodes its share; the hypotheses are gathered to every rank (a collective)."""
+    """Greedy/beam decoding of the first ``eval.decode_samples`` validation examples: exact
+    match, BLEU and chrF (sacrebleu) against their detokenized references (every caption of a
+    scene). Each data-parallel rank decodes its share; the hypotheses are gathered to every
+    rank (a collective)."""
 
-    def __init__(self, cfg: Config, tgt_tok: Tokenizer, val_split, eos: int) -> None:
-        self.cfg, self.tok, self.split, self.eos = cfg, tgt_tok, val_split, eos
-        self.n = min(cfg.eval.decode_samples, len(val_split))
-        self.refs = [tgt_tok.decode(val_split.tgt(i).tolist()) for i in range(self.n)]
+    def __init__(self, cfg: Config, data: Decodable) -> None:
+        self.cfg, self.data = cfg, data
+        self.n = min(cfg.eval.decode_samples, data.n)
+        self.refs = [data.references(i) for i in range(self.n)]
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
         from trainer.evaluation.metrics import text_metrics
 
-        cfg, dims = self.cfg, trainer.dims
+        cfg, dims, data = self.cfg, trainer.dims, self.data
         if cfg.parallel.zero_stage == 3:
             return {}  # parameters are sharded; decode the checkpoint with `seqtrain generate`
         mine = list(range(dims.dp_rank, self.n, dims.dp))
-        src = [torch.from_numpy(self.split.src(i).astype("int64")) for i in mine]
-        outs = translate_ids(trainer.module.model, src, cfg.model.pad_id, self.eos, cfg.data.seq_len,
-                             cfg.eval.beam, cfg.eval.length_penalty, trainer.device)
-        hyps = {i: self.tok.decode(o) for i, o in zip(mine, outs, strict=True)}
+        outs = translate_ids(trainer.module.model, [data.source(i) for i in mine], cfg.model.pad_id, data.eos,
+                             cfg.data.seq_len, cfg.eval.beam, cfg.eval.length_penalty, trainer.device)
+        hyps = {i: data.tokenizer.decode(o) for i, o in zip(mine, outs, strict=True)}
         if dist.is_initialized() and dims.dp > 1:
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, hyps)  # collective: every rank decodes its share
@@ -50,4 +48,4 @@ def evaluators(cfg: Config, data: Data) -> list:
         return [ExampleValidation(cfg.family.examples)]
     if data.decodable is None or not cfg.eval.decode_samples:
         return []
-    return [DecodeValidation(cfg, *data.decodable)]
+    return [DecodeValidation(cfg, data.decodable)]

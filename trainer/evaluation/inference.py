@@ -1,5 +1,6 @@
 """Inference on one device from a checkpoint of any layout: sample from a language model,
-translate with a sequence-to-sequence model, classify with a classifier, read text lines. ``seqtrain generate`` and ``eval`` use it, and so
+translate with a sequence-to-sequence model, caption images, classify with a classifier, read
+text lines. ``seqtrain generate`` and ``eval`` use it, and so
 does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -29,19 +31,24 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> tuple[torch.nn.
 def translate_ids(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int, eos: int,
                   max_len: int, beam: int = 1, length_penalty: float = 1.0,
                   device: torch.device | str = "cpu", batch: int = 64) -> list[list[int]]:
-    """Greedy (beam 1) or beam-search target ids for source id sequences, ``batch`` at a time
-    (padded to the longest of each batch, cut to ``model.cfg.max_seq_len``). The decoder starts
-    from EOS, as in training."""
-    # A source longer than the model's positions (an official test set is not filtered by
-    # length as training pairs are) is cut to what the encoder can read, not refused.
-    limit = model.cfg.max_seq_len
-    sources = [s[:limit] for s in sources]
+    """Greedy (beam 1) or beam-search target ids for sources, ``batch`` at a time: token id
+    sequences (padded to the longest of each batch, cut to ``model.cfg.max_seq_len``) or
+    images (stacked). The decoder starts from EOS, as in training."""
     outs: list[list[int]] = []
     for k in range(0, len(sources), batch):
-        x = torch.nn.utils.rnn.pad_sequence(sources[k: k + batch], batch_first=True, padding_value=pad_id)
+        x = source_batch(model, sources[k: k + batch], pad_id)
         outs += model.translate(x.to(device), eos, eos, max_len=max_len, beam=beam,
                                 length_penalty=length_penalty)
     return outs
+
+
+def source_batch(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Sources as one batch tensor: images stacked; token ids padded, each cut to what the
+    encoder can read (an official test set is not filtered by length as training pairs are)."""
+    if model.cfg.source is not None:
+        return torch.stack(sources)
+    limit = getattr(model.cfg, "max_seq_len", None)
+    return torch.nn.utils.rnn.pad_sequence([s[:limit] for s in sources], batch_first=True, padding_value=pad_id)
 
 
 def encode_sources(tok: Tokenizer, texts: list[str], eos: int) -> list[torch.Tensor]:
@@ -104,6 +111,22 @@ def read_lines(model: torch.nn.Module, images: list, batch: int = 64) -> list[st
         log_probs = model(b["images"], b["widths"])
         out += [textlines.decode(ids) for ids in ctc_greedy(log_probs, model.output_lengths(b["widths"]))]
     return out
+
+
+def load_captioner(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Config]:
+    """(model in eval mode, caption tokenizer, config) of an image captioner's checkpoint."""
+    model, _, tok, cfg = load_for_inference(path)
+    if getattr(cfg.model, "source", None) is None:
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model of token sources, not an image captioner: "
+                            "give --source text")
+    return model, tok, cfg
+
+
+def caption_ids(model: torch.nn.Module, cfg: Config, images: list[np.ndarray], eos: int, beam: int = 1,
+                length_penalty: float = 1.0) -> list[list[int]]:
+    """Caption ids of (C, H, W) images, greedy (beam 1) or by beam search."""
+    return translate_ids(model, [torch.from_numpy(a) for a in images], cfg.model.pad_id, eos, cfg.data.seq_len,
+                         beam, length_penalty)
 
 
 def load_classifier(path: str | Path, kind: tuple[str, ...] = ("trees", "sequences")) -> tuple[torch.nn.Module, Config]:

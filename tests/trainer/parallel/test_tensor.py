@@ -60,9 +60,9 @@ def _check_family(family: str, rank: int, world: int) -> None:
     else:
         cfg = EncDecConfig(n_enc_layers=2, n_dec_layers=2, n_head=4, d_model=32, max_seq_len=16,
                            src_vocab_size=48, tgt_vocab_size=64, dropout=0.0, label_smoothing=0.1)
-        batch = {"src_ids": torch.randint(2, 48, (3, 10)), "tgt_in": torch.randint(2, 64, (3, 9)),
+        batch = {"src": torch.randint(2, 48, (3, 10)), "tgt_in": torch.randint(2, 64, (3, 9)),
                  "labels": torch.randint(2, 64, (3, 9))}
-        batch["src_ids"][1, 7:] = cfg.pad_id
+        batch["src"][1, 7:] = cfg.pad_id
         full_vocab = 64
     full = build(cfg, seed=3)
     spec = FAMILIES[cfg.family]
