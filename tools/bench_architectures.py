@@ -1,7 +1,7 @@
 """What an architecture buys, at equal CPU minutes: presets trained through ``seqtrain train``
 on one thread each, then scored on their held-out test split with ``seqtrain eval``.
 
-    python -m tools.bench_architectures listops|textlines [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures listops|textlines|captions [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
     python -m tools.bench_architectures tree-steps
 
 ``listops``: the binary Tree-LSTM on the binarized gold trees and the child-sum Tree-LSTM on the
@@ -15,6 +15,12 @@ level, so time follows the height of the deepest tree and, within a level, the n
 ``textlines``: the four-corner MD-LSTM against a 1D bidirectional LSTM over the same block
 columns (``configs/textlines/``); character error rate on the test lines, drawn in a slanted
 font no training line has.
+
+``captions``: the image captioners of ``configs/captions/`` (a CNN under the Transformer
+encoder-decoder, and under the bidirectional GRU with an attention decoder); exact match and
+BLEU against every caption of a scene, greedy and with a beam of 4, on validation scenes and on
+the test scenes of colour-shape combinations no training scene shows; training FLOPs per
+sample at the mean caption length.
 
 Each run is its own process with ``OMP_NUM_THREADS=1``; ``--jobs`` run side by side (one per
 core). Its CPU time (user + system, from ``wait4``) is what the comparison holds equal: each
@@ -37,12 +43,16 @@ from pathlib import Path
 import torch
 
 from models.tree_rnn import TreeRNN, TreeRNNConfig
+from trainer import checkpoint
+from trainer.data import scenes
 from trainer.data.listops import Node, batch_of
+from trainer.evaluation.inference import load_captioner
 
 SUITES = {
     "listops": ["configs/listops/binary-tree-lstm.yaml", "configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml",
                 "configs/listops/transformer.yaml"],
     "textlines": ["configs/textlines/mdlstm.yaml", "configs/textlines/bilstm.yaml"],
+    "captions": ["configs/captions/transformer.yaml", "configs/captions/gru-attn.yaml"],
 }
 
 
@@ -73,9 +83,9 @@ def _train_all(configs: list[str], out: Path, jobs: int) -> dict[str, float]:
     return cpu
 
 
-def _test_score(run_dir: Path) -> dict:
+def _test_score(run_dir: Path, split: str = "test", beam: int = 1) -> dict:
     res = subprocess.run([sys.executable, "-m", "trainer", "eval", str(run_dir / "checkpoints"), "--split",
-                          "test", "--json"], check=True, capture_output=True, text=True)
+                          split, "--json", "--beam", str(beam)], check=True, capture_output=True, text=True)
     rows = json.loads(res.stdout)
     return rows[-1] if isinstance(rows, list) else rows
 
@@ -109,6 +119,21 @@ def tree_steps() -> None:
                   f"| {_step_ms(model, batch):.1f} |")
 
 
+def _caption_rows(configs: list[str], out: Path, cpu: dict[str, float]) -> None:
+    print("| preset | model | steps | CPU min | GFLOPs per sample | scenes | exact match greedy / beam 4 "
+          "| BLEU greedy / beam 4 |\n|---|---|---:|---:|---:|---|---:|---:|")
+    for config in configs:
+        run = out / Path(config).stem
+        model, tok, cfg = load_captioner(checkpoint.resolve(run / "checkpoints"))
+        train = scenes.read_splits(cfg.data, cfg.train.seed)["train"]
+        mean_len = statistics.mean(len(tok.encode(c).ids) + 1 for c in train.targets)  # + EOS
+        gflops = model.flops_per_sample(round(mean_len)) / 1e9
+        for split, what in (("val", "validation (seen combinations)"), ("test", "test (unseen combinations)")):
+            g, b = _test_score(run, split, 1), _test_score(run, split, 4)
+            print(f"| `{config}` | {cfg.model.family} | {g['step']} | {cpu[config] / 60:.1f} | {gflops:.3f} | {what} "
+                  f"| {g['exact_match']:.1f} / {b['exact_match']:.1f} % | {g['bleu']:.1f} / {b['bleu']:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=sorted([*SUITES, "tree-steps"]))
@@ -122,6 +147,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = [c for c in SUITES[a.suite] if not a.only or Path(c).stem in a.only]
     cpu = _train_all(configs, out, a.jobs)
+    if a.suite == "captions":
+        return _caption_rows(configs, out, cpu)
     metric, count = ("accuracy", "examples") if a.suite == "listops" else ("cer", "lines")
     print(f"| preset | model | steps | CPU min | test {metric} | {count} |\n|---|---|---:|---:|---:|---:|")
     for config in configs:

@@ -163,6 +163,13 @@ def test_recurrent_captioner_resumes_exactly(cache_dir, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_under_zero_match_one(cache_dir, tmp_path):
-    assert_two_processes_match_one(TRANSFORMER, [*TINY_TRANSFORMER, "train.steps=4", "parallel.zero_stage=2",
-                                                 "model.dropout=0.0"], 4, cache_dir, tmp_path)
+def test_two_processes_under_zero_or_tensor_parallelism_match_one(cache_dir, tmp_path):
+    """Data-parallel under ZeRO-2, and tensor-parallel (the Transformer's plan; the CNN is
+    replicated): each gives one process's losses."""
+    args = [*TINY_TRANSFORMER, "train.steps=4", "model.dropout=0.0"]
+    assert_two_processes_match_one(TRANSFORMER, [*args, "parallel.zero_stage=2"], 4, cache_dir, tmp_path)
+    run_cli(["train", TRANSFORMER, "--run-dir", str(tmp_path / "tp"), *sets(*args, "parallel.tp=2")], cache_dir,
+            nproc=2)
+    one, _ = read_metrics(tmp_path / "one")
+    tp, _ = read_metrics(tmp_path / "tp")
+    assert [r["loss"] for r in tp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
