@@ -12,9 +12,16 @@ RUN_DIR ?= runs/gpt-debug
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test soak lint gpu-check venv clean
+.PHONY: demo test soak lint gpu-check venv clean espeak
 
 venv: $(STAMP)
+
+# The speech task synthesises its audio locally with espeak-ng (a Debian package): installed here
+# when missing, as root or through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq espeak-ng >/dev/null; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/seqtrain train configs/gpt/debug.yaml --run-dir $(RUN_DIR) $(DEMO_ARGS)
 	$(VENV)/bin/seqtrain generate $(RUN_DIR) --prompt "def " --max-new-tokens 120
 
-test: $(STAMP)
+test: $(STAMP) espeak
 	$(PY) -m pytest -m "not gpu and not soak" $(PYTEST_ARGS)
 
 # Long fault-injection runs (minutes): the chaos run of tools/chaos.py.

@@ -23,7 +23,7 @@ from models.fused_qkv import split_heads
 from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
 from models.positions import sinusoidal_table
-from models.sources import ImageEncoder, ImageSource
+from models.sources import SourceConfig, source_encoder
 
 
 class EncDecConfig(BaseModel):
@@ -45,7 +45,7 @@ class EncDecConfig(BaseModel):
     """Feed-forward inner size; ``null`` means ``4 * d_model``."""
     max_seq_len: int = Field(256, ge=1)
     """Longest source or target sequence (sinusoidal table size)."""
-    source: ImageSource | None = None
+    source: SourceConfig | None = None
     """What the encoder reads: ``null``: token ids; else its encoder (``models/sources.py``)."""
     src_vocab_size: int | None = Field(None, ge=2)
     """Source vocabulary; ``null`` takes the source tokenizer's size (unused with ``source``)."""
@@ -174,7 +174,7 @@ class EncoderDecoder(nn.Module):
         if cfg.source is None:
             self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
         else:
-            self.source = ImageEncoder(cfg.source, d)
+            self.source = source_encoder(cfg.source, d)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
         self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -206,7 +206,7 @@ class EncoderDecoder(nn.Module):
             t.zero_()
         elif "norm" in name:
             t.fill_(1.0)
-        elif name.startswith("source."):  # convolutions followed by ReLU
+        elif name.startswith("source."):  # convolutions followed by ReLU or GELU
             seeded_normal_(t, self.seed, name, fan_in_std(t))
         else:
             seeded_normal_(t, self.seed, name, self.cfg.init_std)
@@ -223,16 +223,22 @@ class EncoderDecoder(nn.Module):
         return count_params(self, embeddings if non_embedding else None)
 
     def flops_per_sample(self, tgt_len: int, src_len: int | None = None) -> float:
-        """Training FLOPs of one pair: the encoder over ``src_len`` positions (an image
-        source: its grid, after its convolutions), the decoder and head over ``tgt_len``
-        tokens, attention counted over whole rows."""
+        """Training FLOPs of one pair: the encoder over ``src_len`` source tokens (an image: its
+        grid after the convolutions; a sound of ``src_len`` samples, by default
+        ``model.source.max_seconds``: its frames after the convolutions), the decoder and head
+        over ``tgt_len`` tokens, attention counted over whole rows."""
         c = self.cfg
-        src_len = c.source.grid ** 2 if c.source else src_len or tgt_len
+        if c.source is not None:  # positions after the source encoder; ``src_len`` in its units
+            units = src_len or round(getattr(c.source, "max_seconds", 0) * getattr(c.source, "sample_rate", 0))
+            convs, src_len = self.source.flops(units), self.source.positions(units)
+        else:
+            convs, src_len = 0.0, src_len or tgt_len
         source = count_params(self.source) if c.source else 0
-        enc = count_params(self.encoder) + count_params(self.enc_norm)
+        # Per source position: the encoder, and each decoder layer's key/value projection of it.
+        enc = count_params(self.encoder) + count_params(self.enc_norm) \
+            + sum(count_params(layer.cross_attn.kv_proj) for layer in self.decoder)
         dec = self.num_params(non_embedding=True) - enc - source + c.d_model * c.tgt_vocab_size
         attn = 12 * c.d_model * (c.n_enc_layers * src_len ** 2 + c.n_dec_layers * tgt_len * (tgt_len + src_len))
-        convs = self.source.flops_per_image() if c.source else 0.0
         return float(6 * (enc * src_len + dec * tgt_len) + attn + convs)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
@@ -250,9 +256,13 @@ class EncoderDecoder(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder states and the (B, 1, 1, S) keep-mask of real source tokens; no mask when
         ``src_lengths`` (host ints, from the batch) say that no row is padded, or for images
-        (all of one size)."""
+        (all of one size). Sounds need their ``src_lengths`` (samples) to mask padding."""
         if self.cfg.source is not None:
-            x, src_mask = self.drop(self.source(src)), None
+            x, lengths = self.source(src, src_lengths)
+            x, src_mask = self.drop(x), None
+            if lengths is not None and min(lengths) < x.shape[1]:
+                keep = torch.arange(x.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+                src_mask = keep[:, None, None, :]
         else:
             padded = src_lengths is None or min(src_lengths) < src.shape[1]
             src_mask = (src != self.cfg.pad_id)[:, None, None, :] if padded else None
@@ -277,9 +287,9 @@ class EncoderDecoder(nn.Module):
             return logits
         return self.loss_fn(logits, labels)
 
-    def decoder_step_fn(self, src: torch.Tensor):
+    def decoder_step_fn(self, src: torch.Tensor, src_lengths: list[int] | None = None):
         """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
-        mem, src_mask = self.encode(src)
+        mem, src_mask = self.encode(src, src_lengths)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             mask = None if src_mask is None else src_mask[rows]
@@ -288,10 +298,11 @@ class EncoderDecoder(nn.Module):
         return step
 
     @torch.no_grad()
-    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor,
+                          src_lengths: list[int] | None = None) -> torch.Tensor:
         """(B, T, S) attention of each target position over the source, averaged over the
         last decoder layer's heads (for attention maps)."""
-        mem, src_mask = self.encode(src)
+        mem, src_mask = self.encode(src, src_lengths)
         y = self._embed(self.tgt_embed, tgt_in)
         for layer in self.decoder[:-1]:
             y = layer(y, mem, None, src_mask)
@@ -308,7 +319,7 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def translate(self, src: torch.Tensor, bos: int, eos: int, max_len: int = 64,
-                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+                  beam: int = 1, length_penalty: float = 1.0, src_lengths: list[int] | None = None) -> list[list[int]]:
         max_len = min(max_len, self.cfg.max_seq_len - 1)
-        return decode(self.decoder_step_fn(src), src.shape[0], bos, eos, max_len, beam,
+        return decode(self.decoder_step_fn(src, src_lengths), src.shape[0], bos, eos, max_len, beam,
                       length_penalty, src.device)

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from models.decoding import decode
 from models.gpt import sample_next
 from models.init import count_params, fan_in_std, seeded_normal_
-from models.sources import ImageEncoder, ImageSource
+from models.sources import SourceConfig, source_encoder
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -82,7 +82,7 @@ class Seq2SeqRNNConfig(_RNNBase):
     """Recurrent cell of encoder and decoder."""
     d_attn: int = Field(128, ge=1)
     """Size of the additive attention's hidden layer (v, W and U)."""
-    source: ImageSource | None = None
+    source: SourceConfig | None = None
     """What the encoder reads: ``null``: token ids; else its encoder (``models/sources.py``),
     whose features of width ``d_embed`` the bidirectional RNN reads in their place."""
     src_vocab_size: int | None = Field(None, ge=2)
@@ -181,7 +181,7 @@ class Seq2SeqRNN(nn.Module):
         if cfg.source is None:
             self.src_embed = nn.Embedding(cfg.src_vocab_size, cfg.d_embed)
         else:
-            self.source = ImageEncoder(cfg.source, cfg.d_embed)
+            self.source = source_encoder(cfg.source, cfg.d_embed)
         self.tgt_embed = self.src_embed if cfg.share_embeddings else nn.Embedding(cfg.tgt_vocab_size, cfg.d_embed)
         self.encoder = cell(cfg.d_embed, cfg.d_hidden, cfg.n_layers, batch_first=True,
                             bidirectional=True, dropout=inter)
@@ -203,15 +203,19 @@ class Seq2SeqRNN(nn.Module):
 
     def flops_per_sample(self, tgt_len: int, src_len: int | None = None) -> float:
         """Training FLOPs of one pair: 6 × the encoder's weights per source position (an image
-        source: its grid, after its convolutions), 6 × the rest per target token, plus the
+        source: its grid after the convolutions; a sound of ``src_len`` samples, by default
+        ``model.source.max_seconds``: its frames after them), 6 × the rest per target token, plus the
         attention of each target token over the source states."""
         c = self.cfg
-        src_len = c.source.grid ** 2 if c.source else src_len or tgt_len
+        if c.source is not None:  # positions after the source encoder; ``src_len`` in its units
+            units = src_len or round(getattr(c.source, "max_seconds", 0) * getattr(c.source, "sample_rate", 0))
+            convs, src_len = self.source.flops(units), self.source.positions(units)
+        else:
+            convs, src_len = 0.0, src_len or tgt_len
         source = count_params(self.source) if c.source else 0
         enc = count_params(self.encoder) + count_params(self.bridge) + count_params(self.attention.U)
         dec = self.num_params(non_embedding=True) - enc - source
         attn = 6 * src_len * (c.d_attn + 2 * c.d_hidden)  # tanh(W s + U h) · v and the weighted sum
-        convs = self.source.flops_per_image() if c.source else 0.0
         return float(6 * (enc * src_len + dec * tgt_len) + attn * tgt_len + convs)
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
@@ -220,18 +224,19 @@ class Seq2SeqRNN(nn.Module):
         return self.flops_per_sample(seq_len) / seq_len, float(6 * self.num_params())
 
     def encode(self, src: torch.Tensor, src_lengths: list[int] | None = None):
-        if self.cfg.source is not None:  # images: one size, nothing padded, nothing to pack
-            out, final = self.encoder(self.drop(self.source(src)))
-            keys, mask = out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+        if self.cfg.source is not None:
+            x, lengths = self.source(src, src_lengths)
+            lengths = lengths or [x.shape[1]] * x.shape[0]  # images: one size, nothing padded
+            mask = torch.arange(x.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+            lengths = torch.tensor(lengths)
         else:
-            mask = src != self.cfg.pad_id
+            x, mask = self.src_embed(src), src != self.cfg.pad_id
             # Packing wants the lengths on the host: the batch's own (no device read), else counted.
             lengths = torch.tensor(src_lengths) if src_lengths is not None else mask.sum(1).clamp(min=1).cpu()
-            # Packing runs the recurrence over real tokens only: padding cannot leak into any state.
-            packed = pack_padded_sequence(self.drop(self.src_embed(src)), lengths, batch_first=True,
-                                          enforce_sorted=False)
-            out, final = self.encoder(packed)
-            keys, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        # Packing runs the recurrence over real positions only: padding cannot leak into any state.
+        packed = pack_padded_sequence(self.drop(x), lengths, batch_first=True, enforce_sorted=False)
+        out, final = self.encoder(packed)
+        keys, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         h_n = final[0] if isinstance(final, tuple) else final  # (layers*2, B, H)
         backward_first = h_n.view(self.cfg.n_layers, 2, *h_n.shape[1:])[:, 1]  # (layers, B, H)
         s0 = torch.tanh(self.bridge(backward_first)).contiguous()
@@ -268,18 +273,19 @@ class Seq2SeqRNN(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
-    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def attention_weights(self, src: torch.Tensor, tgt_in: torch.Tensor,
+                          src_lengths: list[int] | None = None) -> torch.Tensor:
         """(B, T, S) attention weights under teacher forcing (for inspection and tests)."""
-        keys, keys_proj, mask, state = self.encode(src)
+        keys, keys_proj, mask, state = self.encode(src, src_lengths)
         out = []
         for i in range(tgt_in.shape[1]):
             _, state, w = self._step(tgt_in[:, i], state, keys, keys_proj, mask)
             out.append(w)
         return torch.stack(out, 1)
 
-    def decoder_step_fn(self, src: torch.Tensor):
+    def decoder_step_fn(self, src: torch.Tensor, src_lengths: list[int] | None = None):
         """``step(rows, prefix) -> next-token log-probs`` over this source batch (for decoding)."""
-        keys, keys_proj, mask, s0 = self.encode(src)
+        keys, keys_proj, mask, s0 = self.encode(src, src_lengths)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             # Re-run the decoder over the prefix: simple, and decoding is not the hot path.
@@ -292,9 +298,9 @@ class Seq2SeqRNN(nn.Module):
 
     @torch.no_grad()
     def translate(self, src: torch.Tensor, bos: int, eos: int, max_len: int = 64,
-                  beam: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+                  beam: int = 1, length_penalty: float = 1.0, src_lengths: list[int] | None = None) -> list[list[int]]:
         max_len = min(max_len, self.cfg.max_seq_len)
-        return decode(self.decoder_step_fn(src), src.shape[0], bos, eos, max_len, beam,
+        return decode(self.decoder_step_fn(src, src_lengths), src.shape[0], bos, eos, max_len, beam,
                       length_penalty, src.device)
 
 
@@ -303,7 +309,9 @@ def _init(module: nn.Module, seed: int, std: float) -> None:
     for name, p in module.named_parameters():
         if "bias" in name:
             p.zero_()
-        elif name.startswith("source."):  # convolutions followed by ReLU
+        elif name.startswith("source.") and "norm" in name:
+            p.fill_(1.0)
+        elif name.startswith("source."):  # convolutions followed by ReLU or GELU
             seeded_normal_(p, seed, name, fan_in_std(p))
         else:
             seeded_normal_(p, seed, name, std)

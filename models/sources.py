@@ -1,4 +1,4 @@
-"""Source encoders: what turns a picture into the sequence an encoder-decoder attends over.
+"""Source encoders: what turns a picture or a sound into the sequence an encoder-decoder attends over.
 
 A sequence-to-sequence family reads token ids by default (``model.source: null``). With
 ``model.source`` set, its source embedding is replaced by one of these encoders, and the rest of
@@ -8,20 +8,29 @@ the family (the Transformer or bidirectional-RNN encoder, the decoder, beam sear
   pooling (Show, Attend and Tell's annotation vectors, in small), then a 1×1 projection to the
   encoder's width; ``encoder: patches``: non-overlapping patches projected linearly (ViT).
   Either way the grid is read in raster order, with 2-D sinusoidal positions added.
+- ``kind: audio``: log-mel frames (``torch.stft`` power spectrum times a triangular mel filter
+  bank, log, LayerNorm over each frame), then 1-D convolutions of stride 2 that shorten the
+  sequence (as Whisper and Conformer front ends do), a projection and sinusoidal positions.
 
-Batch contract: ``src`` is (B, channels, size, size) floats in [0, 1]; every image has the same
-size, so no row is padded and the encoder output has no mask.
+Batch contract: images are ``src`` (B, channels, size, size) floats in [0, 1], all of one size,
+so no row is padded and the encoder output has no mask. Sounds are ``src`` (B, samples) mono
+waveforms in [-1, 1] at ``sample_rate``, padded with zeros, and ``src_lengths`` (host ints) their
+real lengths; each encoder returns its output lengths, from which the family masks padding.
+Padding cannot change a real frame: frames lie wholly inside the signal (no centring), and
+padded frames are zeroed before and after every convolution, as the zero padding of an
+unpadded signal would be.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from itertools import pairwise
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.positions import sinusoidal_grid
+from models.positions import sinusoidal_grid, sinusoidal_table
 
 
 class ImageSource(BaseModel):
@@ -76,9 +85,16 @@ class ImageEncoder(nn.Module):
     def init_buffers(self, device: torch.device) -> None:
         self.pe = sinusoidal_grid(self.cfg.grid, self.cfg.grid, self.d_out).to(device)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, lengths: list[int] | None = None) -> tuple[torch.Tensor, None]:
         x = self.stem(images).flatten(2).transpose(1, 2)  # raster order: row by row
-        return x + self.pe.to(x.dtype)
+        return x + self.pe.to(x.dtype), None
+
+    def positions(self, n: int | None = None) -> int:
+        """Source positions the encoder reads (the grid, whatever ``n``)."""
+        return self.cfg.grid ** 2
+
+    def flops(self, n: int | None = None) -> float:
+        return self.flops_per_image()
 
     def flops_per_image(self) -> float:
         """Training FLOPs of one image (6 per multiply-add of each convolution's weights at
@@ -93,3 +109,124 @@ class ImageEncoder(nn.Module):
                 side //= 2
         return float(total)
 
+
+
+class AudioSource(BaseModel):
+    """Sounds as the source of a sequence-to-sequence model."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    kind: Literal["audio"] = "audio"
+    """What the source is."""
+    sample_rate: int = Field(8000, ge=1000)
+    """Samples per second a waveform must have."""
+    channels: Literal[1] = 1
+    """Mono: a file of more channels is refused, not mixed down unseen."""
+    n_fft: int = Field(256, ge=16)
+    """STFT window and FFT size in samples (32 ms at 8 kHz)."""
+    hop: int = Field(80, ge=1)
+    """Samples between frames (10 ms at 8 kHz)."""
+    n_mels: int = Field(40, ge=4)
+    """Mel bands."""
+    conv_channels: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
+    """Output channels of each 1-D convolution (kernel 3, stride 2: each halves the frames)."""
+    max_seconds: float = Field(6.0, gt=0)
+    """Longest sound trained on (longer pairs are skipped); FLOPs per token assume it."""
+
+    @property
+    def reduction(self) -> int:
+        return 2 ** len(self.conv_channels)
+
+
+def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
+    """The HTK mel scale: 2595 log10(1 + f / 700)."""
+    return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+
+def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """(n_freqs, n_mels) triangular filters with peaks of 1, their centres evenly spaced on the
+    mel scale from 0 Hz to Nyquist (HTK; what ``torchaudio.functional.melscale_fbanks`` gives
+    with ``norm=None, mel_scale="htk"``)."""
+    freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    mels = torch.linspace(0, float(hz_to_mel(sample_rate / 2)), n_mels + 2, dtype=torch.float64)
+    edges = 700.0 * (10 ** (mels / 2595.0) - 1.0)  # back to Hz
+    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
+    up = (freqs[:, None] - lo) / (mid - lo)
+    down = (hi - freqs[:, None]) / (hi - mid)
+    return torch.clamp(torch.minimum(up, down), min=0.0).float()
+
+
+class AudioEncoder(nn.Module):
+    """(B, samples) waveforms and their lengths ► (B, frames / 2^convs, d_out) and lengths."""
+
+    def __init__(self, cfg: AudioSource, d_out: int) -> None:
+        super().__init__()
+        self.cfg, self.d_out = cfg, d_out
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.register_buffer("fbank", mel_filterbank(cfg.n_fft // 2 + 1, cfg.n_mels, cfg.sample_rate),
+                             persistent=False)
+        self.norm = nn.LayerNorm(cfg.n_mels)
+        chans = [cfg.n_mels, *cfg.conv_channels]
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, 3, stride=2, padding=1) for a, b in pairwise(chans))
+        self.proj = nn.Linear(chans[-1], d_out)
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.window = torch.hann_window(self.cfg.n_fft, device=device)
+        self.fbank = mel_filterbank(self.cfg.n_fft // 2 + 1, self.cfg.n_mels, self.cfg.sample_rate).to(device)
+
+    def frames(self, samples: int) -> int:
+        """Whole STFT frames inside ``samples`` (at least one: shorter sounds are zero-padded)."""
+        return 1 + max(0, samples - self.cfg.n_fft) // self.cfg.hop
+
+    def positions(self, samples: int) -> int:
+        n = self.frames(samples)
+        for _ in self.convs:
+            n = (n - 1) // 2 + 1
+        return n
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, frames, n_mels) log-mel energies, normalised per frame."""
+        if wave.shape[1] < self.cfg.n_fft:
+            wave = torch.nn.functional.pad(wave, (0, self.cfg.n_fft - wave.shape[1]))
+        spec = torch.stft(wave.float(), self.cfg.n_fft, self.cfg.hop, window=self.window, center=False,
+                          return_complex=True).abs().square()  # (B, freqs, frames)
+        return self.norm(torch.log(spec.transpose(1, 2) @ self.fbank + 1e-6).to(wave.dtype))
+
+    def forward(self, wave: torch.Tensor, lengths: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+        lengths = [self.frames(n) for n in (lengths or [wave.shape[1]] * wave.shape[0])]
+        x = self.log_mel(wave).transpose(1, 2)  # (B, n_mels, frames)
+        for conv in self.convs:
+            x = _zero_after(x, lengths)
+            x = torch.nn.functional.gelu(conv(x))
+            lengths = [(n - 1) // 2 + 1 for n in lengths]
+        x = self.proj(_zero_after(x, lengths).transpose(1, 2))
+        return x + sinusoidal_table(x.shape[1], self.d_out).to(x.device, x.dtype), lengths
+
+    def flops(self, samples: int) -> float:
+        """Training FLOPs of one sound of ``samples``: the mel projection (forward only: no
+        gradient flows into the waveform, and the filters are fixed), and 6 per weight and
+        output position of each convolution and of the projection. The FFT is not a matmul
+        and is left out."""
+        n = self.frames(samples)
+        total = 2.0 * n * self.fbank.numel()
+        for conv in self.convs:
+            n = (n - 1) // 2 + 1
+            total += 6.0 * conv.weight.numel() * n
+        return total + 6.0 * self.proj.weight.numel() * n
+
+
+def _zero_after(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(B, C, T) with every column at or past its row's length zeroed."""
+    if min(lengths) == x.shape[-1]:
+        return x
+    keep = torch.arange(x.shape[-1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+    return x * keep[:, None, :].to(x.dtype)
+
+
+SourceConfig = Annotated[ImageSource | AudioSource, Field(discriminator="kind")]
+"""Any source config; the ``kind`` field selects the member."""
+ENCODERS = {"image": ImageEncoder, "audio": AudioEncoder}
+
+
+def source_encoder(cfg: ImageSource | AudioSource, d_out: int) -> nn.Module:
+    return ENCODERS[cfg.kind](cfg, d_out)

@@ -1,5 +1,6 @@
-"""Image sources of the sequence-to-sequence families: FLOPs against torch's counter, 2-D
-positions, attention maps that are the weights the decoder really uses, and config checks."""
+"""Image and sound sources of the sequence-to-sequence families: FLOPs against torch's counter,
+2-D positions, attention maps that are the weights the decoder really uses, mel filters against
+the HTK scale and pure tones, padding invariance of sounds, and config checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from models import EncDecConfig, Seq2SeqRNNConfig, build
 from models.positions import sinusoidal_grid, sinusoidal_table
-from models.sources import ImageSource
+from models.sources import AudioEncoder, AudioSource, ImageSource, hz_to_mel, mel_filterbank
 from tests.models.test_flops import counted_flops_per_token
 
 CNN = {"kind": "image", "size": 16, "cnn_channels": [8, 16]}
@@ -73,3 +74,56 @@ def test_image_sources_refuse_what_they_cannot_read():
         ImageSource(size=32, encoder="patches", patch=7)
     with pytest.raises(ValueError, match="share_embeddings needs a token source"):
         EncDecConfig(source=CNN, share_embeddings=True)
+
+
+AUDIO = {"kind": "audio", "sample_rate": 8000, "n_fft": 256, "hop": 80, "n_mels": 24, "conv_channels": [16, 16]}
+
+
+def test_mel_filters_are_triangles_on_the_htk_scale_that_sum_to_one():
+    assert float(hz_to_mel(1000.0)) == pytest.approx(1000.0, abs=0.1)  # the scale's anchor
+    fb = mel_filterbank(129, 24, 8000)
+    freqs = torch.linspace(0, 4000, 129)
+    centres = 700.0 * (10 ** (torch.linspace(0, float(hz_to_mel(4000.0)), 26)[1:-1] / 2595.0) - 1.0)
+    between = (freqs >= centres[0]) & (freqs <= centres[-1])
+    torch.testing.assert_close(fb[between].sum(1), torch.ones(int(between.sum())))  # neighbours cross at 1/2
+    # Each peaks at the bin nearest its centre (or beside it, where a centre falls between bins).
+    assert fb.max() <= 1.0 and ((fb.argmax(0) - (freqs[:, None] - centres).abs().argmin(0)).abs() <= 1).all()
+
+
+def test_a_tone_lights_the_mel_band_around_its_frequency():
+    enc = AudioEncoder(AudioSource(**AUDIO), 8)
+    t = torch.arange(8000) / 8000
+    for hz in (300.0, 1000.0, 2500.0):
+        energy = torch.log(torch.stft(torch.sin(2 * torch.pi * hz * t)[None], 256, 80, window=enc.window,
+                                      center=False, return_complex=True).abs().square().transpose(1, 2) @ enc.fbank)
+        band = int(energy[0].mean(0).argmax())
+        centre = 700.0 * (10 ** (torch.linspace(0, float(hz_to_mel(4000.0)), 26)[band + 1] / 2595.0) - 1.0)
+        assert abs(float(centre) - hz) < 0.12 * hz + 40, (hz, float(centre))
+
+
+@pytest.mark.parametrize("family", ["encdec", "rnn_seq2seq"])
+def test_padding_a_sound_changes_nothing_the_model_computes(family):
+    """A sound alone, and the same sound padded beside a longer one: equal encoder states at
+    its real positions, equal next-token log-probabilities."""
+    if family == "encdec":
+        model = encdec(source=AUDIO).eval()
+    else:
+        model = build(Seq2SeqRNNConfig(n_layers=1, d_embed=16, d_hidden=24, d_attn=16, tgt_vocab_size=50,
+                                       dropout=0.0, source=AUDIO)).eval()
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randn(1, 3000, generator=g) * 0.3, torch.randn(1, 5000, generator=g) * 0.3
+    batch = torch.zeros(2, 5000)
+    batch[0, :3000], batch[1] = short[0], long[0]
+    tgt = torch.randint(2, 50, (2, 6), generator=g)
+    alone = model(short, tgt[:1], src_lengths=[3000])
+    padded = model(batch, tgt, src_lengths=[3000, 5000])
+    torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
+    assert model.source.positions(3000) == model.source(short, [3000])[0].shape[1]
+
+
+def test_speech_recognizer_flops_per_sample_match_torch_flop_counter():
+    model = encdec(source=AUDIO)
+    wave, tgt = torch.randn(2, 16000) * 0.3, torch.randint(2, 50, (2, 12))
+    counted = counted_flops_per_token(model, {"src": wave, "tgt_in": tgt, "labels": tgt,
+                                              "src_lengths": [16000, 16000]}, 2)
+    assert model.flops_per_sample(12, 16000) == pytest.approx(counted, rel=0.03)
