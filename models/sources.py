@@ -23,6 +23,7 @@ unpadded signal would be.
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 from typing import Annotated, Literal
 
@@ -148,7 +149,8 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     mel scale from 0 Hz to Nyquist (HTK; what ``torchaudio.functional.melscale_fbanks`` gives
     with ``norm=None, mel_scale="htk"``)."""
     freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
-    mels = torch.linspace(0, float(hz_to_mel(sample_rate / 2)), n_mels + 2, dtype=torch.float64)
+    top = 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0)  # hz_to_mel, on the host (meta builds)
+    mels = torch.linspace(0, top, n_mels + 2, dtype=torch.float64)
     edges = 700.0 * (10 ** (mels / 2595.0) - 1.0)  # back to Hz
     lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
     up = (freqs[:, None] - lo) / (mid - lo)

@@ -12,18 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from trainer import distributed
 from trainer.config import Config
-from trainer.data import listops, scenes, textlines
+from trainer.data import listops, scenes, speech, textlines
 from trainer.data.examples import ExampleBatches
 from trainer.data.mixture import MixtureBatches, MixtureEval, prepare_mixture
 from trainer.data.sampler import LMBatches, StreamBatches, WindowDataset
 from trainer.data.seq2seq import PairBatches, make_buckets, prepare_pairs, target_tensors
 from trainer.data.shards import prepare
-from trainer.data.tokenizer import EOS, PAD
+from trainer.data.tokenizer import EOS, PAD, cached_tokenizer
 from trainer.errors import DataError
 from trainer.parallel import ParallelDims
 
@@ -54,6 +55,8 @@ class Decodable(NamedTuple):
     """Example ``i``'s reference texts (one per pair; every caption of a scene)."""
     eos: int
     """End of sequence, also the decoder's start token."""
+    transcribes: bool = False
+    """The outputs are transcriptions, scored by error rates (CER, WER) rather than BLEU."""
 
 
 def _say(msg: str) -> None:
@@ -75,8 +78,9 @@ def build_data(cfg: Config, dims: ParallelDims) -> Data:
     """Tokenize (or read the cache), check there is enough data, and batch it."""
     if cfg.family.examples:
         return _example_data(cfg, dims)
-    if getattr(cfg.model, "source", None) is not None:
-        return _caption_data(cfg, dims)
+    source = getattr(cfg.model, "source", None)
+    if source is not None:
+        return (_caption_data if source.kind == "image" else _speech_data)(cfg, dims)
     return (_pair_data if cfg.family.pairs else _lm_data)(cfg, dims)
 
 
@@ -129,13 +133,21 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     return Data(cfg, train_b, val_b, prep.tokenizer_files(), decodable)
 
 
+def _text_tokenizer(cfg: Config, texts: list[str], log) -> Path:
+    """``data.tokenizer.path``, or a tokenizer trained on ``texts`` (cached)."""
+    tok = cfg.data.tokenizer
+    if tok.path:
+        return Path(tok.path)
+    return cached_tokenizer(tok.kind, tok.vocab_size, texts, cfg.data.resolved_cache_dir() / "tokenizers", log)
+
+
 def _caption_data(cfg: Config, dims: ParallelDims) -> Data:
     """Images and their captions: the scenes of the embedded task, rendered when their batch
     is built (every rank draws them; seconds), with a tokenizer trained on the training
     captions (cached, built on local rank 0 first)."""
     t, src = cfg.train, cfg.model.source
     splits = scenes.read_splits(cfg.data, t.seed)
-    tok_file = _on_local_rank0_first(lambda log: scenes.caption_tokenizer(cfg.data, splits["train"].targets, log))
+    tok_file = _on_local_rank0_first(lambda log: _text_tokenizer(cfg, splits["train"].targets, log))
     tok = Tokenizer.from_file(str(tok_file))
     pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
     if pad is None or eos is None:
@@ -221,3 +233,40 @@ def _examples(cfg: Config, dims: ParallelDims, splits: dict[str, tuple[int, Any]
         raise DataError(f"the {split} split of data.source={cfg.data.source!r} has {n} examples, fewer than "
                         f"one micro-batch per rank ({t.micro_batch_size} x dp {dims.dp})")
     return ExampleBatches(n, collate, t.micro_batch_size, t.grad_accum if split == "train" else 1, dims.dp, t.seed)
+
+
+def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
+    """Sounds and their transcripts: espeak-ng's readings of the embedded sentences
+    (synthesised and cached on local rank 0 first), padded with silence per batch; a
+    tokenizer trained on the training transcripts. Training sounds longer than
+    ``model.source.max_seconds`` are left out."""
+    t, src = cfg.train, cfg.model.source
+    splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, t.seed, src.sample_rate, log))
+    tok_file = _on_local_rank0_first(lambda log: _text_tokenizer(cfg, splits["train"].texts, log))
+    tok = Tokenizer.from_file(str(tok_file))
+    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
+    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
+    ids = {k: [tok.encode(x, add_special_tokens=False).ids for x in s.texts] for k, s in splits.items()}
+    longest = max(len(x) for v in ids.values() for x in v) + 1
+    if longest > cfg.model.max_seq_len:
+        raise DataError(f"transcripts need {longest} decoder positions but model.max_seq_len={cfg.model.max_seq_len}")
+    keep = np.flatnonzero(splits["train"].seconds() <= src.max_seconds)
+    if len(keep) < len(splits["train"]):
+        _say(f"skipped {len(splits['train']) - len(keep)} training sounds longer than model.source.max_seconds="
+             f"{src.max_seconds:g}")
+
+    def collate(split: speech.SpeechSplit, order: np.ndarray):
+        def batch(idx):
+            wave, lengths = speech.sound_batch([split.sound(int(order[i])) for i in idx])
+            return {"src": wave, **target_tensors([ids[split.name][order[i]] for i in idx], pad, eos, eos),
+                    "src_lengths": lengths}
+        return batch
+
+    sizes = {"train": (len(keep), collate(splits["train"], keep)),
+             "val": (len(splits["val"]), collate(splits["val"], np.arange(len(splits["val"]))))}
+    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " sounds")
+    val = splits["val"]
+    decodable = Decodable(tok, len(val), lambda i: torch.from_numpy(val.sound(i)), lambda i: [val.texts[i]], eos,
+                          transcribes=True)
+    return Data(cfg, _examples(cfg, dims, sizes, "train"), _examples(cfg, dims, sizes, "val"), [tok_file],
+                decodable)

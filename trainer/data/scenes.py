@@ -17,10 +17,7 @@ training, but never together.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -30,8 +27,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from trainer.config import DataConfig
-from trainer.data.shards import publish
-from trainer.data.tokenizer import train_tokenizer
 from trainer.errors import DataError
 
 NAME = "scenes"
@@ -169,27 +164,6 @@ def read_splits(cfg: DataConfig, seed: int) -> dict[str, SceneSplit]:
                         "captioning task")
     held = max(64, round(cfg.num_pairs * cfg.val_fraction))
     return {k: SceneSplit(k, cfg.num_pairs if k == "train" else held, seed) for k in SPLITS}
-
-
-def caption_tokenizer(cfg: DataConfig, captions: list[str], log: Callable[[str], None] = print) -> Path:
-    """The captions' tokenizer file: ``data.tokenizer.path``, or one trained on the training
-    captions (``data.tokenizer.kind``/``vocab_size``) and cached under their hash."""
-    if cfg.tokenizer.path:
-        return Path(cfg.tokenizer.path)
-    h = hashlib.sha256(f"{cfg.tokenizer.kind}|{cfg.tokenizer.vocab_size}|".encode())
-    h.update("\n".join(captions).encode())
-    root = cfg.resolved_cache_dir() / "captions"
-    final = root / h.hexdigest()[:20]
-    if not (final / "tokenizer.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".captions-", dir=root))
-        try:
-            train_tokenizer(cfg.tokenizer.kind, captions, cfg.tokenizer.vocab_size).save(str(tmp / "tokenizer.json"))
-            publish(tmp, final)
-            log(f"trained a tokenizer on {len(captions):,} captions -> {final}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final / "tokenizer.json"
 
 
 def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,3 +87,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+def cached_tokenizer(kind: str, vocab_size: int, texts: list[str], root: Path,
+                     log: Callable[[str], None] = print) -> Path:
+    """A tokenizer trained on ``texts`` (captions, transcripts), cached under ``root`` by their
+    hash: the file's path. Written to a temporary name and renamed: a reader never sees half."""
+    h = hashlib.sha256(f"{kind}|{vocab_size}|".encode())
+    h.update("\n".join(texts).encode())
+    path = root / h.hexdigest()[:20] / "tokenizer.json"  # the name a run directory reads
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        train_tokenizer(kind, texts, vocab_size).save(str(tmp))
+        os.replace(tmp, path)
+        log(f"trained a tokenizer on {len(texts):,} texts -> {path}")
+    return path

@@ -14,7 +14,7 @@ from trainer.loop import Trainer
 class DecodeValidation:
     """Greedy/beam decoding of the first ``eval.decode_samples`` validation examples: exact
     match, BLEU and chrF (sacrebleu) against their detokenized references (every caption of a
-    scene). Each data-parallel rank decodes its share; the hypotheses are gathered to every
+    scene), or a transcription's character and word error rates. Each data-parallel rank decodes its share; the hypotheses are gathered to every
     rank (a collective)."""
 
     def __init__(self, cfg: Config, data: Decodable) -> None:
@@ -23,7 +23,7 @@ class DecodeValidation:
         self.refs = [data.references(i) for i in range(self.n)]
 
     def __call__(self, trainer: Trainer) -> dict[str, float]:
-        from trainer.evaluation.metrics import text_metrics
+        from trainer.evaluation.metrics import error_rates, text_metrics
 
         cfg, dims, data = self.cfg, trainer.dims, self.data
         if cfg.parallel.zero_stage == 3:
@@ -37,7 +37,8 @@ class DecodeValidation:
             dist.all_gather_object(parts, hyps)  # collective: every rank decodes its share
             hyps = {k: v for p in parts for k, v in p.items()}
         hyps_in_order = [hyps[i] for i in range(self.n)]
-        return {f"val_{k}": v for k, v in text_metrics(hyps_in_order, self.refs, cfg.eval.bleu_tokenize).items()}
+        score = error_rates if data.transcribes else text_metrics
+        return {f"val_{k}": v for k, v in score(hyps_in_order, self.refs, cfg.eval.bleu_tokenize).items()}
 
 
 def evaluators(cfg: Config, data: Data) -> list:

@@ -31,24 +31,29 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> tuple[torch.nn.
 def translate_ids(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int, eos: int,
                   max_len: int, beam: int = 1, length_penalty: float = 1.0,
                   device: torch.device | str = "cpu", batch: int = 64) -> list[list[int]]:
-    """Greedy (beam 1) or beam-search target ids for sources, ``batch`` at a time: token id
-    sequences (padded to the longest of each batch, cut to ``model.cfg.max_seq_len``) or
-    images (stacked). The decoder starts from EOS, as in training."""
+    """Greedy (beam 1) or beam-search target ids for sources (token ids, images or sounds),
+    ``batch`` at a time (``source_batch``). The decoder starts from EOS, as in training."""
     outs: list[list[int]] = []
     for k in range(0, len(sources), batch):
-        x = source_batch(model, sources[k: k + batch], pad_id)
+        x, lengths = source_batch(model, sources[k: k + batch], pad_id)
         outs += model.translate(x.to(device), eos, eos, max_len=max_len, beam=beam,
-                                length_penalty=length_penalty)
+                                length_penalty=length_penalty, src_lengths=lengths)
     return outs
 
 
-def source_batch(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    """Sources as one batch tensor: images stacked; token ids padded, each cut to what the
-    encoder can read (an official test set is not filtered by length as training pairs are)."""
-    if model.cfg.source is not None:
-        return torch.stack(sources)
+def source_batch(model: torch.nn.Module, sources: list[torch.Tensor], pad_id: int,
+                 ) -> tuple[torch.Tensor, list[int] | None]:
+    """Sources as one batch tensor and, for sounds, their lengths: images stacked; sounds
+    padded with silence; token ids padded, each cut to what the encoder can read (an
+    official test set is not filtered by length as training pairs are)."""
+    src = model.cfg.source
+    if src is not None and src.kind == "image":
+        return torch.stack(sources), None
+    if src is not None:
+        return torch.nn.utils.rnn.pad_sequence(sources, batch_first=True), [len(s) for s in sources]
     limit = getattr(model.cfg, "max_seq_len", None)
-    return torch.nn.utils.rnn.pad_sequence([s[:limit] for s in sources], batch_first=True, padding_value=pad_id)
+    ids = [s[:limit] for s in sources]
+    return torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=pad_id), None
 
 
 def encode_sources(tok: Tokenizer, texts: list[str], eos: int) -> list[torch.Tensor]:

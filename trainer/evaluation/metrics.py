@@ -1,9 +1,11 @@
-"""Sequence-to-sequence decoding metrics: exact match, BLEU and chrF (sacrebleu)."""
+"""Sequence-to-sequence decoding metrics: exact match, BLEU and chrF (sacrebleu); character and
+word error rates (jiwer) of transcriptions."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jiwer
 import sacrebleu
 
 
@@ -24,3 +26,13 @@ def text_metrics(hyps: list[str], refs: Sequence[str | Sequence[str]], bleu_toke
     bleu = sacrebleu.corpus_bleu(hyps, streams, tokenize=bleu_tokenize).score
     chrf = sacrebleu.corpus_chrf(hyps, streams).score
     return {"exact_match": exact, "bleu": bleu, "chrf": chrf}
+
+
+def error_rates(hyps: list[str], refs: Sequence[str | Sequence[str]], bleu_tokenize: str = "13a") -> dict[str, float]:
+    """Character and word error rates of transcriptions against their (first) reference:
+    (substitutions + deletions + insertions) / reference length, over the whole set (jiwer)."""
+    if not hyps:
+        return {}
+    first = [r if isinstance(r, str) else r[0] for r in refs]
+    return {"cer": jiwer.cer(first, hyps), "wer": jiwer.wer(first, hyps),
+            "exact_match": 100.0 * sum(h.strip() == r.strip() for h, r in zip(hyps, first, strict=True)) / len(hyps)}
