@@ -26,7 +26,7 @@ from trainer import checkpoint
 from trainer.callbacks.checkpointing import FINISHED
 from trainer.callbacks.tracking import open_run
 from trainer.config import Config, TrackingConfig, load_config
-from trainer.data import listops, prepare, scenes, textlines
+from trainer.data import listops, prepare, scenes, speech, textlines
 from trainer.data.mixture import prepare_mixture
 from trainer.data.seq2seq import read_pair_file, read_splits
 from trainer.data.tokenizer import EOS
@@ -39,6 +39,7 @@ from trainer.evaluation.inference import (
     load_classifier,
     load_for_inference,
     read_lines,
+    transcribe_ids,
     translate_ids,
 )
 from trainer.families import spec
@@ -167,8 +168,11 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
         if cfg.is_seq2seq:
             raise CheckpointError(f"{ckpt}: lm-eval tasks score language models, not {cfg.model.family}")
         return {**out, **harness.score(model, src_tok), "samples": []}
-    if getattr(cfg.model, "source", None) is not None:
+    source = getattr(cfg.model, "source", None)
+    if source is not None and source.kind == "image":
         return {**out, **_caption_metrics(ckpt, model, tgt_tok, cfg, data, split, limit, beam, samples)}
+    if source is not None:
+        return {**out, **_transcription_metrics(model, tgt_tok, cfg, data, split, limit, beam, samples)}
     if cfg.is_seq2seq:
         if text_file:
             raise CheckpointError(f"{ckpt}: a {cfg.model.family} model; give --data pairs, not --text-file")
@@ -239,6 +243,21 @@ def _caption_metrics(ckpt: Path, model, tok, cfg: Config, data: str | None, spli
             for i in range(min(samples, n))]
     return {**text_metrics(hyps, refs, cfg.eval.bleu_tokenize), "scenes": n, "attention_pngs": pngs,
             "samples": [{"reference": refs[i][0], "output": hyps[i]} for i in range(min(samples, n))]}
+
+
+def _transcription_metrics(model, tok, cfg: Config, data: str | None, split: str, limit: int | None, beam: int,
+                           samples: int) -> dict[str, Any]:
+    """Character and word error rates (jiwer) of the transcripts of ``split``'s sounds
+    (``test``: spoken by the voice no training sound has)."""
+    from trainer.evaluation.metrics import error_rates
+
+    sounds = speech.read_splits(load_config(data).data if data else cfg.data, cfg.train.seed,
+                                cfg.model.source.sample_rate)[split]
+    n = min(len(sounds), limit or 500)
+    outs = transcribe_ids(model, cfg, [sounds.sound(i) for i in range(n)], tok.token_to_id(EOS), beam)
+    hyps, refs = [tok.decode(o) for o in outs], sounds.texts[:n]
+    return {**error_rates(hyps, refs), "sounds": n,
+            "samples": [{"reference": r, "output": h} for r, h in list(zip(refs, hyps, strict=True))[:samples]]}
 
 
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
@@ -325,6 +344,8 @@ def _sorted(done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def curve_metrics(results: list[dict[str, Any]]) -> list[str]:
+    if "wer" in results[0]:
+        return ["cer", "wer"]
     if "bleu" in results[0]:
         return ["bleu", "exact_match"]
     if "loss" in results[0]:

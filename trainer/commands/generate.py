@@ -23,6 +23,8 @@ def register(sub) -> None:
     g.add_argument("--image", action="append", default=[], type=Path,
                    help="text-line recognizers: a grey image of one line of text; image captioners: "
                    "an image of the size the model reads (repeatable)")
+    g.add_argument("--audio", action="append", default=[], type=Path,
+                   help="speech recognizers: a mono 16-bit WAV file at the model's sample rate (repeatable)")
     g.add_argument("--attention-png", type=Path,
                    help="image captioners: where to write the attention map of each word (with several "
                    "images, NAME-1.png, NAME-2.png, ...)")
@@ -46,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
         return _classify(args)
     if args.image:
         return _read_images(args)
+    if args.audio:
+        return _transcribe(args)
     if args.source or args.input:
         sources = list(args.source)
         if args.input:
@@ -119,4 +123,18 @@ def _caption(args: argparse.Namespace) -> int:
             if len(args.image) > 1:
                 out = out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
             attention_png(model, tok, images[k - 1], ids, eos, out)
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    """Each WAV file and its transcript."""
+    from trainer.data import speech
+    from trainer.data.tokenizer import EOS
+    from trainer.evaluation.inference import load_transcriber, transcribe_ids
+
+    model, tok, cfg = load_transcriber(args.checkpoint)
+    sounds = [speech.read_wav(p, cfg.model.source.sample_rate) for p in args.audio]
+    outs = transcribe_ids(model, cfg, sounds, tok.token_to_id(EOS), args.beam, args.length_penalty)
+    for path, ids in zip(args.audio, outs, strict=True):
+        print(f"{path}\t{tok.decode(ids)}")
     return 0

@@ -1,6 +1,6 @@
 """Inference on one device from a checkpoint of any layout: sample from a language model,
-translate with a sequence-to-sequence model, caption images, classify with a classifier, read
-text lines. ``seqtrain generate`` and ``eval`` use it, and so
+translate with a sequence-to-sequence model, caption images, transcribe speech, classify with a
+classifier, read text lines. ``seqtrain generate`` and ``eval`` use it, and so
 does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
@@ -120,11 +120,28 @@ def read_lines(model: torch.nn.Module, images: list, batch: int = 64) -> list[st
 
 def load_captioner(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Config]:
     """(model in eval mode, caption tokenizer, config) of an image captioner's checkpoint."""
+    return _load_reader(path, "image", "an image captioner")
+
+
+def load_transcriber(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Config]:
+    """(model in eval mode, transcript tokenizer, config) of a speech recognizer's checkpoint."""
+    return _load_reader(path, "audio", "a speech recognizer")
+
+
+def _load_reader(path: str | Path, kind: str, what: str) -> tuple[torch.nn.Module, Tokenizer, Config]:
     model, _, tok, cfg = load_for_inference(path)
-    if getattr(cfg.model, "source", None) is None:
-        raise SeqtrainError(f"{path} is a {cfg.model.family} model of token sources, not an image captioner: "
-                            "give --source text")
+    source = getattr(cfg.model, "source", None)
+    if source is None or source.kind != kind:
+        reads = f"{source.kind} sources" if source is not None else "token sources"
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model of {reads}, not {what}")
     return model, tok, cfg
+
+
+def transcribe_ids(model: torch.nn.Module, cfg: Config, sounds: list[np.ndarray], eos: int, beam: int = 1,
+                   length_penalty: float = 1.0) -> list[list[int]]:
+    """Transcript ids of mono sounds at the model's rate, greedy (beam 1) or by beam search."""
+    return translate_ids(model, [torch.from_numpy(a) for a in sounds], cfg.model.pad_id, eos, cfg.data.seq_len,
+                         beam, length_penalty)
 
 
 def caption_ids(model: torch.nn.Module, cfg: Config, images: list[np.ndarray], eos: int, beam: int = 1,
