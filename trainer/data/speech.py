@@ -4,8 +4,8 @@ The sentences are the English side of the ``dates`` task ("the fifth of may, 198
 spoken by espeak-ng (a Debian package; ``make test`` installs it) with a voice, a speed (words
 per minute) and a pitch drawn from (seed, split, index). Splits are by a hash of the text:
 training and validation sentences are spoken by ``TRAIN_VOICES``; test sentences by
-``TEST_VOICE``, an accent and a voice no training sound has, so recognition must carry over to
-a speaker it never heard.
+``TEST_VOICE``, an accent and a timbre no training sound has (training draws among six accents
+and twelve timbres), so recognition must carry over to a speaker it never heard.
 
 espeak-ng speaks at 22,050 Hz; the sounds are resampled (``scipy.signal.resample_poly``) to the
 model's ``sample_rate`` and cached per split as ``{split}.npz`` (int16 samples, concatenated,
@@ -41,8 +41,13 @@ from trainer.errors import DataError
 
 NAME = "speech"
 """``data.source`` of the embedded task."""
-TRAIN_VOICES = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-us+f2", "en-gb+f4", "en-us+m3", "en-gb-x-gbclan+m7")
+ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+"""espeak-ng's English accents that training sentences are read in."""
+VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f4", "+f5")
+"""espeak-ng's voice variants (male and female timbres) drawn with an accent."""
+TRAIN_VOICES = tuple(a + v for a in ACCENTS for v in VARIANTS)
 TEST_VOICE = "en-gb-scotland+f3"
+"""An accent and a variant that no training sentence has."""
 SPEEDS = (130, 200)
 """Words per minute, drawn uniformly."""
 PITCHES = (25, 75)
