@@ -1,7 +1,7 @@
 """What an architecture buys, at equal CPU minutes: presets trained through ``seqtrain train``
 on one thread each, then scored on their held-out test split with ``seqtrain eval``.
 
-    python -m tools.bench_architectures listops|textlines|captions [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures listops|textlines|captions|speech [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
     python -m tools.bench_architectures tree-steps
 
 ``listops``: the binary Tree-LSTM on the binarized gold trees and the child-sum Tree-LSTM on the
@@ -22,6 +22,12 @@ BLEU against every caption of a scene, greedy and with a beam of 4, on validatio
 the test scenes of colour-shape combinations no training scene shows; training FLOPs per
 sample at the mean caption length.
 
+``speech``: the speech recognizers of ``configs/speech/`` (log-mel frames and strided
+convolutions under the Transformer encoder-decoder, and under the bidirectional GRU with an
+attention decoder); character and word error rates on validation sentences (training voices)
+and on test sentences read in an accent and timbre no training sentence has, greedy and with a
+beam of 4; training FLOPs per sample at the mean sound and transcript lengths.
+
 Each run is its own process with ``OMP_NUM_THREADS=1``; ``--jobs`` run side by side (one per
 core). Its CPU time (user + system, from ``wait4``) is what the comparison holds equal: each
 preset's step count was chosen to take about 15 CPU minutes on the machines this project runs
@@ -40,19 +46,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.tree_rnn import TreeRNN, TreeRNNConfig
 from trainer import checkpoint
-from trainer.data import scenes
+from trainer.data import scenes, speech
 from trainer.data.listops import Node, batch_of
-from trainer.evaluation.inference import load_captioner
+from trainer.evaluation.inference import load_captioner, load_transcriber
 
 SUITES = {
     "listops": ["configs/listops/binary-tree-lstm.yaml", "configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml",
                 "configs/listops/transformer.yaml"],
     "textlines": ["configs/textlines/mdlstm.yaml", "configs/textlines/bilstm.yaml"],
     "captions": ["configs/captions/transformer.yaml", "configs/captions/gru-attn.yaml"],
+    "speech": ["configs/speech/recognizer-debug.yaml", "configs/speech/gru-attn-recognizer-debug.yaml"],
 }
 
 
@@ -134,6 +142,22 @@ def _caption_rows(configs: list[str], out: Path, cpu: dict[str, float]) -> None:
                   f"| {g['exact_match']:.1f} / {b['exact_match']:.1f} % | {g['bleu']:.1f} / {b['bleu']:.1f} |")
 
 
+def _speech_rows(configs: list[str], out: Path, cpu: dict[str, float]) -> None:
+    print("| preset | model | steps | CPU min | GFLOPs per sample | sentences | CER greedy / beam 4 "
+          "| WER greedy / beam 4 |\n|---|---|---:|---:|---:|---|---:|---:|")
+    for config in configs:
+        run = out / Path(config).stem
+        model, tok, cfg = load_transcriber(checkpoint.resolve(run / "checkpoints"))
+        train = speech.read_splits(cfg.data, cfg.train.seed, cfg.model.source.sample_rate, log=lambda _: None)["train"]
+        samples = round(float(np.mean(np.diff(train.offsets))))
+        chars = round(statistics.mean(len(tok.encode(t).ids) + 1 for t in train.texts))  # + EOS
+        gflops = model.flops_per_sample(chars, samples) / 1e9
+        for split, what in (("val", "validation (training voices)"), ("test", "test (unheard voice)")):
+            g, b = _test_score(run, split, 1), _test_score(run, split, 4)
+            print(f"| `{config}` | {cfg.model.family} | {g['step']} | {cpu[config] / 60:.1f} | {gflops:.3f} | {what} "
+                  f"| {100 * g['cer']:.1f} / {100 * b['cer']:.1f} % | {100 * g['wer']:.1f} / {100 * b['wer']:.1f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=sorted([*SUITES, "tree-steps"]))
@@ -149,6 +173,8 @@ def main() -> None:
     cpu = _train_all(configs, out, a.jobs)
     if a.suite == "captions":
         return _caption_rows(configs, out, cpu)
+    if a.suite == "speech":
+        return _speech_rows(configs, out, cpu)
     metric, count = ("accuracy", "examples") if a.suite == "listops" else ("cer", "lines")
     print(f"| preset | model | steps | CPU min | test {metric} | {count} |\n|---|---|---:|---:|---:|---:|")
     for config in configs:

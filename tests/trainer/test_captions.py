@@ -23,6 +23,7 @@ from tests.conftest import (
 )
 from trainer.config import DataConfig
 from trainer.data import scenes
+from trainer.errors import DataError
 from trainer.evaluation.metrics import text_metrics
 
 TRANSFORMER = str(REPO / "configs/captions/transformer-debug.yaml")
@@ -147,11 +148,15 @@ def test_bad_images_are_one_line_naming_the_file(captioner, cache_dir, tmp_path)
     (tmp_path / "text.png").write_text("not a picture")
     Image.new("L", (32, 32)).save(tmp_path / "grey.png")
     Image.new("RGB", (40, 32)).save(tmp_path / "wide.png")
-    for name, says in (("text.png", "not an image Pillow can decode"), ("grey.png", "1 channel(s); the model reads 3"),
+    for name, says in (("text.png", "not an image Pillow can decode"), ("grey.png", "1 channel(s) (mode L); the model reads 3"),
                        ("wide.png", "40x32 pixels; the model reads 32x32"), ("none.png", "no such file")):
-        p = run_cli(["generate", str(run), "--image", str(tmp_path / name)], cache_dir, check=False)
-        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert name in p.stderr and says in p.stderr, p.stderr
+        with pytest.raises(DataError, match=re.escape(says)) as e:
+            scenes.read_image(tmp_path / name, 3, 32)
+        assert name in str(e.value)
+    # Through the CLI: one line, exit code 2.
+    p = run_cli(["generate", str(run), "--image", str(tmp_path / "grey.png")], cache_dir, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "grey.png: 1 channel(s) (mode L); the model reads 3" in p.stderr, p.stderr
     p = run_cli(["train", TRANSFORMER, "--run-dir", str(tmp_path / "r"), *sets(*TINY, "data.source=dates")], cache_dir,
                 check=False)
     assert p.returncode == 2 and "data.source='dates': an image source trains on 'scenes'" in p.stderr, p.stderr

@@ -7,6 +7,7 @@ sound files are one line."""
 from __future__ import annotations
 
 import json
+import re
 import wave
 
 import jiwer
@@ -23,6 +24,7 @@ from tests.conftest import (
 )
 from trainer.config import DataConfig
 from trainer.data import speech
+from trainer.errors import DataError
 from trainer.evaluation.metrics import error_rates
 
 TRANSFORMER = str(REPO / "configs/speech/recognizer-debug.yaml")
@@ -101,9 +103,13 @@ def test_bad_sound_files_are_one_line_naming_the_file(recognizer, cache_dir, tmp
     for name, says in (("text.wav", "not a WAV file"), ("stereo.wav", "2 channels; the model reads mono"),
                        ("fast.wav", "16000 Hz; the model reads 8000 Hz"), ("empty.wav", "no samples"),
                        ("none.wav", "no such file")):
-        p = run_cli(["generate", str(recognizer), "--audio", str(tmp_path / name)], cache_dir, check=False)
-        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-        assert name in p.stderr and says in p.stderr, p.stderr
+        with pytest.raises(DataError, match=re.escape(says)) as e:
+            speech.read_wav(tmp_path / name, 8000)
+        assert name in str(e.value)
+    # Through the CLI: one line, exit code 2.
+    p = run_cli(["generate", str(recognizer), "--audio", str(tmp_path / "fast.wav")], cache_dir, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "fast.wav: 16000 Hz; the model reads 8000 Hz" in p.stderr, p.stderr
 
 
 def test_recognizer_resumes_exactly(cache_dir, tmp_path):

@@ -180,7 +180,7 @@ def read_image(path: str | Path, channels: int, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not an image Pillow can decode ({e})") from None
     if bands - ("A" in mode) != channels:
-        raise DataError(f"{path}: a {mode} image with {bands} channel(s); the model reads {channels} "
+        raise DataError(f"{path}: {bands} channel(s) (mode {mode}); the model reads {channels} "
                         f"({'RGB' if channels == 3 else 'grey'}, model.source.channels)")
     if (w, h) != (size, size):
         raise DataError(f"{path}: {w}x{h} pixels; the model reads {size}x{size} (model.source.size)")
