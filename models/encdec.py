@@ -23,7 +23,7 @@ from models.fused_qkv import split_heads
 from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
 from models.positions import sinusoidal_table
-from models.sources import SourceConfig, source_encoder
+from models.sources import SourceConfig, source_cost, source_encoder
 
 
 class EncDecConfig(BaseModel):
@@ -228,12 +228,7 @@ class EncoderDecoder(nn.Module):
         ``model.source.max_seconds``: its frames after the convolutions), the decoder and head
         over ``tgt_len`` tokens, attention counted over whole rows."""
         c = self.cfg
-        if c.source is not None:  # positions after the source encoder; ``src_len`` in its units
-            units = src_len or round(getattr(c.source, "max_seconds", 0) * getattr(c.source, "sample_rate", 0))
-            convs, src_len = self.source.flops(units), self.source.positions(units)
-        else:
-            convs, src_len = 0.0, src_len or tgt_len
-        source = count_params(self.source) if c.source else 0
+        convs, src_len, source = source_cost(getattr(self, "source", None), src_len, tgt_len)
         # Per source position: the encoder, and each decoder layer's key/value projection of it.
         enc = count_params(self.encoder) + count_params(self.enc_norm) \
             + sum(count_params(layer.cross_attn.kv_proj) for layer in self.decoder)

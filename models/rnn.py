@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from models.decoding import decode
 from models.gpt import sample_next
 from models.init import count_params, fan_in_std, seeded_normal_
-from models.sources import SourceConfig, source_encoder
+from models.sources import SourceConfig, source_cost, source_encoder
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -207,12 +207,7 @@ class Seq2SeqRNN(nn.Module):
         ``model.source.max_seconds``: its frames after them), 6 × the rest per target token, plus the
         attention of each target token over the source states."""
         c = self.cfg
-        if c.source is not None:  # positions after the source encoder; ``src_len`` in its units
-            units = src_len or round(getattr(c.source, "max_seconds", 0) * getattr(c.source, "sample_rate", 0))
-            convs, src_len = self.source.flops(units), self.source.positions(units)
-        else:
-            convs, src_len = 0.0, src_len or tgt_len
-        source = count_params(self.source) if c.source else 0
+        convs, src_len, source = source_cost(getattr(self, "source", None), src_len, tgt_len)
         enc = count_params(self.encoder) + count_params(self.bridge) + count_params(self.attention.U)
         dec = self.num_params(non_embedding=True) - enc - source
         attn = 6 * src_len * (c.d_attn + 2 * c.d_hidden)  # tanh(W s + U h) · v and the weighted sum

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from models.init import count_params
 from models.positions import sinusoidal_grid, sinusoidal_table
 
 
@@ -89,6 +90,9 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor, lengths: list[int] | None = None) -> tuple[torch.Tensor, None]:
         x = self.stem(images).flatten(2).transpose(1, 2)  # raster order: row by row
         return x + self.pe.to(x.dtype), None
+
+    def default_units(self) -> int:
+        return 0  # every image is one size
 
     def positions(self, n: int | None = None) -> int:
         """Source positions the encoder reads (the grid, whatever ``n``)."""
@@ -180,6 +184,9 @@ class AudioEncoder(nn.Module):
         """Whole STFT frames inside ``samples`` (at least one: shorter sounds are zero-padded)."""
         return 1 + max(0, samples - self.cfg.n_fft) // self.cfg.hop
 
+    def default_units(self) -> int:
+        return round(self.cfg.max_seconds * self.cfg.sample_rate)
+
     def positions(self, samples: int) -> int:
         n = self.frames(samples)
         for _ in self.convs:
@@ -232,3 +239,13 @@ ENCODERS = {"image": ImageEncoder, "audio": AudioEncoder}
 
 def source_encoder(cfg: ImageSource | AudioSource, d_out: int) -> nn.Module:
     return ENCODERS[cfg.kind](cfg, d_out)
+
+
+def source_cost(encoder: nn.Module | None, src_len: int | None, tgt_len: int) -> tuple[float, int, int]:
+    """(training FLOPs of the source encoder, positions the model's encoder reads after it, its
+    parameters) for one source of ``src_len`` in its own units: tokens (no source encoder;
+    default ``tgt_len``), samples of a sound (default ``max_seconds``), an image (any)."""
+    if encoder is None:
+        return 0.0, src_len or tgt_len, 0
+    units = src_len or encoder.default_units()
+    return encoder.flops(units), encoder.positions(units), count_params(encoder)
