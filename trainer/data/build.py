@@ -133,33 +133,37 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     return Data(cfg, train_b, val_b, prep.tokenizer_files(), decodable)
 
 
-def _text_tokenizer(cfg: Config, texts: list[str], log) -> Path:
-    """``data.tokenizer.path``, or a tokenizer trained on ``texts`` (cached)."""
-    tok = cfg.data.tokenizer
-    if tok.path:
-        return Path(tok.path)
-    return cached_tokenizer(tok.kind, tok.vocab_size, texts, cfg.data.resolved_cache_dir() / "tokenizers", log)
+def _target_text(cfg: Config, texts: dict[str, list[str]]) -> tuple[Config, Tokenizer, Path, dict[str, list]]:
+    """The target side of a non-text source (captions, transcripts): ``data.tokenizer.path``
+    or a tokenizer trained on the training texts (cached, built on local rank 0 first), the
+    config finished from it, and every split's texts as token ids, checked to fit the decoder."""
+    t = cfg.data.tokenizer
+    tok_file = Path(t.path) if t.path else _on_local_rank0_first(lambda log: cached_tokenizer(
+        t.kind, t.vocab_size, texts["train"], cfg.data.resolved_cache_dir() / "tokenizers", log))
+    tok = Tokenizer.from_file(str(tok_file))
+    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
+    if pad is None or eos is None:
+        raise DataError(f"data.tokenizer.path={str(tok_file)!r}: no {PAD!r} and {EOS!r} tokens")
+    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
+    ids = {k: [tok.encode(x, add_special_tokens=False).ids for x in v] for k, v in texts.items()}
+    longest = max(len(x) for v in ids.values() for x in v) + 1
+    if longest > cfg.model.max_seq_len:
+        raise DataError(f"the target texts need {longest} decoder positions but model.max_seq_len="
+                        f"{cfg.model.max_seq_len}; raise it")
+    return cfg, tok, tok_file, ids
 
 
 def _caption_data(cfg: Config, dims: ParallelDims) -> Data:
     """Images and their captions: the scenes of the embedded task, rendered when their batch
     is built (every rank draws them; seconds), with a tokenizer trained on the training
     captions (cached, built on local rank 0 first)."""
-    t, src = cfg.train, cfg.model.source
-    splits = scenes.read_splits(cfg.data, t.seed)
-    tok_file = _on_local_rank0_first(lambda log: _text_tokenizer(cfg, splits["train"].targets, log))
-    tok = Tokenizer.from_file(str(tok_file))
-    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
-    if pad is None or eos is None:
-        raise DataError(f"data.tokenizer.path={str(tok_file)!r}: no {PAD!r} and {EOS!r} tokens")
-    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
+    src = cfg.model.source
     if (src.channels, src.size) != (3, scenes.IMAGE_SIZE):
         raise DataError(f"model.source.channels={src.channels}, model.source.size={src.size}: the scenes are "
                         f"RGB, {scenes.IMAGE_SIZE} pixels square; set 3 and {scenes.IMAGE_SIZE}")
-    ids = {k: [tok.encode(c, add_special_tokens=False).ids for c in s.targets] for k, s in splits.items()}
-    longest = max(len(x) for v in ids.values() for x in v) + 1
-    if longest > cfg.model.max_seq_len:
-        raise DataError(f"captions need {longest} decoder positions but model.max_seq_len={cfg.model.max_seq_len}")
+    splits = scenes.read_splits(cfg.data, cfg.train.seed)
+    cfg, tok, tok_file, ids = _target_text(cfg, {k: s.targets for k, s in splits.items()})
+    pad, eos = cfg.model.pad_id, tok.token_to_id(EOS)
 
     def collate(split: scenes.SceneSplit):
         return lambda idx: {"src": split.images(idx),
@@ -240,16 +244,10 @@ def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
     (synthesised and cached on local rank 0 first), padded with silence per batch; a
     tokenizer trained on the training transcripts. Training sounds longer than
     ``model.source.max_seconds`` are left out."""
-    t, src = cfg.train, cfg.model.source
-    splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, t.seed, src.sample_rate, log))
-    tok_file = _on_local_rank0_first(lambda log: _text_tokenizer(cfg, splits["train"].texts, log))
-    tok = Tokenizer.from_file(str(tok_file))
-    pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
-    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
-    ids = {k: [tok.encode(x, add_special_tokens=False).ids for x in s.texts] for k, s in splits.items()}
-    longest = max(len(x) for v in ids.values() for x in v) + 1
-    if longest > cfg.model.max_seq_len:
-        raise DataError(f"transcripts need {longest} decoder positions but model.max_seq_len={cfg.model.max_seq_len}")
+    src = cfg.model.source
+    splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, cfg.train.seed, src.sample_rate, log))
+    cfg, tok, tok_file, ids = _target_text(cfg, {k: s.texts for k, s in splits.items()})
+    pad, eos = cfg.model.pad_id, tok.token_to_id(EOS)
     keep = np.flatnonzero(splits["train"].seconds() <= src.max_seconds)
     if len(keep) < len(splits["train"]):
         _say(f"skipped {len(splits['train']) - len(keep)} training sounds longer than model.source.max_seconds="
