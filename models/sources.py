@@ -168,7 +168,6 @@ class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioSource, d_out: int) -> None:
         super().__init__()
         self.cfg, self.d_out = cfg, d_out
-        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
         self.register_buffer("fbank", mel_filterbank(cfg.n_fft // 2 + 1, cfg.n_mels, cfg.sample_rate),
                              persistent=False)
         self.norm = nn.LayerNorm(cfg.n_mels)
@@ -177,7 +176,6 @@ class AudioEncoder(nn.Module):
         self.proj = nn.Linear(chans[-1], d_out)
 
     def init_buffers(self, device: torch.device) -> None:
-        self.window = torch.hann_window(self.cfg.n_fft, device=device)
         self.fbank = mel_filterbank(self.cfg.n_fft // 2 + 1, self.cfg.n_mels, self.cfg.sample_rate).to(device)
 
     def frames(self, samples: int) -> int:
@@ -197,9 +195,7 @@ class AudioEncoder(nn.Module):
         """(B, frames, n_mels) log-mel energies, normalised per frame."""
         if wave.shape[1] < self.cfg.n_fft:
             wave = torch.nn.functional.pad(wave, (0, self.cfg.n_fft - wave.shape[1]))
-        spec = torch.stft(wave.float(), self.cfg.n_fft, self.cfg.hop, window=self.window, center=False,
-                          return_complex=True).abs().square()  # (B, freqs, frames)
-        return self.norm(torch.log(spec.transpose(1, 2) @ self.fbank + 1e-6).to(wave.dtype))
+        return self.norm(torch.log(power_mel(wave, self.fbank, self.cfg.n_fft, self.cfg.hop) + 1e-6).to(wave.dtype))
 
     def forward(self, wave: torch.Tensor, lengths: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         lengths = [self.frames(n) for n in (lengths or [wave.shape[1]] * wave.shape[0])]
@@ -222,6 +218,39 @@ class AudioEncoder(nn.Module):
             n = (n - 1) // 2 + 1
             total += 6.0 * conv.weight.numel() * n
         return total + 6.0 * self.proj.weight.numel() * n
+
+
+def power_mel(wave: torch.Tensor, fbank: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """(B, frames, n_mels) mel power of whole frames (no centring) under a Hann window."""
+    spec = torch.stft(wave.float(), n_fft, hop, window=torch.hann_window(n_fft, device=wave.device), center=False,
+                      return_complex=True).abs().square()
+    return spec.transpose(1, 2) @ fbank
+
+
+@torch.no_grad()
+def mel_to_wave(mel: torch.Tensor, fbank: torch.Tensor, n_fft: int, hop: int, n_iter: int = 32,
+                momentum: float = 0.99, seed: int = 0) -> torch.Tensor:
+    """A waveform whose ``power_mel`` is close to ``mel`` (frames, n_mels): the linear power
+    spectrum by least squares through the filter bank's pseudo-inverse, then its phase by
+    Griffin-Lim (fast Griffin-Lim's momentum, as torchaudio's) with ``torch.stft``/``istft``.
+
+    Griffin-Lim frames are centred; ``n_fft / 2`` leading zeros put frame ``t``'s centre where
+    the analysis window of ``power_mel`` has it, so the two line up frame for frame."""
+    power = (mel.double() @ torch.linalg.pinv(fbank.double())).clamp(min=0).float()
+    magnitude = power.sqrt().T  # (freqs, frames)
+    window = torch.hann_window(n_fft, device=mel.device)
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.polar(torch.ones_like(magnitude),
+                         2 * math.pi * torch.rand(magnitude.shape, generator=g).to(mel.device))
+    previous = torch.zeros_like(angles)
+    for _ in range(n_iter):
+        wave = torch.istft(magnitude * angles, n_fft, hop, window=window)
+        rebuilt = torch.stft(wave, n_fft, hop, window=window, return_complex=True)[:, : magnitude.shape[1]]
+        angles = rebuilt - momentum / (1 + momentum) * previous
+        angles = angles / angles.abs().clamp(min=1e-8)
+        previous = rebuilt
+    wave = torch.istft(magnitude * angles, n_fft, hop, window=window)
+    return torch.cat([wave.new_zeros(n_fft // 2), wave])
 
 
 def _zero_after(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
