@@ -23,7 +23,7 @@ from models.fused_qkv import split_heads
 from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
 from models.positions import sinusoidal_table
-from models.sources import SourceConfig, source_cost, source_encoder
+from models.sources import SourceConfig, keep_mask, source_cost, source_encoder
 
 
 class EncDecConfig(BaseModel):
@@ -256,8 +256,7 @@ class EncoderDecoder(nn.Module):
             x, lengths = self.source(src, src_lengths)
             x, src_mask = self.drop(x), None
             if lengths is not None and min(lengths) < x.shape[1]:
-                keep = torch.arange(x.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
-                src_mask = keep[:, None, None, :]
+                src_mask = keep_mask(lengths, x.shape[1], x.device)[:, None, None, :]
         else:
             padded = src_lengths is None or min(src_lengths) < src.shape[1]
             src_mask = (src != self.cfg.pad_id)[:, None, None, :] if padded else None

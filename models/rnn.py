@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from models.decoding import decode
 from models.gpt import sample_next
 from models.init import count_params, fan_in_std, seeded_normal_
-from models.sources import SourceConfig, source_cost, source_encoder
+from models.sources import SourceConfig, keep_mask, source_cost, source_encoder
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -222,7 +222,7 @@ class Seq2SeqRNN(nn.Module):
         if self.cfg.source is not None:
             x, lengths = self.source(src, src_lengths)
             lengths = lengths or [x.shape[1]] * x.shape[0]  # images: one size, nothing padded
-            mask = torch.arange(x.shape[1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+            mask = keep_mask(lengths, x.shape[1], x.device)
             lengths = torch.tensor(lengths)
         else:
             x, mask = self.src_embed(src), src != self.cfg.pad_id

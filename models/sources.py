@@ -99,9 +99,6 @@ class ImageEncoder(nn.Module):
         return self.cfg.grid ** 2
 
     def flops(self, n: int | None = None) -> float:
-        return self.flops_per_image()
-
-    def flops_per_image(self) -> float:
         """Training FLOPs of one image (6 per multiply-add of each convolution's weights at
         each output position; pooling and ReLU are not matmuls)."""
         total, side = 0, self.cfg.size
@@ -113,7 +110,6 @@ class ImageEncoder(nn.Module):
             elif isinstance(m, nn.MaxPool2d):
                 side //= 2
         return float(total)
-
 
 
 class AudioSource(BaseModel):
@@ -138,14 +134,10 @@ class AudioSource(BaseModel):
     max_seconds: float = Field(6.0, gt=0)
     """Longest sound trained on (longer pairs are skipped); FLOPs per token assume it."""
 
-    @property
-    def reduction(self) -> int:
-        return 2 ** len(self.conv_channels)
 
-
-def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
-    """The HTK mel scale: 2595 log10(1 + f / 700)."""
-    return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
+def hz_to_mel(f: float) -> float:
+    """The HTK mel scale: 2595 log10(1 + f / 700) (on the host: meta builds call it too)."""
+    return 2595.0 * math.log10(1.0 + f / 700.0)
 
 
 def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
@@ -153,8 +145,7 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     mel scale from 0 Hz to Nyquist (HTK; what ``torchaudio.functional.melscale_fbanks`` gives
     with ``norm=None, mel_scale="htk"``)."""
     freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
-    top = 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0)  # hz_to_mel, on the host (meta builds)
-    mels = torch.linspace(0, top, n_mels + 2, dtype=torch.float64)
+    mels = torch.linspace(0, hz_to_mel(sample_rate / 2), n_mels + 2, dtype=torch.float64)
     edges = 700.0 * (10 ** (mels / 2595.0) - 1.0)  # back to Hz
     lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
     up = (freqs[:, None] - lo) / (mid - lo)
@@ -253,12 +244,16 @@ def mel_to_wave(mel: torch.Tensor, fbank: torch.Tensor, n_fft: int, hop: int, n_
     return torch.cat([wave.new_zeros(n_fft // 2), wave])
 
 
+def keep_mask(lengths: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """(B, n) booleans: True at the positions before each row's length (host ints)."""
+    return torch.arange(n, device=device) < torch.tensor(lengths, device=device)[:, None]
+
+
 def _zero_after(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """(B, C, T) with every column at or past its row's length zeroed."""
     if min(lengths) == x.shape[-1]:
         return x
-    keep = torch.arange(x.shape[-1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
-    return x * keep[:, None, :].to(x.dtype)
+    return x * keep_mask(lengths, x.shape[-1], x.device)[:, None, :].to(x.dtype)
 
 
 SourceConfig = Annotated[ImageSource | AudioSource, Field(discriminator="kind")]

@@ -168,7 +168,7 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: st
         if cfg.is_seq2seq:
             raise CheckpointError(f"{ckpt}: lm-eval tasks score language models, not {cfg.model.family}")
         return {**out, **harness.score(model, src_tok), "samples": []}
-    source = getattr(cfg.model, "source", None)
+    source = cfg.source
     if source is not None and source.kind == "image":
         return {**out, **_caption_metrics(ckpt, model, tgt_tok, cfg, data, split, limit, beam, samples)}
     if source is not None:

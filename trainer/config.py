@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models import FAMILIES, GPTConfig, ModelConfig
+from models.sources import SourceConfig
 from trainer import families
 from trainer.errors import ConfigError, DataError
 
@@ -434,6 +435,12 @@ class Config(_Section):
     @property
     def is_seq2seq(self) -> bool:
         return self.family.pairs
+
+    @property
+    def source(self) -> SourceConfig | None:
+        """``model.source`` of a sequence-to-sequence model reading images or sound; None for
+        token sources and for the families without the option."""
+        return getattr(self.model, "source", None)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -87,7 +87,7 @@ def _read_images(args: argparse.Namespace) -> int:
     """Each image file and the text the recognizer reads in it, or its caption."""
     from trainer import checkpoint
 
-    if getattr(checkpoint.saved_config(checkpoint.resolve(args.checkpoint)).model, "source", None) is not None:
+    if checkpoint.saved_config(checkpoint.resolve(args.checkpoint)).source is not None:
         return _caption(args)
     if args.attention_png:
         raise SeqtrainError("--attention-png goes with an image captioner; this is a text-line recognizer")

@@ -78,7 +78,7 @@ def build_data(cfg: Config, dims: ParallelDims) -> Data:
     """Tokenize (or read the cache), check there is enough data, and batch it."""
     if cfg.family.examples:
         return _example_data(cfg, dims)
-    source = getattr(cfg.model, "source", None)
+    source = cfg.source
     if source is not None:
         return (_caption_data if source.kind == "image" else _speech_data)(cfg, dims)
     return (_pair_data if cfg.family.pairs else _lm_data)(cfg, dims)

@@ -14,8 +14,8 @@ from trainer.loop import Trainer
 class DecodeValidation:
     """Greedy/beam decoding of the first ``eval.decode_samples`` validation examples: exact
     match, BLEU and chrF (sacrebleu) against their detokenized references (every caption of a
-    scene), or a transcription's character and word error rates. Each data-parallel rank decodes its share; the hypotheses are gathered to every
-    rank (a collective)."""
+    scene), or a transcription's character and word error rates. Each data-parallel rank
+    decodes its share; the hypotheses are gathered to every rank (a collective)."""
 
     def __init__(self, cfg: Config, data: Decodable) -> None:
         self.cfg, self.data = cfg, data
@@ -37,8 +37,9 @@ class DecodeValidation:
             dist.all_gather_object(parts, hyps)  # collective: every rank decodes its share
             hyps = {k: v for p in parts for k, v in p.items()}
         hyps_in_order = [hyps[i] for i in range(self.n)]
-        score = error_rates if data.transcribes else text_metrics
-        return {f"val_{k}": v for k, v in score(hyps_in_order, self.refs, cfg.eval.bleu_tokenize).items()}
+        scores = error_rates(hyps_in_order, self.refs) if data.transcribes \
+            else text_metrics(hyps_in_order, self.refs, cfg.eval.bleu_tokenize)
+        return {f"val_{k}": v for k, v in scores.items()}
 
 
 def evaluators(cfg: Config, data: Data) -> list:

@@ -130,7 +130,7 @@ def load_transcriber(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Conf
 
 def _load_reader(path: str | Path, kind: str, what: str) -> tuple[torch.nn.Module, Tokenizer, Config]:
     model, _, tok, cfg = load_for_inference(path)
-    source = getattr(cfg.model, "source", None)
+    source = cfg.source
     if source is None or source.kind != kind:
         reads = f"{source.kind} sources" if source is not None else "token sources"
         raise SeqtrainError(f"{path} is a {cfg.model.family} model of {reads}, not {what}")

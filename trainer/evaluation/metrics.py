@@ -28,7 +28,7 @@ def text_metrics(hyps: list[str], refs: Sequence[str | Sequence[str]], bleu_toke
     return {"exact_match": exact, "bleu": bleu, "chrf": chrf}
 
 
-def error_rates(hyps: list[str], refs: Sequence[str | Sequence[str]], bleu_tokenize: str = "13a") -> dict[str, float]:
+def error_rates(hyps: list[str], refs: Sequence[str | Sequence[str]]) -> dict[str, float]:
     """Character and word error rates of transcriptions against their (first) reference:
     (substitutions + deletions + insertions) / reference length, over the whole set (jiwer)."""
     if not hyps:
