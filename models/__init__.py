@@ -3,7 +3,8 @@
 ``build(cfg, seed)`` maps a model config (selected by its ``family`` field) to an ``nn.Module``.
 Every family's ``forward(**batch)`` returns the training loss when the batch carries labels
 (the RNN language model also returns its recurrent state, for truncated BPTT); classifiers
-(trees, sequences) return logits without labels, the text-line recognizer log-probabilities.
+(trees, sequences) return logits without labels, the text-line recognizer log-probabilities;
+the speech synthesiser returns its loss for text and the waveforms it should say.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from models.mdrnn import TextLineConfig, TextLineRecognizer
 from models.rnn import RNNLM, RNNLMConfig, Seq2SeqRNN, Seq2SeqRNNConfig
 from models.seq_classifier import SeqClassifier, SeqClassifierConfig
 from models.tree_rnn import TreeRNN, TreeRNNConfig
+from models.tts import TTS, TTSConfig
 
 ModelConfig = Annotated[
     GPTConfig | EncDecConfig | RNNLMConfig | Seq2SeqRNNConfig | TreeRNNConfig | SeqClassifierConfig
-    | TextLineConfig,
+    | TextLineConfig | TTSConfig,
     Field(discriminator="family"),
 ]
 """Any model config; the ``family`` field selects the member."""
@@ -35,6 +37,7 @@ FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "tree_rnn": (TreeRNNConfig, TreeRNN),
     "seq_classifier": (SeqClassifierConfig, SeqClassifier),
     "mdrnn": (TextLineConfig, TextLineRecognizer),
+    "tts": (TTSConfig, TTS),
 }
 
 
@@ -44,5 +47,5 @@ def build(cfg, seed: int = 0) -> nn.Module:
 
 
 __all__ = ["FAMILIES", "GPTConfig", "EncDecConfig", "RNNLMConfig",
-           "Seq2SeqRNNConfig", "TreeRNNConfig", "SeqClassifierConfig", "TextLineConfig", "ModelConfig",
+           "Seq2SeqRNNConfig", "TreeRNNConfig", "SeqClassifierConfig", "TextLineConfig", "TTSConfig", "ModelConfig",
            "build"]

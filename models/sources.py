@@ -112,13 +112,12 @@ class ImageEncoder(nn.Module):
         return float(total)
 
 
-class AudioSource(BaseModel):
-    """Sounds as the source of a sequence-to-sequence model."""
+class MelFrames(BaseModel):
+    """A sound's sample rate and the log-mel frames cut from it: what an audio source encoder
+    reads and what a speech synthesiser writes."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    kind: Literal["audio"] = "audio"
-    """What the source is."""
     sample_rate: int = Field(8000, ge=1000)
     """Samples per second a waveform must have."""
     channels: Literal[1] = 1
@@ -129,10 +128,21 @@ class AudioSource(BaseModel):
     """Samples between frames (10 ms at 8 kHz)."""
     n_mels: int = Field(40, ge=4)
     """Mel bands."""
-    conv_channels: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
-    """Output channels of each 1-D convolution (kernel 3, stride 2: each halves the frames)."""
     max_seconds: float = Field(6.0, gt=0)
     """Longest sound trained on (longer pairs are skipped); FLOPs per token assume it."""
+
+    def frames(self, samples: int) -> int:
+        """Whole STFT frames inside ``samples`` (at least one: shorter sounds are zero-padded)."""
+        return 1 + max(0, samples - self.n_fft) // self.hop
+
+
+class AudioSource(MelFrames):
+    """Sounds as the source of a sequence-to-sequence model."""
+
+    kind: Literal["audio"] = "audio"
+    """What the source is."""
+    conv_channels: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
+    """Output channels of each 1-D convolution (kernel 3, stride 2: each halves the frames)."""
 
 
 def hz_to_mel(f: float) -> float:
@@ -170,8 +180,7 @@ class AudioEncoder(nn.Module):
         self.fbank = mel_filterbank(self.cfg.n_fft // 2 + 1, self.cfg.n_mels, self.cfg.sample_rate).to(device)
 
     def frames(self, samples: int) -> int:
-        """Whole STFT frames inside ``samples`` (at least one: shorter sounds are zero-padded)."""
-        return 1 + max(0, samples - self.cfg.n_fft) // self.cfg.hop
+        return self.cfg.frames(samples)
 
     def default_units(self) -> int:
         return round(self.cfg.max_seconds * self.cfg.sample_rate)

@@ -115,3 +115,16 @@ def assert_two_processes_match_one(preset: str, args: list[str], steps: int, cac
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert a["tokens"] == b["tokens"]
     return one_eval, two_eval
+
+
+@pytest.fixture(scope="session")
+def speech_recognizer(tmp_path_factory, cache_dir) -> Path:
+    """A Transformer speech recognizer trained 300 steps on 1,500 spoken dates (a minute or
+    two), shared by the recognition tests and the synthesis tests that listen with it."""
+    run = tmp_path_factory.mktemp("speech") / "run"
+    args = ["data.num_pairs=1500", "model.d_model=64", "model.n_enc_layers=2", "model.source.conv_channels=[64,64]",
+            "train.steps=300", "train.micro_batch_size=16", "train.global_batch_size=16", "train.log_every=50",
+            "eval.every=150", "eval.decode_samples=48", "checkpoint.every=300", "tracking.enabled=false"]
+    run_cli(["train", str(REPO / "configs/speech/recognizer-debug.yaml"), "--run-dir", str(run), *sets(*args)],
+            cache_dir)
+    return run

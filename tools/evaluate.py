@@ -5,7 +5,9 @@ Language models: loss (nats/token), perplexity = exp(loss), bits per byte and pe
 accuracy. Sequence-to-sequence: exact match, BLEU and chrF (sacrebleu, detokenized text),
 greedy or beam; image captioners against every caption of a scene, with attention maps as PNGs.
 Classifiers: accuracy over a split of ListOps expressions. Text lines:
-character error rate. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
+character error rate. Speech synthesizers: intelligibility, a recognizer's character and word
+error rates on the synthesised sentences beside its rates on espeak-ng's own readings of them,
+with WAVs of a few. Plus a few samples. Runs on one device (CPU by default) from checkpoints of
 any layout: the weights are consolidated on load.
 """
 
@@ -38,7 +40,10 @@ from trainer.evaluation.inference import (
     encode_sources,
     load_classifier,
     load_for_inference,
+    load_synthesizer,
+    load_transcriber,
     read_lines,
+    speak,
     transcribe_ids,
     translate_ids,
 )
@@ -150,11 +155,17 @@ def _pairs(cfg: Config, data: str | None, split: str, limit: int) -> list[tuple[
 def evaluate_checkpoint(path: str | Path, data: str | None = None, text_file: str | None = None,
                         split: str = "val", beam: int = 1, limit: int | None = None,
                         max_tokens: int | None = 200_000, samples: int = 3,
-                        harness: Harness | None = None) -> dict[str, Any]:
+                        harness: Harness | None = None, recognizer: str | None = None) -> dict[str, Any]:
     """Metrics of one checkpoint: lm-eval tasks with ``harness``, else perplexity and bits
-    (language models) or BLEU/chrF (sequence-to-sequence)."""
+    (language models), BLEU/chrF (sequence-to-sequence) or, for a speech synthesizer, the
+    error rates of ``recognizer`` (a speech recognizer's run or checkpoint) on what it says."""
     ckpt = checkpoint.resolve(path)
     kind = checkpoint.saved_config(ckpt).family.examples
+    if (kind == "sounds") != (recognizer is not None):
+        raise CheckpointError(f"{ckpt}: a speech synthesizer is scored by a recognizer: give --recognizer REC_RUN"
+                              if kind == "sounds" else "--recognizer goes with a speech synthesizer's checkpoint")
+    if kind == "sounds":
+        return _synthesis_metrics(ckpt, recognizer, data, split, limit, samples)
     if kind:
         if harness is not None or text_file:
             raise CheckpointError(f"{ckpt}: a {kind} model; give --data (a config, or a ListOps file) and --split")
@@ -258,6 +269,40 @@ def _transcription_metrics(model, tok, cfg: Config, data: str | None, split: str
     hyps, refs = [tok.decode(o) for o in outs], sounds.texts[:n]
     return {**error_rates(hyps, refs), "sounds": n,
             "samples": [{"reference": r, "output": h} for r, h in list(zip(refs, hyps, strict=True))[:samples]]}
+
+
+def _synthesis_metrics(ckpt: Path, recognizer: str, data: str | None, split: str, limit: int | None,
+                       samples: int) -> dict[str, Any]:
+    """Intelligibility of ``split``'s sentences (``test``: by default 100 of them) as the
+    synthesizer says them: the recognizer's greedy CER and WER on them, beside the same
+    recognizer's rates on espeak-ng's readings of the same sentences (``espeak_cer``: the
+    synthesizer learnt to imitate those; the test voice is one no training sound has). The
+    first ``samples`` sounds are written under the run's ``eval/audio/``."""
+    from trainer.evaluation.metrics import error_rates
+
+    model, tok, cfg = load_synthesizer(ckpt)
+    rec, rec_tok, rec_cfg = load_transcriber(recognizer)
+    rate = cfg.model.audio.sample_rate
+    if rec_cfg.model.source.sample_rate != rate:
+        raise DataError(f"--recognizer {recognizer} reads {rec_cfg.model.source.sample_rate} Hz sound; the "
+                        f"synthesizer writes {rate} Hz (model.audio.sample_rate)")
+    sounds = speech.read_splits(load_config(data).data if data else cfg.data, cfg.train.seed, rate)[split]
+    n = min(len(sounds), limit or 100)
+    refs = sounds.texts[:n]
+    said = speak(model, tok, refs)
+    eos = rec_tok.token_to_id(EOS)
+    heard = [rec_tok.decode(o) for o in transcribe_ids(rec, rec_cfg, said, eos)]
+    heard_espeak = [rec_tok.decode(o) for o in transcribe_ids(rec, rec_cfg, [sounds.sound(i) for i in range(n)], eos)]
+    where = ckpt.parent.parent / "eval" / "audio"
+    where.mkdir(parents=True, exist_ok=True)
+    wavs = [str(speech.write_wav(where / f"{ckpt.name}-{split}-{i}.wav", said[i], rate)) for i in range(min(samples, n))]
+    espeak = error_rates(heard_espeak, refs)
+    return {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt), "family": cfg.model.family,
+            **error_rates(heard, refs), "espeak_cer": espeak["cer"], "espeak_wer": espeak["wer"],
+            "seconds_ratio": sum(map(len, said)) / float(sounds.offsets[n] - sounds.offsets[0]),
+            "sentences": n, "audio_files": wavs,
+            "samples": [{"text": refs[i], "heard": heard[i], "heard_espeak": heard_espeak[i]}
+                        for i in range(min(samples, n))]}
 
 
 def _translation_metrics(model, src_tok, tgt_tok, cfg: Config, pairs: list[tuple[str, str]], beam: int,
@@ -399,5 +444,7 @@ def _log_mlflow(run_dir: Path, results: list[dict[str, Any]], png: Path) -> None
         for r in results:
             for f in r.get("attention_pngs", ()):
                 mlflow.log_artifact(f, "eval/attention")
+            for f in r.get("audio_files", ()):
+                mlflow.log_artifact(f, "eval/audio")
     finally:
         mlflow.end_run()

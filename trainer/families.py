@@ -36,12 +36,13 @@ class FamilySpec:
     """Trains on (source, target) pairs (``trainer/data/seq2seq.py``), else on a token stream."""
     examples: str | None = None
     """Learns labelled examples of a task rather than text: ``trees`` (node tensors) or
-    ``sequences`` (padded token ids) of ListOps, ``images`` of text lines; None: text."""
+    ``sequences`` (padded token ids) of ListOps, ``images`` of text lines, ``sounds`` of
+    sentences (spoken from their text); None: text."""
     task: str | None = None
     """The embedded task of an example family (``data.source``), which also reads a file."""
-    units: Callable[[dict[str, Any]], Any] | None = None
-    """The work units of a batch ("tokens" in throughput, per which ``flops_per_token``
-    counts): None: its labels other than -100."""
+    units: Callable[[dict[str, Any], Any], Any] | None = None
+    """The work units of a batch, given the model config ("tokens" in throughput, per which
+    ``flops_per_token`` counts): None: its labels other than -100."""
     carries_state: bool = False
     """Recurrent language model: returns ``(loss or logits, state)``, may train with truncated
     BPTT (``data.tbptt``) and is evaluated over contiguous streams."""
@@ -98,16 +99,20 @@ _ENCDEC_PLAN = {
 
 
 
-def _nodes(batch: dict[str, Any]) -> int:
+def _nodes(batch: dict[str, Any], model: Any) -> int:
     return batch["tokens"].numel()
 
 
-def _sequence_tokens(batch: dict[str, Any]) -> int:
+def _sequence_tokens(batch: dict[str, Any], model: Any) -> int:
     return sum(batch["lengths"])  # host lengths: no read of the device
 
 
-def _pixel_columns(batch: dict[str, Any]) -> int:
+def _pixel_columns(batch: dict[str, Any], model: Any) -> int:
     return sum(batch["widths"])  # host widths, padding not counted
+
+
+def _mel_frames(batch: dict[str, Any], model: Any) -> int:
+    return sum(model.audio.frames(n) for n in batch["wave_lengths"])  # host lengths
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -141,6 +146,10 @@ FAMILIES: dict[str, FamilySpec] = {
     "mdrnn": FamilySpec(
         "mdrnn", *models.FAMILIES["mdrnn"], vocab={"n_labels": "labels"}, examples="images", task="textlines",
         units=_pixel_columns,
+    ),
+    "tts": FamilySpec(
+        "tts", *models.FAMILIES["tts"], vocab={"vocab_size": "src"}, examples="sounds", task="speech",
+        units=_mel_frames,
     ),
 }
 assert FAMILIES.keys() == models.FAMILIES.keys(), "every model family needs a spec"

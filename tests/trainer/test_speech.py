@@ -63,23 +63,13 @@ def test_error_rates_count_edits_over_the_reference():
     assert m["wer"] == pytest.approx(3 / 7) and m["exact_match"] == 0.0
 
 
-@pytest.fixture(scope="module")
-def recognizer(tmp_path_factory, cache_dir):
-    run = tmp_path_factory.mktemp("speech") / "run"
-    args = ["data.num_pairs=1500", "model.d_model=64", "model.n_enc_layers=2", "model.source.conv_channels=[64,64]",
-            "train.steps=300", "train.micro_batch_size=16", "train.global_batch_size=16", "train.log_every=50",
-            "eval.every=150", "eval.decode_samples=48", "checkpoint.every=300", "tracking.enabled=false"]
-    run_cli(["train", TRANSFORMER, "--run-dir", str(run), *sets(*args)], cache_dir)
-    return run
-
-
-def test_the_recognizer_learns_and_generate_reads_a_wav_as_eval_does(recognizer, cache_dir, tmp_path):
-    _, evals = read_metrics(recognizer)
+def test_the_recognizer_learns_and_generate_reads_a_wav_as_eval_does(speech_recognizer, cache_dir, tmp_path):
+    _, evals = read_metrics(speech_recognizer)
     # The loss falls; transcripts good enough to score need more steps than a test affords
     # (docs/benchmarks.md has the recognizer's error rates).
     assert evals[-1]["val_loss"] < 0.8 * evals[0]["val_loss"], evals
     assert evals[-1]["val_cer"] >= 0 and evals[-1]["val_wer"] >= 0
-    res = json.loads(run_cli(["eval", str(recognizer / "checkpoints/step_00000300"), "--split", "test", "--json",
+    res = json.loads(run_cli(["eval", str(speech_recognizer / "checkpoints/step_00000300"), "--split", "test", "--json",
                               "--limit", "3"], cache_dir).stdout)
     refs, hyps = [s["reference"] for s in res["samples"]], [s["output"] for s in res["samples"]]
     assert res["sounds"] == 3 and res["cer"] == pytest.approx(jiwer.cer(refs, hyps))
@@ -87,12 +77,12 @@ def test_the_recognizer_learns_and_generate_reads_a_wav_as_eval_does(recognizer,
     test = speech.read_splits(DataConfig(source="speech", num_pairs=1500, cache_dir=str(tmp_path / "c")),
                               seed=1234, sample_rate=8000, log=lambda _: None)["test"]
     files = [speech.write_wav(tmp_path / f"s{i}.wav", test.sound(i), 8000) for i in range(3)]
-    p = run_cli(["generate", str(recognizer), *(a for f in files for a in ("--audio", str(f)))], cache_dir)
+    p = run_cli(["generate", str(speech_recognizer), *(a for f in files for a in ("--audio", str(f)))], cache_dir)
     got = [line.split("\t")[1] for line in p.stdout.splitlines()]
     assert got == [s["output"] for s in res["samples"]]
 
 
-def test_bad_sound_files_are_one_line_naming_the_file(recognizer, cache_dir, tmp_path):
+def test_bad_sound_files_are_one_line_naming_the_file(speech_recognizer, cache_dir, tmp_path):
     (tmp_path / "text.wav").write_text("not a sound")
     for name, channels, rate in (("stereo.wav", 2, 8000), ("fast.wav", 1, 16000), ("empty.wav", 1, 8000)):
         with wave.open(str(tmp_path / name), "wb") as w:
@@ -107,7 +97,7 @@ def test_bad_sound_files_are_one_line_naming_the_file(recognizer, cache_dir, tmp
             speech.read_wav(tmp_path / name, 8000)
         assert name in str(e.value)
     # Through the CLI: one line, exit code 2.
-    p = run_cli(["generate", str(recognizer), "--audio", str(tmp_path / "fast.wav")], cache_dir, check=False)
+    p = run_cli(["generate", str(speech_recognizer), "--audio", str(tmp_path / "fast.wav")], cache_dir, check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "fast.wav: 16000 Hz; the model reads 8000 Hz" in p.stderr, p.stderr
 

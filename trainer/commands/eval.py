@@ -27,6 +27,8 @@ def register(sub) -> None:
     ev.add_argument("--beam", type=int, default=1, help="sequence-to-sequence beam size (1: greedy)")
     ev.add_argument("--limit", type=int, help="sequence-to-sequence pairs to decode (default 500); "
                     "examples to classify, lm-eval documents per task (default all)")
+    ev.add_argument("--recognizer", help="speech synthesizers: a speech recognizer's run or checkpoint, "
+                    "whose error rates on the synthesised sentences measure their intelligibility")
     ev.add_argument("--max-tokens", type=int, default=200_000, help="language-model tokens to score")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(run=main)
@@ -40,7 +42,7 @@ def _evaluation_keywords(args: argparse.Namespace) -> dict:
         if args.task_dir or args.num_fewshot is not None:
             raise SeqtrainError("--task-dir and --num-fewshot go with --tasks (lm-eval task names)")
         return dict(data=args.data, text_file=args.text_file, split=args.split, beam=args.beam,
-                    limit=args.limit, max_tokens=args.max_tokens)
+                    limit=args.limit, max_tokens=args.max_tokens, recognizer=args.recognizer)
     from trainer.data import hub
 
     # Before lm-eval (and datasets) are imported: offline, they read their caches at once.
@@ -69,10 +71,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
     for r in results:
         shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
-                          if k not in ("samples", "checkpoint", "family", "key", "settings", "attention_pngs"))
+                          if k not in ("samples", "checkpoint", "family", "key", "settings", "attention_pngs",
+                                                         "audio_files"))
         print(f"{r['checkpoint']}: {shown}")
         if r.get("attention_pngs"):
             print(f"  attention maps: {Path(r['attention_pngs'][0]).parent}/ ({len(r['attention_pngs'])} PNGs)")
+        if r.get("audio_files"):
+            print(f"  sounds: {Path(r['audio_files'][0]).parent}/ ({len(r['audio_files'])} WAVs)")
     for s in results[-1]["samples"]:
         print(f"  sample: {s!r}")
     if len(results) > 1:

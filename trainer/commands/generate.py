@@ -1,6 +1,6 @@
 """``seqtrain generate CKPT``: sample from a language model, translate with a
 sequence-to-sequence model, classify with a classifier (the value of ListOps expressions) or
-read text-line images:
+read text-line images, or speak text with a speech synthesizer:
 a checkpoint of any layout, on one device."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def register(sub) -> None:
                    "an image of the size the model reads (repeatable)")
     g.add_argument("--audio", action="append", default=[], type=Path,
                    help="speech recognizers: a mono 16-bit WAV file at the model's sample rate (repeatable)")
+    g.add_argument("--text", action="append", default=[],
+                   help="speech synthesizers: a sentence to say (repeatable); needs --wav")
+    g.add_argument("--wav", type=Path,
+                   help="speech synthesizers: where to write the sound (with several texts, NAME-1.wav, NAME-2.wav, ...)")
     g.add_argument("--attention-png", type=Path,
                    help="image captioners: where to write the attention map of each word (with several "
                    "images, NAME-1.png, NAME-2.png, ...)")
@@ -50,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
         return _read_images(args)
     if args.audio:
         return _transcribe(args)
+    if args.text or args.wav:
+        return _speak(args)
     if args.source or args.input:
         sources = list(args.source)
         if args.input:
@@ -137,4 +143,20 @@ def _transcribe(args: argparse.Namespace) -> int:
     outs = transcribe_ids(model, cfg, sounds, tok.token_to_id(EOS), args.beam, args.length_penalty)
     for path, ids in zip(args.audio, outs, strict=True):
         print(f"{path}\t{tok.decode(ids)}")
+    return 0
+
+
+def _speak(args: argparse.Namespace) -> int:
+    """Each text said by a synthesizer, written as a 16-bit mono WAV file."""
+    from trainer.data import speech
+    from trainer.evaluation.inference import load_synthesizer, speak
+
+    if not args.text or args.wav is None:
+        raise SeqtrainError("a speech synthesizer needs both --text \"what to say\" and --wav OUT.wav")
+    model, tok, cfg = load_synthesizer(args.checkpoint)
+    rate = cfg.model.audio.sample_rate
+    for k, (text, sound) in enumerate(zip(args.text, speak(model, tok, args.text, args.seed), strict=True), 1):
+        out = args.wav if len(args.text) == 1 else args.wav.with_name(f"{args.wav.stem}-{k}{args.wav.suffix or '.wav'}")
+        speech.write_wav(out, sound, rate)
+        print(f"{out}\t{len(sound) / rate:.2f} s\t{text}")
     return 0

@@ -76,6 +76,8 @@ def _on_local_rank0_first(fn):
 
 def build_data(cfg: Config, dims: ParallelDims) -> Data:
     """Tokenize (or read the cache), check there is enough data, and batch it."""
+    if cfg.family.examples == "sounds":
+        return _synthesis_data(cfg, dims)
     if cfg.family.examples:
         return _example_data(cfg, dims)
     source = cfg.source
@@ -133,10 +135,12 @@ def _pair_data(cfg: Config, dims: ParallelDims) -> Data:
     return Data(cfg, train_b, val_b, prep.tokenizer_files(), decodable)
 
 
-def _target_text(cfg: Config, texts: dict[str, list[str]]) -> tuple[Config, Tokenizer, Path, dict[str, list]]:
-    """The target side of a non-text source (captions, transcripts): ``data.tokenizer.path``
-    or a tokenizer trained on the training texts (cached, built on local rank 0 first), the
-    config finished from it, and every split's texts as token ids, checked to fit the decoder."""
+def _text_side(cfg: Config, texts: dict[str, list[str]], side: str = "tgt",
+               ) -> tuple[Config, Tokenizer, Path, dict[str, list]]:
+    """The text side of a pair whose other side is no text (captions and transcripts: the
+    target; text read aloud: the source): ``data.tokenizer.path`` or a tokenizer trained on the
+    training texts (cached, built on local rank 0 first), the config finished from it, and
+    every split's texts as token ids, checked to fit the model (a target with its EOS)."""
     t = cfg.data.tokenizer
     tok_file = Path(t.path) if t.path else _on_local_rank0_first(lambda log: cached_tokenizer(
         t.kind, t.vocab_size, texts["train"], cfg.data.resolved_cache_dir() / "tokenizers", log))
@@ -144,12 +148,12 @@ def _target_text(cfg: Config, texts: dict[str, list[str]]) -> tuple[Config, Toke
     pad, eos = tok.token_to_id(PAD), tok.token_to_id(EOS)
     if pad is None or eos is None:
         raise DataError(f"data.tokenizer.path={str(tok_file)!r}: no {PAD!r} and {EOS!r} tokens")
-    cfg = cfg.with_vocab({"tgt": tok.get_vocab_size()}, tok_file, pad_id=pad)
+    cfg = cfg.with_vocab({side: tok.get_vocab_size()}, tok_file, pad_id=pad)
     ids = {k: [tok.encode(x, add_special_tokens=False).ids for x in v] for k, v in texts.items()}
-    longest = max(len(x) for v in ids.values() for x in v) + 1
+    longest = max(len(x) for v in ids.values() for x in v) + (side == "tgt")
     if longest > cfg.model.max_seq_len:
-        raise DataError(f"the target texts need {longest} decoder positions but model.max_seq_len="
-                        f"{cfg.model.max_seq_len}; raise it")
+        raise DataError(f"the {'target' if side == 'tgt' else 'source'} texts need {longest} positions but "
+                        f"model.max_seq_len={cfg.model.max_seq_len}; raise it")
     return cfg, tok, tok_file, ids
 
 
@@ -162,7 +166,7 @@ def _caption_data(cfg: Config, dims: ParallelDims) -> Data:
         raise DataError(f"model.source.channels={src.channels}, model.source.size={src.size}: the scenes are "
                         f"RGB, {scenes.IMAGE_SIZE} pixels square; set 3 and {scenes.IMAGE_SIZE}")
     splits = scenes.read_splits(cfg.data, cfg.train.seed)
-    cfg, tok, tok_file, ids = _target_text(cfg, {k: s.targets for k, s in splits.items()})
+    cfg, tok, tok_file, ids = _text_side(cfg, {k: s.targets for k, s in splits.items()})
     pad, eos = cfg.model.pad_id, tok.token_to_id(EOS)
 
     def collate(split: scenes.SceneSplit):
@@ -246,7 +250,7 @@ def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
     ``model.source.max_seconds`` are left out."""
     src = cfg.model.source
     splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, cfg.train.seed, src.sample_rate, log))
-    cfg, tok, tok_file, ids = _target_text(cfg, {k: s.texts for k, s in splits.items()})
+    cfg, tok, tok_file, ids = _text_side(cfg, {k: s.texts for k, s in splits.items()})
     pad, eos = cfg.model.pad_id, tok.token_to_id(EOS)
     keep = np.flatnonzero(splits["train"].seconds() <= src.max_seconds)
     if len(keep) < len(splits["train"]):
@@ -268,3 +272,32 @@ def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
                           transcribes=True)
     return Data(cfg, _examples(cfg, dims, sizes, "train"), _examples(cfg, dims, sizes, "val"), [tok_file],
                 decodable)
+
+
+def _synthesis_data(cfg: Config, dims: ParallelDims) -> Data:
+    """Texts and espeak-ng's readings of them, the other way round from ``_speech_data``: the
+    characters are the source (a tokenizer trained on the training texts), the sound the
+    target. Training sounds longer than ``model.audio.max_seconds`` are left out."""
+    audio = cfg.model.audio
+    splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, cfg.train.seed, audio.sample_rate, log))
+    cfg, _, tok_file, ids = _text_side(cfg, {k: s.texts for k, s in splits.items()}, side="src")
+    pad = cfg.model.pad_id
+    keep = np.flatnonzero(splits["train"].seconds() <= audio.max_seconds)
+    if len(keep) < len(splits["train"]):
+        _say(f"skipped {len(splits['train']) - len(keep)} training sounds longer than model.audio.max_seconds="
+             f"{audio.max_seconds:g}")
+
+    def collate(split: speech.SpeechSplit, order: np.ndarray):
+        def batch(idx):
+            rows = [ids[split.name][order[i]] for i in idx]
+            src = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+            for r, x in enumerate(rows):
+                src[r, : len(x)] = torch.tensor(x)
+            wave, lengths = speech.sound_batch([split.sound(int(order[i])) for i in idx])
+            return {"src": src, "src_lengths": [len(x) for x in rows], "wave": wave, "wave_lengths": lengths}
+        return batch
+
+    sizes = {"train": (len(keep), collate(splits["train"], keep)),
+             "val": (len(splits["val"]), collate(splits["val"], np.arange(len(splits["val"]))))}
+    _say(f"{cfg.data.source}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " sentences")
+    return Data(cfg, _examples(cfg, dims, sizes, "train"), _examples(cfg, dims, sizes, "val"), [tok_file])

@@ -5,6 +5,7 @@ tensor or pipeline parallelism gets the same engine in plain PyTorch
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -146,5 +147,5 @@ def initialize(model: nn.Module, cfg: Config, dims: ParallelDims, device: torch.
 def _counting(module, cfg: Config):
     """The family's work units count a batch's "tokens" (nodes of trees, say)."""
     if cfg.family.units is not None:
-        module.units = cfg.family.units
+        module.units = functools.partial(cfg.family.units, model=cfg.model)
     return module

@@ -45,7 +45,10 @@ class DecodeValidation:
 def evaluators(cfg: Config, data: Data) -> list:
     """The evaluations a run adds to its validation loss: accuracy of a classifier, character
     error rate of a text-line recognizer, decoding metrics of a sequence-to-sequence model
-    with ``eval.decode_samples`` > 0."""
+    with ``eval.decode_samples`` > 0. A speech synthesiser has its validation loss only: what
+    it says is scored by a recognizer (``seqtrain eval RUN --recognizer REC``)."""
+    if cfg.family.examples == "sounds":
+        return []
     if cfg.family.examples:
         return [ExampleValidation(cfg.family.examples)]
     if data.decodable is None or not cfg.eval.decode_samples:

@@ -1,6 +1,6 @@
 """Inference on one device from a checkpoint of any layout: sample from a language model,
-translate with a sequence-to-sequence model, caption images, transcribe speech, classify with a
-classifier, read text lines. ``seqtrain generate`` and ``eval`` use it, and so
+translate with a sequence-to-sequence model, caption images, transcribe speech, speak text,
+classify with a classifier, read text lines. ``seqtrain generate`` and ``eval`` use it, and so
 does the decoding evaluation during training (``translate_ids``)."""
 
 from __future__ import annotations
@@ -135,6 +135,36 @@ def _load_reader(path: str | Path, kind: str, what: str) -> tuple[torch.nn.Modul
         reads = f"{source.kind} sources" if source is not None else "token sources"
         raise SeqtrainError(f"{path} is a {cfg.model.family} model of {reads}, not {what}")
     return model, tok, cfg
+
+
+def load_synthesizer(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, Config]:
+    """(model in eval mode, character tokenizer, config) of a speech synthesizer's checkpoint."""
+    model, tok, _, cfg = load_for_inference(path)
+    if cfg.family.examples != "sounds":
+        raise SeqtrainError(f"{path} is a {cfg.model.family} model, not a speech synthesizer")
+    return model, tok, cfg
+
+
+@torch.no_grad()
+def speak(model: torch.nn.Module, tok: Tokenizer, texts: list[str], seed: int = 0, batch: int = 32,
+          ) -> list[np.ndarray]:
+    """A synthesizer's waveform of each text (float32 at ``model.cfg.audio.sample_rate``),
+    ``batch`` at a time. The prenet's dropout stays on when synthesising (Tacotron 2), so the
+    draws come from a generator seeded by ``seed``: the same call gives the same sounds."""
+    ids = []
+    for i, text in enumerate(texts):
+        x = tok.encode(text, add_special_tokens=False).ids
+        if not text.strip() or not x:
+            raise SeqtrainError(f"text {i + 1} ({text!r}) is empty: give the words to say")
+        ids.append(torch.tensor(x[: model.cfg.max_seq_len]))
+    out: list[np.ndarray] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for k in range(0, len(ids), batch):
+            src = torch.nn.utils.rnn.pad_sequence(ids[k: k + batch], batch_first=True, padding_value=model.cfg.pad_id)
+            frames, _ = model.synthesize(src, [len(x) for x in ids[k: k + batch]])
+            out += [model.to_wave(f).numpy() for f in frames]
+    return out
 
 
 def transcribe_ids(model: torch.nn.Module, cfg: Config, sounds: list[np.ndarray], eos: int, beam: int = 1,
