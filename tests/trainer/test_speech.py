@@ -20,7 +20,6 @@ from tests.conftest import (
     assert_two_processes_match_one,
     read_metrics,
     run_cli,
-    sets,
 )
 from trainer.config import DataConfig
 from trainer.data import speech
