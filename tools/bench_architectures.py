@@ -1,7 +1,7 @@
 """What an architecture buys, at equal CPU minutes: presets trained through ``seqtrain train``
 on one thread each, then scored on their held-out test split with ``seqtrain eval``.
 
-    python -m tools.bench_architectures listops|textlines|captions|speech [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
+    python -m tools.bench_architectures listops|textlines|captions|speech|synthesis [--jobs 2] [--only PRESET] [--out /tmp/bench-arch]
     python -m tools.bench_architectures tree-steps
 
 ``listops``: the binary Tree-LSTM on the binarized gold trees and the child-sum Tree-LSTM on the
@@ -28,6 +28,11 @@ attention decoder); character and word error rates on validation sentences (trai
 and on test sentences read in an accent and timbre no training sentence has, greedy and with a
 beam of 4; training FLOPs per sample at the mean sound and transcript lengths.
 
+``synthesis``: the speech synthesizer (``configs/speech/synthesizer-debug.yaml``) trained beside
+the GRU recognizer, which then listens: its character and word error rates on the synthesised
+validation and test sentences against its rates on espeak-ng's own readings of them; the
+synthesizer's training FLOPs per sentence at the mean sound and text lengths.
+
 Each run is its own process with ``OMP_NUM_THREADS=1``; ``--jobs`` run side by side (one per
 core). Its CPU time (user + system, from ``wait4``) is what the comparison holds equal: each
 preset's step count was chosen to take about 15 CPU minutes on the machines this project runs
@@ -53,7 +58,7 @@ from models.tree_rnn import TreeRNN, TreeRNNConfig
 from trainer import checkpoint
 from trainer.data import scenes, speech
 from trainer.data.listops import Node, batch_of
-from trainer.evaluation.inference import load_captioner, load_transcriber
+from trainer.evaluation.inference import load_captioner, load_synthesizer, load_transcriber
 
 SUITES = {
     "listops": ["configs/listops/binary-tree-lstm.yaml", "configs/listops/tree-lstm.yaml", "configs/listops/lstm.yaml",
@@ -61,6 +66,7 @@ SUITES = {
     "textlines": ["configs/textlines/mdlstm.yaml", "configs/textlines/bilstm.yaml"],
     "captions": ["configs/captions/transformer.yaml", "configs/captions/gru-attn.yaml"],
     "speech": ["configs/speech/recognizer-debug.yaml", "configs/speech/gru-attn-recognizer-debug.yaml"],
+    "synthesis": ["configs/speech/gru-attn-recognizer-debug.yaml", "configs/speech/synthesizer-debug.yaml"],
 }
 
 
@@ -91,9 +97,9 @@ def _train_all(configs: list[str], out: Path, jobs: int) -> dict[str, float]:
     return cpu
 
 
-def _test_score(run_dir: Path, split: str = "test", beam: int = 1) -> dict:
+def _test_score(run_dir: Path, split: str = "test", beam: int = 1, *extra: str) -> dict:
     res = subprocess.run([sys.executable, "-m", "trainer", "eval", str(run_dir / "checkpoints"), "--split",
-                          split, "--json", "--beam", str(beam)], check=True, capture_output=True, text=True)
+                          split, "--json", "--beam", str(beam), *extra], check=True, capture_output=True, text=True)
     rows = json.loads(res.stdout)
     return rows[-1] if isinstance(rows, list) else rows
 
@@ -158,6 +164,22 @@ def _speech_rows(configs: list[str], out: Path, cpu: dict[str, float]) -> None:
                   f"| {100 * g['cer']:.1f} / {100 * b['cer']:.1f} % | {100 * g['wer']:.1f} / {100 * b['wer']:.1f} % |")
 
 
+def _synthesis_rows(configs: list[str], out: Path, cpu: dict[str, float]) -> None:
+    recognizer, synthesizer = (out / Path(c).stem for c in configs)
+    model, tok, cfg = load_synthesizer(checkpoint.resolve(synthesizer / "checkpoints"))
+    train = speech.read_splits(cfg.data, cfg.train.seed, cfg.model.audio.sample_rate, log=lambda _: None)["train"]
+    frames = cfg.model.audio.frames(round(float(np.mean(np.diff(train.offsets)))))
+    chars = round(statistics.mean(len(tok.encode(t).ids) for t in train.texts))
+    gflops = model.flops_per_sample(frames, chars) / 1e9
+    print("| synthesizer | steps | CPU min | GFLOPs per sentence | sentences | recognizer CER / WER on the synthesis "
+          "| on espeak-ng's readings | duration vs espeak-ng |\n|---|---:|---:|---:|---|---:|---:|---:|")
+    for split, what in (("val", "validation"), ("test", "test")):
+        r = _test_score(synthesizer, split, 1, "--recognizer", str(recognizer / "checkpoints"), "--limit", "500")
+        print(f"| `{configs[1]}` | {r['step']} | {cpu[configs[1]] / 60:.1f} | {gflops:.3f} | {what} ({r['sentences']}) "
+              f"| {100 * r['cer']:.1f} / {100 * r['wer']:.1f} % | {100 * r['espeak_cer']:.1f} / "
+              f"{100 * r['espeak_wer']:.1f} % | {r['seconds_ratio']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=sorted([*SUITES, "tree-steps"]))
@@ -175,6 +197,8 @@ def main() -> None:
         return _caption_rows(configs, out, cpu)
     if a.suite == "speech":
         return _speech_rows(configs, out, cpu)
+    if a.suite == "synthesis":
+        return _synthesis_rows(configs, out, cpu)
     metric, count = ("accuracy", "examples") if a.suite == "listops" else ("cer", "lines")
     print(f"| preset | model | steps | CPU min | test {metric} | {count} |\n|---|---|---:|---:|---:|---:|")
     for config in configs:
