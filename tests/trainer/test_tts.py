@@ -85,6 +85,7 @@ def test_bad_input_is_one_line(runs, cache_dir, tmp_path):
     for args, says in (
         (["generate", str(synth), "--text", "  ", "--wav", str(tmp_path / "x.wav")], "text 1 ('  ') is empty"),
         (["generate", str(synth), "--text", "hello"], "needs both --text"),
+        (["generate", str(synth)], 'is a tts model: give --text "what to say" --wav OUT.wav'),
         (["eval", str(synth / "checkpoints/step_00000120")], "give --recognizer REC_RUN"),
         (["eval", str(rec / "checkpoints/step_00000300"), "--recognizer", str(rec)], "--recognizer goes with"),
         (["eval", str(synth / "checkpoints/step_00000120"), "--recognizer", str(synth)],

@@ -45,6 +45,19 @@ def register(sub) -> None:
     g.set_defaults(run=main)
 
 
+ASKS = {"trees": "--expression or --input (ListOps expressions)", "sequences": "--expression or --input (ListOps expressions)",
+        "images": "--image FILE", "sounds": '--text "what to say" --wav OUT.wav'}
+"""What to give a model of each example kind (``FamilySpec.examples``)."""
+
+
+def _examples_kind(path: str) -> tuple[str | None, str]:
+    """(example kind or None, family) of a checkpoint."""
+    from trainer import checkpoint
+
+    cfg = checkpoint.saved_config(checkpoint.resolve(path))
+    return cfg.family.examples, cfg.model.family
+
+
 def main(args: argparse.Namespace) -> int:
     from trainer.evaluation.inference import generate_text, translate
 
@@ -56,6 +69,11 @@ def main(args: argparse.Namespace) -> int:
         return _transcribe(args)
     if args.text or args.wav:
         return _speak(args)
+    kind, family = _examples_kind(args.checkpoint)
+    if kind in ("trees", "sequences") and args.input:
+        return _classify(args)
+    if kind:
+        raise SeqtrainError(f"{args.checkpoint} is a {family} model: give {ASKS[kind]}")
     if args.source or args.input:
         sources = list(args.source)
         if args.input:

@@ -243,6 +243,14 @@ def _examples(cfg: Config, dims: ParallelDims, splits: dict[str, tuple[int, Any]
     return ExampleBatches(n, collate, t.micro_batch_size, t.grad_accum if split == "train" else 1, dims.dp, t.seed)
 
 
+def _short_enough(train: speech.SpeechSplit, max_seconds: float, key: str) -> np.ndarray:
+    """Indices of the training sounds no longer than ``max_seconds`` (the setting ``key``)."""
+    keep = np.flatnonzero(train.seconds() <= max_seconds)
+    if len(keep) < len(train):
+        _say(f"skipped {len(train) - len(keep)} training sounds longer than {key}={max_seconds:g}")
+    return keep
+
+
 def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
     """Sounds and their transcripts: espeak-ng's readings of the embedded sentences
     (synthesised and cached on local rank 0 first), padded with silence per batch; a
@@ -252,10 +260,7 @@ def _speech_data(cfg: Config, dims: ParallelDims) -> Data:
     splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, cfg.train.seed, src.sample_rate, log))
     cfg, tok, tok_file, ids = _text_side(cfg, {k: s.texts for k, s in splits.items()})
     pad, eos = cfg.model.pad_id, tok.token_to_id(EOS)
-    keep = np.flatnonzero(splits["train"].seconds() <= src.max_seconds)
-    if len(keep) < len(splits["train"]):
-        _say(f"skipped {len(splits['train']) - len(keep)} training sounds longer than model.source.max_seconds="
-             f"{src.max_seconds:g}")
+    keep = _short_enough(splits["train"], src.max_seconds, "model.source.max_seconds")
 
     def collate(split: speech.SpeechSplit, order: np.ndarray):
         def batch(idx):
@@ -282,10 +287,7 @@ def _synthesis_data(cfg: Config, dims: ParallelDims) -> Data:
     splits = _on_local_rank0_first(lambda log: speech.read_splits(cfg.data, cfg.train.seed, audio.sample_rate, log))
     cfg, _, tok_file, ids = _text_side(cfg, {k: s.texts for k, s in splits.items()}, side="src")
     pad = cfg.model.pad_id
-    keep = np.flatnonzero(splits["train"].seconds() <= audio.max_seconds)
-    if len(keep) < len(splits["train"]):
-        _say(f"skipped {len(splits['train']) - len(keep)} training sounds longer than model.audio.max_seconds="
-             f"{audio.max_seconds:g}")
+    keep = _short_enough(splits["train"], audio.max_seconds, "model.audio.max_seconds")
 
     def collate(split: speech.SpeechSplit, order: np.ndarray):
         def batch(idx):
