@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     for r in results:
         shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                           if k not in ("samples", "checkpoint", "family", "key", "settings", "attention_pngs",
-                                                         "audio_files"))
+                                       "audio_files"))
         print(f"{r['checkpoint']}: {shown}")
         if r.get("attention_pngs"):
             print(f"  attention maps: {Path(r['attention_pngs'][0]).parent}/ ({len(r['attention_pngs'])} PNGs)")

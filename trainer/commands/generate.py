@@ -58,6 +58,11 @@ def _examples_kind(path: str) -> tuple[str | None, str]:
     return cfg.family.examples, cfg.model.family
 
 
+def _numbered(path: Path, k: int, n: int, suffix: str) -> Path:
+    """Where output ``k`` of ``n`` goes: ``path`` itself for one, else ``NAME-k.SUFFIX``."""
+    return path if n == 1 else path.with_name(f"{path.stem}-{k}{path.suffix or suffix}")
+
+
 def main(args: argparse.Namespace) -> int:
     from trainer.evaluation.inference import generate_text, translate
 
@@ -143,9 +148,7 @@ def _caption(args: argparse.Namespace) -> int:
     for k, (path, ids) in enumerate(zip(args.image, outs, strict=True), 1):
         print(f"{path}\t{tok.decode(ids)}")
         if args.attention_png:
-            out = args.attention_png
-            if len(args.image) > 1:
-                out = out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
+            out = _numbered(args.attention_png, k, len(args.image), ".png")
             attention_png(model, tok, images[k - 1], ids, eos, out)
     return 0
 
@@ -174,7 +177,7 @@ def _speak(args: argparse.Namespace) -> int:
     model, tok, cfg = load_synthesizer(args.checkpoint)
     rate = cfg.model.audio.sample_rate
     for k, (text, sound) in enumerate(zip(args.text, speak(model, tok, args.text, args.seed), strict=True), 1):
-        out = args.wav if len(args.text) == 1 else args.wav.with_name(f"{args.wav.stem}-{k}{args.wav.suffix or '.wav'}")
+        out = _numbered(args.wav, k, len(args.text), ".wav")
         speech.write_wav(out, sound, rate)
         print(f"{out}\t{len(sound) / rate:.2f} s\t{text}")
     return 0

@@ -291,12 +291,10 @@ def _synthesis_data(cfg: Config, dims: ParallelDims) -> Data:
 
     def collate(split: speech.SpeechSplit, order: np.ndarray):
         def batch(idx):
-            rows = [ids[split.name][order[i]] for i in idx]
-            src = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-            for r, x in enumerate(rows):
-                src[r, : len(x)] = torch.tensor(x)
+            rows = [torch.tensor(ids[split.name][order[i]]) for i in idx]
             wave, lengths = speech.sound_batch([split.sound(int(order[i])) for i in idx])
-            return {"src": src, "src_lengths": [len(x) for x in rows], "wave": wave, "wave_lengths": lengths}
+            return {"src": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad),
+                    "src_lengths": [len(x) for x in rows], "wave": wave, "wave_lengths": lengths}
         return batch
 
     sizes = {"train": (len(keep), collate(splits["train"], keep)),
