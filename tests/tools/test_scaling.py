@@ -13,7 +13,17 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, cli_env, run_cli
-from tools.scaling.fit import Points, fit_all, fit_approach2, law, optimal_allocation, predict
+from tools.scaling.fit import (
+    Points,
+    backtest,
+    fit_all,
+    fit_approach2,
+    in_regime,
+    law,
+    leave_one_budget_out,
+    optimal_allocation,
+    predict,
+)
 
 LAWS = [
     {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},  # Hoffmann et al.'s fit
@@ -74,9 +84,55 @@ def test_fit_cli_from_csv_writes_json_and_plots(tmp_path, cache_dir):
     q = res["predictions"][0]["approach3"]
     assert 2e10 < q["N_opt"] < 8e10 and 1e12 < q["D_opt"] < 5e12
     assert {x.name for x in (tmp_path / "fit").iterdir()} >= {
-        "fit.json", "isoflop.png", "frontier.png", "contours.png", "residuals.png"}
-    bad = run_cli(["scaling", "fit", "--csv", str(tmp_path / "nope.csv")], cache_dir, check=False)
-    assert bad.returncode == 2 and "no such file" in bad.stderr
+        "fit.json", "isoflop.png", "frontier.png", "contours.png", "residuals.png", "backtest.png"}
+    assert res["backtest"]["kind"] == "leave-one-budget-out" and res["backtest"]["predicted_budgets"] == 5
+    assert "back-test: leave one budget out (5 of 5 budgets predicted)" in p.stderr
+    held = run_cli(["scaling", "fit", "--csv", str(f), "--json", "--bootstrap", "0", "--holdout-above", "1e20"],
+                   cache_dir)
+    bt = json.loads(held.stdout)["backtest"]
+    assert bt["held_points"] == 14 and bt["mean_rel_error"] < 0.01
+    assert f"max {bt['max_rel_error']:.2%}" in held.stderr
+    for args, needle in ((["--csv", str(tmp_path / "nope.csv")], "no such file"),
+                         (["--csv", str(f), "--holdout-above", "2e21"], "--holdout-above 2e+21: leaves"),
+                         (["--csv", str(f), "--holdout-above", "1e17"], "each side needs at least 5"),
+                         (["--csv", str(f), "--huber-delta", "0"], "need δ > 0")):
+        bad = run_cli(["scaling", "fit", *args], cache_dir, check=False)
+        assert bad.returncode == 2 and needle in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_backtest_predicts_larger_budgets_of_a_known_law_and_reports_each_miss():
+    """Points of an exact law: a fit on the budgets below 1e20 predicts 1e20 and 1e21 to 1e-3.
+    One held-out loss raised by 5 % is reported as that point's miss, (L̂ − L)/L = 1/1.05 − 1."""
+    p = LAWS[1]
+    pts = isoflop_points(p, noise=0.0)
+    pts.loss[-1] *= 1.05
+    bt = backtest(pts, holdout_above=1e20)
+    assert (bt["fit_points"], bt["held_points"]) == (21, 14)
+    errors = [r["rel_error"] for r in bt["rows"]]
+    assert max(abs(e) for e in errors[:-1]) < 1e-3
+    assert errors[-1] == pytest.approx(1 / 1.05 - 1, abs=1e-3)
+    assert bt["max_rel_error"] == pytest.approx(abs(errors[-1]))
+    assert bt["mean_rel_error"] == pytest.approx(np.mean(np.abs(errors)))
+    lobo = leave_one_budget_out(pts, fit_all(pts, bootstrap=0))
+    assert lobo["predicted_budgets"] == lobo["budgets"] == 5
+    assert sorted(r["C"] for r in lobo["rows"]) == sorted(pts.C.tolist())
+
+
+def test_points_larger_than_their_data_can_be_left_out_of_the_fit():
+    """Losses of models with fewer tokens than parameters raised by 10 % bend a fit of every
+    point; fitting only D/N ≥ 1 recovers the law, and the back-test still predicts them."""
+    p = LAWS[0]
+    pts = isoflop_points(p, noise=0.0)
+    under = ~in_regime(pts, 1.0)
+    assert 0 < under.sum() < len(pts) / 4
+    pts.loss[under] *= 1.10
+    bent = fit_all(pts, bootstrap=0)
+    kept = fit_all(pts.take(np.flatnonzero(~under)), bootstrap=0)
+    assert abs(bent["alpha"] - p["alpha"]) > 0.05
+    assert kept["alpha"] == pytest.approx(p["alpha"], abs=0.01) and kept["beta"] == pytest.approx(p["beta"], abs=0.01)
+    bt = backtest(pts, holdout_above=1e20, min_tokens_per_param=1.0)
+    held_under = [r["rel_error"] for r in bt["rows"] if r["D"] < r["N"]]
+    assert held_under and all(e == pytest.approx(1 / 1.1 - 1, abs=2e-3) for e in held_under)
 
 
 def test_prediction_follows_the_closed_form():

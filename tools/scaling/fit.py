@@ -62,39 +62,41 @@ def _grid() -> np.ndarray:
     return np.array(list(itertools.product(g["e"], g["a"], g["b"], g["alpha"], g["beta"])))
 
 
-def _huber(r: np.ndarray) -> np.ndarray:
-    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
 
 
-def _objective(theta: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray) -> tuple[float, np.ndarray]:
+def _objective(theta: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray,
+               delta: float) -> tuple[float, np.ndarray]:
     """Summed Huber loss of log-space residuals and its gradient in (e, a, b, alpha, beta)."""
     e, a, b, alpha, beta = theta
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.full_like(lnN, e)])
     pred = logsumexp(terms, axis=0)
     r = pred - lnL
-    value = _huber(r).sum()
-    dr = np.where(np.abs(r) <= HUBER_DELTA, r, HUBER_DELTA * np.sign(r))
+    value = _huber(r, delta).sum()
+    dr = np.where(np.abs(r) <= delta, r, delta * np.sign(r))
     w = np.exp(terms - pred)  # softmax weights: d pred / d term
     grad = np.array([(dr * w[2]).sum(), (dr * w[0]).sum(), (dr * w[1]).sum(),
                      (dr * w[0] * -lnN).sum(), (dr * w[1] * -lnD).sum()])
     return float(value), grad
 
 
-def _objective_many(thetas: np.ndarray, lnN, lnD, lnL) -> np.ndarray:
+def _objective_many(thetas: np.ndarray, lnN, lnD, lnL, delta: float) -> np.ndarray:
     """The objective at many parameter rows at once (to rank the initialisation grid)."""
     e, a, b, alpha, beta = (thetas[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.broadcast_to(e, (len(thetas), len(lnN)))])
-    return _huber(logsumexp(terms, axis=0) - lnL).sum(1)
+    return _huber(logsumexp(terms, axis=0) - lnL, delta).sum(1)
 
 
-def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] = ()) -> dict[str, float]:
+def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] = (),
+                  delta: float = HUBER_DELTA) -> dict[str, float]:
     """L(N, D) = E + A/N^α + B/D^β by L-BFGS from the ``starts`` best grid initialisations."""
     lnN, lnD, lnL = np.log(pts.N), np.log(pts.D), np.log(pts.loss)
     grid = _grid()
-    order = np.argsort(_objective_many(grid, lnN, lnD, lnL))[:starts]
+    order = np.argsort(_objective_many(grid, lnN, lnD, lnL, delta))[:starts]
     best = None
     for x0 in [*grid[order], *extra_starts]:
-        res = minimize(_objective, x0, args=(lnN, lnD, lnL), jac=True, method="L-BFGS-B", bounds=BOUNDS,
+        res = minimize(_objective, x0, args=(lnN, lnD, lnL, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS,
                        options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
         if best is None or res.fun < best.fun:
             best = res
@@ -158,11 +160,11 @@ def fit_approach2(pts: Points) -> dict:
     return out
 
 
-def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64) -> dict:
+def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64, delta: float = HUBER_DELTA) -> dict:
     """Both approaches, with bootstrap intervals."""
     if len(pts) < 5:
         raise DataError(f"{len(pts)} points: a 5-parameter law needs at least 5 (N, D, loss) points")
-    p3 = fit_approach3(pts, starts)
+    p3 = fit_approach3(pts, starts, delta=delta)
     p2 = fit_approach2(pts)
     rng = np.random.default_rng(seed)
     samples3: dict[str, list[float]] = {k: [] for k in PARAMS}
@@ -174,7 +176,7 @@ def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64) 
         sub = pts.take(idx)
         # From the full data's optimum and the resample's two best grid points: the resample's
         # optimum lies near the full one, and a few starts keep 200 resamples to a minute.
-        q = fit_approach3(sub, starts=2, extra_starts=[np.array(p3["theta"])])
+        q = fit_approach3(sub, starts=2, extra_starts=[np.array(p3["theta"])], delta=delta)
         for k in PARAMS:
             samples3[k].append(q[k])
         with warnings.catch_warnings():  # resampled budgets repeat sizes: ill-conditioned polyfits
@@ -190,7 +192,7 @@ def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64) 
     result = {k: float(p3[k]) for k in PARAMS}
     result["ci"] = {k: ci(v) for k, v in samples3.items()}
     result["approach3"] = {**{k: float(p3[k]) for k in PARAMS}, "objective": p3["objective"],
-                           "huber_delta": HUBER_DELTA, "ci": result["ci"]}
+                           "theta": p3["theta"], "huber_delta": delta, "ci": result["ci"]}
     p2["ci"] = {k: ci(v) for k, v in samples2.items()}
     result["approach2"] = p2
     result["points"] = len(pts)
@@ -205,6 +207,64 @@ def predict(result: dict, C: float) -> dict:
         out["approach2"] = {"N_opt": float(math.exp(p2["log_k_N"]) * C ** p2["a"]),
                             "D_opt": float(math.exp(p2["log_k_D"]) * C ** p2["b"])}
     return out
+
+
+# --------------------------------------------------------------------------- back-tests
+
+
+def in_regime(pts: Points, min_tokens_per_param: float) -> np.ndarray:
+    """Mask of the points trained on at least ``min_tokens_per_param`` tokens per parameter. The
+    largest sizes of the smallest budgets see fewer tokens than they have parameters; their loss is
+    still falling fast and no three-term law bends to them without bending the frontier."""
+    return min_tokens_per_param <= pts.D / pts.N
+
+
+def _predicted(pts: Points, fit_idx: np.ndarray, held_idx: np.ndarray, min_tokens_per_param: float,
+               delta: float, extra_starts=()) -> tuple[dict, np.ndarray]:
+    train = pts.take(fit_idx[in_regime(pts.take(fit_idx), min_tokens_per_param)])
+    if len(train) < 5:
+        return {}, np.full(len(held_idx), np.nan)
+    p = fit_approach3(train, starts=64 if not extra_starts else 4, extra_starts=extra_starts, delta=delta)
+    return p, law(p, pts.N[held_idx], pts.D[held_idx])
+
+
+def _errors(pts: Points, idx: np.ndarray, predicted: np.ndarray) -> dict:
+    rel = (predicted - pts.loss[idx]) / pts.loss[idx]
+    rows = [{"N": float(pts.N[i]), "D": float(pts.D[i]), "C": float(pts.C[i]), "loss": float(pts.loss[i]),
+             "predicted": float(q), "rel_error": float(r)} for i, q, r in zip(idx, predicted, rel, strict=True)]
+    return {"rows": rows, "mean_rel_error": float(np.abs(rel).mean()), "max_rel_error": float(np.abs(rel).max())}
+
+
+def backtest(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0,
+             delta: float = HUBER_DELTA) -> dict:
+    """Fit on the points of budgets below ``holdout_above``, predict every point at or above it."""
+    below, above = np.flatnonzero(holdout_above > pts.C), np.flatnonzero(holdout_above <= pts.C)
+    fit_n = int(in_regime(pts.take(below), min_tokens_per_param).sum())
+    if fit_n < 5 or len(above) < 5:
+        raise DataError(f"--holdout-above {holdout_above:g}: leaves {fit_n} points to fit and {len(above)} to "
+                        f"predict; each side needs at least 5 (budgets run {pts.C.min():.3g} to {pts.C.max():.3g})")
+    p, predicted = _predicted(pts, below, above, min_tokens_per_param, delta)
+    return {"kind": "holdout", "holdout_above": holdout_above, "fit_points": fit_n, "held_points": len(above),
+            "law": {k: float(p[k]) for k in ("E", "A", "B", "alpha", "beta")}, **_errors(pts, above, predicted)}
+
+
+def leave_one_budget_out(pts: Points, result: dict, min_tokens_per_param: float = 0.0,
+                         delta: float = HUBER_DELTA) -> dict:
+    """Each budget predicted by a law fitted on all the others (started from the full fit's
+    optimum and four grid points, as the bootstrap does). A budget whose removal leaves fewer
+    than 5 points to fit is not predicted."""
+    groups = budgets_of(pts)
+    idx, predicted = [], []
+    for g in groups:
+        rest = np.setdiff1d(np.arange(len(pts)), g)
+        _, q = _predicted(pts, rest, g, min_tokens_per_param, delta, [np.array(result["approach3"]["theta"])])
+        if np.isfinite(q).all():
+            idx.append(g)
+            predicted.append(q)
+    if not idx:
+        return {"kind": "leave-one-budget-out", "budgets": len(groups), "predicted_budgets": 0}
+    return {"kind": "leave-one-budget-out", "budgets": len(groups), "predicted_budgets": len(idx),
+            **_errors(pts, np.concatenate(idx), np.concatenate(predicted))}
 
 
 # --------------------------------------------------------------------------- inputs

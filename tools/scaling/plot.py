@@ -96,6 +96,23 @@ def _residuals(pts: Points, result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def backtest_figure(bt: dict, path: Path) -> Path:
+    """Relative error of each held-out point's predicted loss against its budget; the fit's
+    cut where there is one."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    C = np.array([r["C"] for r in bt["rows"]])
+    err = 100 * np.array([r["rel_error"] for r in bt["rows"]])
+    ax.scatter(C, err, c=np.log10([r["N"] for r in bt["rows"]]), cmap="viridis", s=14)
+    ax.axhline(0, color="k", lw=0.8)
+    if bt["kind"] == "holdout":
+        ax.axvline(bt["holdout_above"], color="tab:red", ls="--", lw=1, label="fitted below this budget")
+        ax.legend(fontsize=8)
+    ax.set(xscale="log", xlabel="compute budget C (FLOP)", ylabel="(L̂ − L) / L  (%)",
+           title=f"back-test, {bt['kind']}: mean |err| {bt['mean_rel_error']:.2%}, max {bt['max_rel_error']:.2%}"
+                 "\n(colour: log10 N)")
+    return _save(fig, path)
+
+
 def compare_plot(plans: list[Path], out: Path) -> Path:
     """Final loss against non-embedding parameters for several ladders (as Kaplan et al. 2020
     compare Transformers and LSTMs): one IsoFLOP curve per (ladder, budget), one colour per

@@ -7,15 +7,41 @@ import json
 import math
 
 import mlflow
+import numpy as np
 
-from tools.scaling.fit import PARAMS, fit_all, points_from_csv, points_from_mlflow, predict
-from tools.scaling.plot import plot_all
+from tools.scaling.fit import (
+    PARAMS,
+    Points,
+    backtest,
+    budgets_of,
+    fit_all,
+    in_regime,
+    leave_one_budget_out,
+    points_from_csv,
+    points_from_mlflow,
+    predict,
+)
+from tools.scaling.plot import backtest_figure, plot_all
+from trainer.errors import DataError
 
 
 def fit_command(args) -> dict:
-    pts = points_from_mlflow(args.experiment, args.tracking_uri) if args.experiment else points_from_csv(args.csv)
-    result = fit_all(pts, bootstrap=args.bootstrap)
+    if args.huber_delta <= 0 or args.min_tokens_per_param < 0:
+        raise DataError(f"--huber-delta {args.huber_delta:g} / --min-tokens-per-param {args.min_tokens_per_param:g}: "
+                        "need δ > 0 and R ≥ 0")
+    every = points_from_mlflow(args.experiment, args.tracking_uri) if args.experiment else points_from_csv(args.csv)
+    keep = in_regime(every, args.min_tokens_per_param)
+    pts = every.take(np.flatnonzero(keep))
+    if not keep.all():
+        print(f"{(~keep).sum()} of {len(every)} points have fewer than {args.min_tokens_per_param:g} tokens per "
+              "parameter: left out of the fits (still predicted in the back-test)")
+    result = fit_all(pts, bootstrap=args.bootstrap, delta=args.huber_delta)
+    result["min_tokens_per_param"] = args.min_tokens_per_param
     result["predictions"] = [predict(result, c) for c in args.predict]
+    if args.holdout_above is not None:
+        result["backtest"] = backtest(every, args.holdout_above, args.min_tokens_per_param, args.huber_delta)
+    else:
+        result["backtest"] = leave_one_budget_out(every, result, args.min_tokens_per_param, args.huber_delta)
     a2 = result["approach2"]
     inside = sum(m["bracketed"] for m in a2["budgets"])
     print(f"{len(pts)} points, {len(a2['budgets'])} IsoFLOP minima, {inside} of them inside their "
@@ -33,16 +59,52 @@ def fit_command(args) -> dict:
         print(f"C = {p['C']:.3g}: N_opt {q['N_opt']:.3g}, D_opt {q['D_opt']:.3g}, loss {q['loss']:.4f} (Approach 3)"
               + (f"; N_opt {p['approach2']['N_opt']:.3g}, D_opt {p['approach2']['D_opt']:.3g} (Approach 2)"
                  if "approach2" in p else ""))
+    _print_backtest(result["backtest"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fit.json").write_text(json.dumps(result, indent=2))
         files = plot_all(pts, result, args.out)
+        if "rows" in result["backtest"]:
+            files.append(backtest_figure(result["backtest"], args.out / "backtest.png"))
         print(f"wrote {args.out}/fit.json and {', '.join(f.name for f in files)}")
         if args.experiment:
             with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(args.experiment).experiment_id,
                                   run_name=f"{args.experiment}-fit"):
                 mlflow.set_tag("kind", "scaling-fit")
                 mlflow.log_metrics({k: result[k] for k in PARAMS if math.isfinite(result[k])})
+                if "rows" in result["backtest"]:
+                    mlflow.log_metrics({f"backtest_{k}": result["backtest"][k]
+                                        for k in ("mean_rel_error", "max_rel_error")})
                 for f in [args.out / "fit.json", *files]:
                     mlflow.log_artifact(str(f))
     return result
+
+
+def _print_backtest(bt: dict) -> None:
+    """Predicted against observed loss per held-out budget, then the mean and max |relative error|
+    over all held-out points."""
+    if "rows" not in bt:
+        print(f"back-test ({bt['kind']}): no budget leaves 5 points to fit without it; nothing predicted")
+        return
+    head = (f"back-test: fitted on {bt['fit_points']} points below C = {bt['holdout_above']:.3g}, predicting "
+            f"{bt['held_points']}" if bt["kind"] == "holdout" else
+            f"back-test: leave one budget out ({bt['predicted_budgets']} of {bt['budgets']} budgets predicted)")
+    print(head)
+    rows = bt["rows"]
+    held = Points(*(np.array([r[k] for r in rows]) for k in ("N", "D", "loss", "C")))
+    print(f"  {'budget C':>10} {'points':>6} {'observed':>9} {'predicted':>9} {'mean |err|':>10} {'max |err|':>9}")
+    for g in _print_groups(held):
+        err = np.abs([rows[i]["rel_error"] for i in g])
+        print(f"  {np.exp(np.log(held.C[g]).mean()):>10.3g} {len(g):>6} {held.loss[g].mean():>9.4f} "
+              f"{np.mean([rows[i]['predicted'] for i in g]):>9.4f} {err.mean():>10.2%} {err.max():>9.2%}")
+    print(f"  held-out points: mean |relative error| {bt['mean_rel_error']:.2%}, max {bt['max_rel_error']:.2%}")
+
+
+def _print_groups(pts: Points) -> list[np.ndarray]:
+    """The budgets themselves, or quarter decades of C when budgets are many (points read off a
+    published figure have a budget each)."""
+    groups = budgets_of(pts)
+    if len(groups) <= 12:
+        return groups
+    q = np.floor(4 * np.log10(pts.C))
+    return [np.flatnonzero(q == v) for v in np.unique(q)]

@@ -41,6 +41,13 @@ def _fit_parser(ssub) -> None:
     sf.add_argument("--predict", type=float, action="append", default=[], metavar="C",
                     help="predict N_opt, D_opt and loss at this compute budget (repeatable)")
     sf.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    sf.add_argument("--holdout-above", type=float, metavar="C",
+                    help="back-test: fit on the budgets below C, predict the points at or above it "
+                         "(default: leave each budget out in turn)")
+    sf.add_argument("--min-tokens-per-param", type=float, default=1.0, metavar="R",
+                    help="fit only points trained on at least R tokens per parameter (R=1 leaves out "
+                         "models larger than their data; see docs/scaling.md for what it does to back-tests)")
+    sf.add_argument("--huber-delta", type=float, default=1e-3, help="Huber loss δ on log-loss residuals")
     sf.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
