@@ -32,6 +32,9 @@ def fit_command(args) -> dict:
     every = points_from_mlflow(args.experiment, args.tracking_uri) if args.experiment else points_from_csv(args.csv)
     keep = in_regime(every, args.min_tokens_per_param)
     pts = every.take(np.flatnonzero(keep))
+    if not keep.all() and keep.sum() < 5:
+        raise DataError(f"{keep.sum()} of {len(every)} points have at least {args.min_tokens_per_param:g} tokens per "
+                        "parameter; a 5-parameter law needs 5 (--min-tokens-per-param 0 fits them all)")
     if not keep.all():
         print(f"{(~keep).sum()} of {len(every)} points have fewer than {args.min_tokens_per_param:g} tokens per "
               "parameter: left out of the fits (still predicted in the back-test)")
