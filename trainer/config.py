@@ -304,6 +304,31 @@ class TrainConfig(_Section):
     optimizer starts afresh)."""
     scheduled_sampling: ScheduledSamplingConfig = ScheduledSamplingConfig()
     """RNN sequence-to-sequence: feed the model's own predictions with a rising probability."""
+    on_spike: Literal["off", "log", "rewind"] = "log"
+    """Loss spikes (``trainer/callbacks/health.py``): a step's loss counts as high above the
+    median of the previous ``spike_window`` normal steps by ``spike_factor`` times their spread;
+    ``spike_steps`` high steps in a row are a spike. ``log``: print it and write it to
+    ``run_dir/spikes.jsonl`` and the metrics; ``rewind``: also restore the newest checkpoint from
+    before the spike and skip the data steps of its high steps (PaLM's remedy), recorded in
+    ``spikes.jsonl`` so a resumed run skips them too; ``off``. Losses are read at the logging
+    cadence, so a spike is seen up to ``log_every`` steps after it."""
+    spike_window: int = Field(50, ge=5)
+    """Normal steps whose median and spread a step's loss is compared with; no step is judged
+    before the window is full."""
+    spike_factor: float = Field(6.0, gt=0)
+    """How many spreads (1.4826 × the median absolute deviation, at least 0.1 % of the median)
+    above the median a high loss is."""
+    spike_steps: int = Field(3, ge=1)
+    """High steps in a row that make a spike."""
+    spike_max_rewinds: int = Field(5, ge=1)
+    """``rewind``: a run that spikes again after this many rewinds stops (as diverged, with a
+    checkpoint): spikes that follow whatever data comes are the model or the learning rate,
+    not the batches."""
+    skip_data_steps: list[tuple[int, int]] = []
+    """Data steps never trained on, as inclusive ranges ``[first, last]`` counted from 1 (the
+    batches step n would read without skips): the run reads on after each range. A rewind adds
+    its own ranges in ``spikes.jsonl``; this replays them (or PaLM's skipped batches) in a fresh
+    run."""
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
@@ -480,7 +505,30 @@ class Config(_Section):
             )
         if getattr(self.model, "share_embeddings", False) and not self.data.shared_vocab:
             raise ValueError("model.share_embeddings needs data.shared_vocab=true")
+        self._check_spikes()
         return self
+
+    def _check_spikes(self) -> None:
+        """Spike settings that could never act, and skips a stream cannot take."""
+        t, c = self.train, self.checkpoint
+        if any(a < 1 or b < a for a, b in t.skip_data_steps):
+            raise ValueError(f"train.skip_data_steps={[list(r) for r in t.skip_data_steps]}: each range is "
+                             "[first, last] with 1 ≤ first ≤ last")
+        if (t.skip_data_steps or t.on_spike == "rewind") and self.data.tbptt:
+            raise ValueError("train.skip_data_steps and train.on_spike=rewind need batches that do not carry "
+                             "state from step to step; data.tbptt streams do")
+        chosen = {"on_spike", "spike_window", "spike_factor", "spike_steps"} & t.model_fields_set
+        if t.on_spike != "off" and chosen and t.spike_window + t.spike_steps > t.steps:
+            raise ValueError(f"train.spike_window={t.spike_window} + train.spike_steps={t.spike_steps} > "
+                             f"train.steps={t.steps}: no spike could ever be seen; shorten the window")
+        if t.on_spike == "rewind":
+            if not c.every:
+                raise ValueError("train.on_spike=rewind needs checkpoints to rewind to: set checkpoint.every")
+            saves = -(-(t.spike_steps + t.log_every) // c.every)  # saves between a spike's start and its sight
+            if c.keep_last is not None and c.keep_last <= saves:
+                raise ValueError(f"train.on_spike=rewind: checkpoint.keep_last={c.keep_last} may prune the last "
+                                 f"checkpoint from before a spike ({saves} saves can come between its start "
+                                 f"and its detection); keep at least {saves + 1}")
 
     def resolve(self, world_size: int) -> Config:
         """Fill in dp, grad_accum and global batch from the world size; check their arithmetic."""

@@ -71,6 +71,10 @@ class Trainer:
         self.stop_reason: str | None = None
         self.diverged = False
         self.prefetcher = None
+        self.skips: list[tuple[int, int]] = [tuple(r) for r in cfg.train.skip_data_steps]
+        """Data steps never trained on (inclusive, from 1): ``train.skip_data_steps`` and rewinds."""
+        self.last_loss: torch.Tensor | None = None
+        """The last step's mean loss on this rank, on the device (read by callbacks at the cadence)."""
         self._said_eval_cap = False
         self._logged_step = 0
         self._comm: dict[str, dict[str, int]] = {}  # collectives of the steps since the last row
@@ -133,10 +137,36 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
+    def data_index(self, step: int) -> int:
+        """The data step (from 0) that loop step ``step`` (from 0) reads: the ``step``-th one not
+        skipped. Batches are a pure function of it, so a skip shifts every later step's batch."""
+        d = step
+        for first, last in sorted(self.skips):
+            if first - 1 <= d:
+                d += last - first + 1
+        return d
+
+    def restart_data(self) -> None:
+        """After the step or the skips changed (a rewind): read ahead from the new position."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = self._prefetcher()
+        self._logged_step = self.step
+
+    def _prefetcher(self) -> Prefetcher | None:
+        # Stateful batches (truncated BPTT) need the previous output: no reading ahead there.
+        if not self.cfg.data.prefetch or hasattr(self.data.train, "after_forward"):
+            return None
+        return Prefetcher(self.data.train, self.dims.dp_rank, self.cfg.train.grad_accum, self.step,
+                          self.cfg.train.steps, index_of=self.data_index)
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step: (mean loss, target tokens), on the device."""
-        source = self.prefetcher or self.data.train
-        micro = (source.micro_batch(self.step, m, self.dims.dp_rank) for m in range(self.cfg.train.grad_accum))
+        if self.prefetcher is not None:
+            source, index = self.prefetcher, self.step  # the prefetcher maps steps to data itself
+        else:
+            source, index = self.data.train, self.data_index(self.step)
+        micro = (source.micro_batch(index, m, self.dims.dp_rank) for m in range(self.cfg.train.grad_accum))
         counter = comm.counter()
         if counter is not None:
             counter.take()  # what ran between steps (evaluation, saves, logging) is not the step's
@@ -236,6 +266,7 @@ class Trainer:
         self._logged_step = self.step
         traffic = comm.per_step(self._comm, steps) if self._comm else {}
         self._comm = {}
+        read = self.data_index(self.step - 1) + 1  # data steps read so far, skipped ones included
         return {
             "step": self.step,
             "loss": mean_loss,
@@ -243,8 +274,8 @@ class Trainer:
             "tokens_per_s": tok_s,
             "mfu": self.module.mfu(tok_s / self.dims.world_size),
             "tokens": self.tokens_seen,
-            "epoch": self.data.train.epoch_of(self.step),
-            **(self.data.train.metrics(self.step) if hasattr(self.data.train, "metrics") else {}),
+            "epoch": self.data.train.epoch_of(read),
+            **(self.data.train.metrics(read) if hasattr(self.data.train, "metrics") else {}),
             **self.module.step_metrics(),
             **traffic,  # this rank's collectives per step (trainer/accounting/comm.py)
         }
@@ -269,10 +300,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         self._lap("callbacks")  # tracking (MLflow) set-up, mostly
-        # Stateful batches (truncated BPTT) need the previous output: no reading ahead there.
-        if self.cfg.data.prefetch and not hasattr(self.data.train, "after_forward"):
-            self.prefetcher = Prefetcher(self.data.train, self.dims.dp_rank, self.cfg.train.grad_accum,
-                                         self.step, self.cfg.train.steps)
+        self.prefetcher = self._prefetcher()
         steps = self.cfg.train.steps
         t_last, tokens_window = time.perf_counter(), torch.zeros((), device=self.device, dtype=torch.long)
         self._logged_step = self.step
@@ -281,6 +309,7 @@ class Trainer:
                 cb.on_step_start(self)
             lr = self.module.lr()
             loss, tokens = self.train_step()
+            self.last_loss = loss
             tokens_window += tokens
             self.step += 1
             if self.clock is not None:

@@ -22,6 +22,7 @@ from trainer.callbacks import memory
 from trainer.callbacks.checkpointing import Checkpoint, RunFinished
 from trainer.callbacks.evaluation import Evaluate
 from trainer.callbacks.faults import FaultInjection
+from trainer.callbacks.health import LossSpikes
 from trainer.callbacks.metrics_file import MetricsFile
 from trainer.callbacks.preemption import StopOnSignal
 from trainer.callbacks.progress_bar import ProgressBar
@@ -47,9 +48,12 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Ca
     faults = FaultInjection.from_env(run_dir)
     if faults is not None:
         cbs.insert(0, faults)  # before StopOnSignal, so a signal at step s stops at s
-    # The signal check may stop the run at this step; then Checkpoint saves it.
-    cbs += [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), StopOnSignal(),
-            Checkpoint(run_dir / "checkpoints", tokenizer_sha256), RunFinished(run_dir)]
+    # The signal check may stop the run at this step; then Checkpoint saves it. A spike's rewind
+    # comes before both, so a rewound step is neither stopped at nor saved.
+    ckpt = Checkpoint(run_dir / "checkpoints", tokenizer_sha256)
+    spikes = [LossSpikes(run_dir, ckpt)] if cfg.train.on_spike != "off" else []
+    cbs += [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), *spikes, StopOnSignal(), ckpt,
+            RunFinished(run_dir)]
     if cfg.tracking.enabled:
         cbs.append(MLflowTracker(run_dir))
     cbs += extra

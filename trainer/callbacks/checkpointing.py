@@ -78,6 +78,22 @@ class Checkpoint(Callback):
     def on_load(self, trainer: Trainer) -> None:
         self._resume(trainer)
 
+    def newest_before(self, step: int) -> int | None:
+        """The step of the newest complete checkpoint saved before ``step``, if any."""
+        steps = [checkpoint.step_of(p) for p in checkpoint.complete(self.root)]
+        return max((s for s in steps if s < step), default=None)
+
+    def rewind(self, trainer: Trainer, before_step: int) -> int | None:
+        """Collective: restore the newest checkpoint from before ``before_step`` (newer ones are
+        set aside, so a resume takes it too); the restored step, or None when there is none."""
+        if self.saver is not None:
+            self._finish(trainer)  # a save in flight publishes first, then is set aside with the rest
+        if checkpoint.set_aside(self.root, before_step) is None:
+            return None
+        self._resume(trainer)
+        self.last_saved = trainer.step  # on disk already: the step-end hook must not save it again
+        return trainer.step
+
     def on_train_start(self, trainer: Trainer) -> None:
         self.last_saved = trainer.step
         if trainer.cfg.checkpoint.async_:
@@ -86,7 +102,7 @@ class Checkpoint(Callback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.cfg.checkpoint.every
-        if every and trainer.step % every == 0:
+        if every and trainer.step % every == 0 and trainer.step != self.last_saved:
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:

@@ -7,6 +7,10 @@ A comma-separated list of ``ACTION@STEP[:rRANK]`` (rank 0 when omitted; ``:r*`` 
 - ``kill@5:r1``: rank 1 dies with SIGKILL after step 5 (a node failure; no cleanup runs);
 - ``nan@5`` / ``nan@5-9``: the model's output is NaN in step 5 (steps 5 to 9) on that rank, so
   loss and gradients are non-finite (exercises the skip-and-stop guard of ``trainer/engine/nonfinite.py``);
+- ``spike@12-14``: the batches of data steps 12 to 14 (counted from 1, as ``train.skip_data_steps``
+  counts them) are bad: their loss, and so their gradients, are ``SPIKE_SCALE`` times too large
+  on that rank. Keyed by the data, not the loop step: a run that skips those data steps never
+  meets them, and the fault has no once-per-run marker (bad data stays bad on a resume);
 - ``hang@5:r1``: rank 1 stops making progress before step 5 (sleeps for ever; the others then
   wait in the step's collectives), which the hang watchdog (``trainer/callbacks/watchdog.py``) must catch;
 - ``slowsave@4``: an asynchronous save at step 4 stalls before writing (an hour), so that a
@@ -35,8 +39,9 @@ from trainer.loop import Callback, Trainer
 
 ENV = "SEQTRAIN_FAULT"
 ACTIONS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "kill": signal.SIGKILL, "nan": None, "hang": None,
-           "slowsave": None, "slowstep": None}
+           "slowsave": None, "slowstep": None, "spike": None}
 SLOW_LINEAR_S = 0.3
+SPIKE_SCALE = 100.0
 _SPEC = re.compile(r"^(?P<action>\w+)@(?P<step>\d+)(?:-(?P<end>\d+))?(?::r(?P<rank>\d+|\*))?$")
 
 
@@ -63,8 +68,9 @@ def parse(spec: str) -> list[Fault]:
             )
         rank = None if m["rank"] == "*" else int(m["rank"] or 0)
         end = int(m["end"]) if m["end"] else None
-        if end is not None and (m["action"] != "nan" or end < int(m["step"])):
-            raise ConfigError(f"{ENV}={spec!r}: {part!r}: a step range STEP-END (END ≥ STEP) is for nan only")
+        if end is not None and (m["action"] not in ("nan", "spike") or end < int(m["step"])):
+            raise ConfigError(f"{ENV}={spec!r}: {part!r}: a step range STEP-END (END ≥ STEP) is for nan and "
+                              "spike only")
         faults.append(Fault(m["action"], int(m["step"]), rank, end))
     return faults
 
@@ -72,17 +78,17 @@ def parse(spec: str) -> list[Fault]:
 class FaultInjection(Callback):
     def __init__(self, faults: list[Fault], run_dir: Path) -> None:
         self.faults, self.run_dir = faults, run_dir
-        self._poison = False
+        self._poison: float | None = None  # the factor this step's output is scaled by
         self._slow = False
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if any(f.action == "nan" for f in self.faults):
+        if any(f.action in ("nan", "spike") for f in self.faults):
             def hook(module, args, out):
-                if not self._poison:
+                if self._poison is None:
                     return out
                 if isinstance(out, tuple):
-                    return (out[0] * float("nan"), *out[1:])
-                return out * float("nan")
+                    return (out[0] * self._poison, *out[1:])
+                return out * self._poison
 
             # The root module: the loss (or, under a pipeline, each stage's output) turns NaN.
             trainer.module.model.register_forward_hook(hook)
@@ -106,7 +112,11 @@ class FaultInjection(Callback):
         return True
 
     def on_step_start(self, trainer: Trainer) -> None:
-        self._poison = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "nan")
+        data_step = trainer.data_index(trainer.step) + 1
+        bad = any(f.step <= data_step <= (f.end or f.step) and f.rank in (None, trainer.dims.rank)
+                  for f in self.faults if f.action == "spike")
+        nan = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "nan")
+        self._poison = float("nan") if nan else SPIKE_SCALE if bad else None
         self._slow = any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "slowstep")
         if any(self._fires(f, trainer, trainer.step + 1) for f in self.faults if f.action == "hang"):
             while True:  # a stuck rank: only the watchdog (another thread) ends this process
@@ -118,7 +128,7 @@ class FaultInjection(Callback):
         return cls(parse(spec), run_dir) if spec else None
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self._poison = False
+        self._poison = None
         if any(self._fires(f, trainer, trainer.step) for f in self.faults if f.action == "slowsave"):
             async_writer.stall_next_write(3600.0)
         for f in self.faults:

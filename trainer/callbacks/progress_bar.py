@@ -29,7 +29,7 @@ class ProgressBar(Callback):
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        if "val_loss" in metrics:
+        if "val_loss" in metrics or "loss" not in metrics:  # evaluation and event rows
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
             self.bar.write(f"step {metrics['step']:>6}  {shown}")
             return

@@ -15,8 +15,10 @@ from trainer import distributed
 from trainer.checkpoint.format import (
     LATEST,
     atomic_write,
+    complete,
     latest,
     rank_state_file,
+    step_of,
     tag_for,
     without_zip_crc,
     write_manifest,
@@ -127,6 +129,25 @@ def _agree(error: Exception | None, ckpt_root: Path, tag: str) -> None:
         f"could not save {tag} in {ckpt_root} ({why}): a checkpoint needs about {need:.1f} MB, "
         f"{free:.1f} MB are free there; latest stays {previous.name if previous else 'none'}"
     )
+
+
+def set_aside(ckpt_root: Path, before_step: int) -> Path | None:
+    """Collective: make the newest checkpoint from before ``before_step`` the one a resume
+    takes. Newer ones move to ``ckpt_root/set_aside/`` (kept, not deleted: they hold the weights
+    a rewind discarded) and ``latest`` points back. Returns that checkpoint, or None (on every
+    rank) when there is none."""
+    older = [p for p in complete(ckpt_root) if step_of(p) < before_step]
+    target = older[-1] if older else None
+    if target is not None and distributed.rank() == 0:
+        aside = ckpt_root / "set_aside"
+        aside.mkdir(exist_ok=True)
+        for p in complete(ckpt_root):
+            if step_of(p) >= before_step:
+                shutil.rmtree(aside / p.name, ignore_errors=True)
+                os.replace(p, aside / p.name)
+        atomic_write(ckpt_root / LATEST, target.name + "\n")
+    distributed.barrier()
+    return target
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:

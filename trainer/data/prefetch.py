@@ -14,8 +14,11 @@ import torch
 
 
 class Prefetcher:
-    def __init__(self, batches, rank: int, accum: int, start_step: int, steps: int, depth: int = 4) -> None:
-        self.batches, self.rank, self.accum = batches, rank, accum
+    def __init__(self, batches, rank: int, accum: int, start_step: int, steps: int, depth: int = 4,
+                 index_of=lambda step: step) -> None:
+        """Reads loop steps ``start_step`` to ``steps``; ``index_of`` maps a loop step to the data
+        step whose batches it trains on (skipped data steps)."""
+        self.batches, self.rank, self.accum, self.index_of = batches, rank, accum, index_of
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.pin = torch.cuda.is_available()
         self.next_key = (start_step, 0)
@@ -26,7 +29,7 @@ class Prefetcher:
     def _run(self, start: int, steps: int) -> None:
         for step in range(start, steps):
             for micro in range(self.accum):
-                batch = self.batches.micro_batch(step, micro, self.rank)
+                batch = self.batches.micro_batch(self.index_of(step), micro, self.rank)
                 if self.pin:
                     batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                 while not self.stop.is_set():
