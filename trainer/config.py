@@ -517,7 +517,10 @@ class Config(_Section):
         if (t.skip_data_steps or t.on_spike == "rewind") and self.data.tbptt:
             raise ValueError("train.skip_data_steps and train.on_spike=rewind need batches that do not carry "
                              "state from step to step; data.tbptt streams do")
-        chosen = {"on_spike", "spike_window", "spike_factor", "spike_steps"} & t.model_fields_set
+        # Refused where someone chose spike settings (the defaults just never fire in a short run);
+        # compared with the defaults, since a saved config.yaml sets every field.
+        chosen = t.on_spike == "rewind" or any(getattr(t, k) != TrainConfig.model_fields[k].default
+                                               for k in ("spike_window", "spike_factor", "spike_steps"))
         if t.on_spike != "off" and chosen and t.spike_window + t.spike_steps > t.steps:
             raise ValueError(f"train.spike_window={t.spike_window} + train.spike_steps={t.spike_steps} > "
                              f"train.steps={t.steps}: no spike could ever be seen; shorten the window")
