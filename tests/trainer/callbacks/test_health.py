@@ -92,3 +92,19 @@ def test_a_run_that_spikes_after_its_last_allowed_rewind_stops_as_diverged(tiny_
     assert p.returncode == 3 and "rewinding to step 15" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert "after 1 rewinds (train.spike_max_rewinds)" in p.stdout + p.stderr
     assert json.loads((tmp_path / "r/finished.json").read_text())["step"] == 30  # data steps 29-31 are loop steps 26-28 after skipping 19-21
+
+
+@pytest.mark.distributed
+def test_two_ranks_rewind_together_and_end_as_the_run_that_skipped(tiny_corpus, cache_dir, tmp_path):
+    """dp2 under ZeRO 1 (DeepSpeed's engine and checkpoints): the bad batch is on rank 1 only; both
+    ranks see the same reduced losses, rewind together and end with the loss of the run that
+    skipped those data steps."""
+    args = [*TINY, f"data.source={tiny_corpus}", *SPIKES, "train.steps=30", "parallel.zero_stage=1",
+            "train.global_batch_size=8"]
+    rewound, clean = tmp_path / "rewound", tmp_path / "clean"
+    p = run_cli(["train", PRESET, "--run-dir", str(rewound), *sets(*args, "train.on_spike=rewind")], cache_dir,
+                nproc=2, env={"SEQTRAIN_FAULT": "spike@19-21:r1"})
+    assert "rewinding to step 15 and skipping data steps [(19, 21)]" in p.stdout
+    run_cli(["train", PRESET, "--run-dir", str(clean), *sets(*args, "train.skip_data_steps=[[19,21]]")], cache_dir,
+            nproc=2)
+    assert _final(rewound)["step"] == 30 and _final(rewound)["loss"] == _final(clean)["loss"]
