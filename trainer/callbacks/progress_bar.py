@@ -30,7 +30,8 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         if "val_loss" in metrics or "loss" not in metrics:  # evaluation and event rows
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in metrics.items() if k != "step")
             self.bar.write(f"step {metrics['step']:>6}  {shown}")
             return
         gn = metrics.get("grad_norm")
