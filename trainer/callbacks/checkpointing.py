@@ -80,8 +80,8 @@ class Checkpoint(Callback):
 
     def newest_before(self, step: int) -> int | None:
         """The step of the newest complete checkpoint saved before ``step``, if any."""
-        steps = [checkpoint.step_of(p) for p in checkpoint.complete(self.root)]
-        return max((s for s in steps if s < step), default=None)
+        found = checkpoint.newest_before(self.root, step)
+        return None if found is None else checkpoint.step_of(found)
 
     def rewind(self, trainer: Trainer, before_step: int) -> int | None:
         """Collective: restore the newest checkpoint from before ``before_step`` (newer ones are

@@ -31,12 +31,12 @@ from trainer.checkpoint.load import (
     read_weights,
     run_tokenizers,
 )
-from trainer.checkpoint.save import SaveFailed, dir_mb, save, set_aside, wait
+from trainer.checkpoint.save import SaveFailed, dir_mb, newest_before, save, set_aside, wait
 from trainer.checkpoint.weights import Weights, match_weights
 
 __all__ = [
     "MANIFEST", "Restored", "SaveFailed", "Weights", "atomic_write", "complete", "dir_mb", "latest",
-    "load", "load_model", "load_model_state", "load_weights", "manifest", "match_weights",
+    "load", "load_model", "load_model_state", "load_weights", "manifest", "match_weights", "newest_before",
     "read_weights", "resolve", "run_tokenizers", "safe_load", "save", "saved_config", "set_aside", "sha256_file",
     "step_of", "verify", "wait", "without_zip_crc", "write_manifest",
 ]

@@ -131,13 +131,18 @@ def _agree(error: Exception | None, ckpt_root: Path, tag: str) -> None:
     )
 
 
+def newest_before(ckpt_root: Path, step: int) -> Path | None:
+    """The newest complete checkpoint saved before ``step``, if any."""
+    older = [p for p in complete(ckpt_root) if step_of(p) < step]
+    return older[-1] if older else None
+
+
 def set_aside(ckpt_root: Path, before_step: int) -> Path | None:
     """Collective: make the newest checkpoint from before ``before_step`` the one a resume
     takes. Newer ones move to ``ckpt_root/set_aside/`` (kept, not deleted: they hold the weights
     a rewind discarded) and ``latest`` points back. Returns that checkpoint, or None (on every
     rank) when there is none."""
-    older = [p for p in complete(ckpt_root) if step_of(p) < before_step]
-    target = older[-1] if older else None
+    target = newest_before(ckpt_root, before_step)
     if target is not None and distributed.rank() == 0:
         aside = ckpt_root / "set_aside"
         aside.mkdir(exist_ok=True)
