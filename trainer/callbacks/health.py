@@ -107,6 +107,8 @@ class LossSpikes(Callback):
         self.checkpointer = checkpointer
         self.pending: list[torch.Tensor] = []
         self.detector: SpikeDetector | None = None
+        self.rewinds = 0
+        """Rewinds this run directory has recorded (``train.spike_max_rewinds`` bounds them)."""
 
     def on_load(self, trainer: Trainer) -> None:
         """Replay the rewinds this run directory has recorded: their skipped data steps apply
@@ -117,6 +119,7 @@ class LossSpikes(Callback):
             record = json.loads(line)
             if record.get("rewound_to") is not None:
                 trainer.skips += [tuple(r) for r in record["skipped_data_steps"]]
+                self.rewinds += 1
 
     def on_train_start(self, trainer: Trainer) -> None:
         t = trainer.cfg.train
@@ -133,13 +136,8 @@ class LossSpikes(Callback):
         for spike in self.detector.feed(list(zip(range(first, trainer.step + 1), losses, strict=True))):
             self._act(trainer, spike)
 
-    def _rewinds(self) -> int:
-        if not self.path.is_file():
-            return 0
-        return sum(json.loads(line).get("rewound_to") is not None for line in self.path.read_text().splitlines())
-
     def _act(self, trainer: Trainer, spike: Spike) -> None:
-        if trainer.cfg.train.on_spike == "rewind" and self._rewinds() >= trainer.cfg.train.spike_max_rewinds:
+        if trainer.cfg.train.on_spike == "rewind" and self.rewinds >= trainer.cfg.train.spike_max_rewinds:
             trainer.diverged = True
             trainer.stop(f"loss spike at steps {spike.first}-{spike.last} after "
                          f"{trainer.cfg.train.spike_max_rewinds} rewinds (train.spike_max_rewinds)")
@@ -161,6 +159,7 @@ class LossSpikes(Callback):
         if target is None:
             return
         trainer.skips += data
+        self.rewinds += 1
         self.checkpointer.rewind(trainer, spike.first)
         self.detector.restart()
         trainer.restart_data()
