@@ -92,6 +92,9 @@ def hf_class(c: GPTConfig) -> str:
     def off(shape: dict) -> list[str]:
         return [f"model.{k}={getattr(c, k)!r}" for k, v in shape.items() if getattr(c, k) != v]
 
+    if c.mup is not None:  # its logit multiplier and 1/head_dim attention are in no HF config
+        raise SeqtrainError(f"--format hf: no transformers class computes a μP model (model.mup.base_width="
+                            f"{c.mup.base_width} of d_model {c.d_model}); --format safetensors exports it")
     if not off(GPT2_SHAPE) and c.activation != "swiglu" and c.kv_heads == c.n_head:
         return "gpt2"
     if not off(LLAMA_SHAPE):

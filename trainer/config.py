@@ -803,6 +803,14 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{dotted} = {shown}: {err['msg']}"
 
 
+def _check_mup_family(model: dict[str, Any], where: str) -> None:
+    fam = model["family"]
+    if "mup" in model and fam in FAMILIES and "mup" not in FAMILIES[fam][0].model_fields:
+        with_widths = [f for f, (c, _) in FAMILIES.items() if "mup" in c.model_fields]
+        raise ConfigError(f"{where}: model.mup: μP needs a family with widths ({', '.join(with_widths)}), "
+                          f"not model.family={fam}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (or defaults when ``path`` is None), apply overrides, validate."""
     tree: dict[str, Any] = {}
@@ -825,6 +833,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         apply_override(tree, o)
     if isinstance(tree.get("model"), dict):
         tree["model"].setdefault("family", "gpt")
+        _check_mup_family(tree["model"], where)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -37,11 +37,17 @@ def cli_error(capsys, *argv: str) -> str:
         ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=128"),
         ("train.min_lr=1", "train.min_lr=1.0 is larger than train.lr"),
         ("train.steps", "expected dotted.key=value"),
+        ("model.mup.base_width=256", "model.mup.base_width=256 is wider than model.d_model=192; μP widens a base model"),
     ],
 )
 def test_config_errors_are_one_line_with_exit_code_2(capsys, override, expected):
     err = cli_error(capsys, "train", PRESET, "--set", override)
     assert expected in err
+
+
+def test_mup_on_a_family_without_widths_is_refused_in_one_line(capsys):
+    err = cli_error(capsys, "train", str(REPO / "configs/rnn/lstm-lm-debug.yaml"), "--set", "model.mup.base_width=8")
+    assert "model.mup: μP needs a family with widths (gpt), not model.family=rnn_lm" in err
 
 
 def test_batch_arithmetic_is_checked_before_any_process_group(capsys):

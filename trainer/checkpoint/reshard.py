@@ -259,13 +259,24 @@ def apply(module, state: LayoutFreeState, cfg, dims) -> None:
         _set_parameter(engine, p, v, masters.get(id(p), p))
     for st in _base_optimizer(engine).state.values():
         st["step"].fill_(state.adam_step)  # every held tensor's, whichever sub-group it is
-    module.scheduler.load_state_dict(state.rank0["lr_scheduler"])
     # The scheduler sets a group's rate after each update, so the next update's rate is the one
     # it last set: what the saved optimizer's groups held.
-    for g, lr in zip(_base_optimizer(engine).param_groups, module.scheduler.get_last_lr(), strict=True):
+    rates = load_scheduler(module.scheduler, state.rank0["lr_scheduler"])
+    for g, lr in zip(_base_optimizer(engine).param_groups, rates, strict=True):
         g["lr"] = lr
     engine.global_steps = state.rank0["global_steps"]
     engine.global_samples = state.rank0["global_samples"]
+
+
+def load_scheduler(sched, state: dict[str, Any]) -> list[float]:
+    """Restore a saved schedule's position into a scheduler of another layout, whose groups may
+    differ (a pipeline stage without embeddings has no μP embedding group): the step is the
+    saved one, each group's base rate stays this layout's. Returns the groups' rates now."""
+    base = list(sched.base_lrs)
+    sched.load_state_dict(state)
+    sched.base_lrs = base
+    sched._last_lr = [b * f(sched.last_epoch) for b, f in zip(base, sched.lr_lambdas, strict=True)]
+    return sched.get_last_lr()
 
 
 def _create_adam_state(engine) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,16 +67,24 @@ def zero_config(cfg: Config) -> dict[str, Any]:
     return z
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); never biases or norm gains."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 1.0,
+                 lr_mult: Callable[[str, int], float] | None = None) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); never biases or norm gains. ``lr_mult``
+    (the model config's, under μP) splits them further by learning-rate factor: each group's
+    ``lr`` is ``lr · lr_mult`` and it keeps the factor as ``lr_mult``. Groups are found by
+    parameter name and rank, so a tensor shard or a pipeline stage's copy of a parameter lands
+    in its group; empty groups are dropped, so stages may hold different numbers of groups."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
         if p.requires_grad:
             # A parameter ZeRO-3 partitioned at construction is empty here; its shape is ds_shape.
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            mult = lr_mult(name, ndim) if lr_mult else 1.0
+            groups.setdefault((ndim >= 2, mult), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult, "lr_mult": mult}
+        for (decay, mult), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))
+        if params or (lr_mult is None)  # the standard parametrisation keeps its two groups
     ]
 
 
@@ -87,8 +96,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         # torch 2.4, where it beats foreach by a wide margin (docs/benchmarks.md); foreach
         # elsewhere (MPS, XPU builds without it).
         impl = "fused" if next(model.parameters()).device.type in ("cuda", "cpu") else "foreach"
+    lr_mult = cfg.model.lr_mult if getattr(cfg.model, "mup", None) else None
     return torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
+        param_groups(model, t.weight_decay, t.lr, lr_mult), lr=t.lr, betas=t.betas, eps=t.eps,
         fused=impl == "fused", foreach=impl == "foreach",
     )
 
@@ -104,7 +114,9 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule for every group, as a factor on the group's own rate (μP's factors hold)."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
+
 
 
 def uses_deepspeed(cfg: Config, world_size: int) -> bool:

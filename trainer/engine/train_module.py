@@ -146,8 +146,9 @@ class EngineModule:
         self.engine.eval()
 
     def lr(self) -> float:
-        """The rate the next step uses (the scheduler steps after it)."""
-        return self.scheduler.get_last_lr()[0]
+        """The base rate the next step uses (the scheduler steps after it); under μP a group's
+        own rate is this times its ``lr_mult``."""
+        return self.scheduler.get_last_lr()[0] / self.scheduler.optimizer.param_groups[0].get("lr_mult", 1.0)
 
     def _end_step(self) -> None:
         """Tell the guard the optimizer step is over, and whether DeepSpeed skipped it first

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.gpt import Block, GPTConfig, init_param_, make_norm
+from models.gpt import Block, GPTConfig, init_param_, make_norm, readout
 from models.loss import TokenCrossEntropy
 
 Shard = Callable[[nn.Module], None] | None
@@ -80,11 +80,12 @@ class BlockPipe(Block):
 class FinalNorm(nn.Module):
     def __init__(self, cfg: GPTConfig, seed: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.ln_f = make_norm(cfg)
         _init(self, "", cfg, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_f(x)
+        return readout(self.cfg, self.ln_f(x))
 
 
 class Head(nn.Module):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, cli_env, make_corpus, read_metrics, run_cli, sets
-from tests.trainer.parallel.test_layouts import GPT, GPT_ARGS, LLAMA_ARGS
+from tests.trainer.parallel.test_layouts import GPT, GPT_ARGS, LLAMA_ARGS, MUP_ARGS
 from trainer.launch import torchrun
 
 pytestmark = pytest.mark.distributed
@@ -97,6 +97,16 @@ def test_llama_shape_zero3_to_tp2xpp2_to_cp2_to_one(straight, cache_dir, tmp_pat
     run_cli(["train", GPT, "--run-dir", str(tmp_path / "straight"), *sets(*args)], cache_dir)
     ref = {r["step"]: r for r in read_metrics(tmp_path / "straight")[0]}
     got = _chain(["dp2-zero3", "tp2xpp2", "cp2-zero2", "one"], args, tmp_path / "run", cache_dir)
+    _assert_same_losses(ref, got, 16)
+
+
+def test_mup_zero1_to_tp2xpp2_to_one(straight, cache_dir, tmp_path):
+    """μP's per-group learning rates survive resume in layouts whose optimizers group the
+    parameters differently (a pipeline stage holds its own layers' groups only)."""
+    args = [*MUP_ARGS, *straight[0][len(GPT_ARGS):]]
+    run_cli(["train", GPT, "--run-dir", str(tmp_path / "straight"), *sets(*args)], cache_dir)
+    ref = {r["step"]: r for r in read_metrics(tmp_path / "straight")[0]}
+    got = _chain(["dp2-zero1", "tp2xpp2", "one"], args, tmp_path / "run", cache_dir)
     _assert_same_losses(ref, got, 16)
 
 

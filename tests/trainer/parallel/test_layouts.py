@@ -37,6 +37,11 @@ LLAMA_ARGS = [*GPT_ARGS, "model.n_head=4", "model.n_kv_head=2", "model.position=
 LLAMA_LAYOUTS = ["dp2-zero1", "dp2-zero2", "dp2-zero3", "tp2", "tp2-sp", "cp2", "pp2-activation-checkpointing",
                  "tp2xpp2"]
 
+# μP at twice its base width, untied head: per-group learning rates (hidden matrices at lr/2),
+# the attention scale 1/head_dim and the logit multiplier, in every layout's own groups.
+MUP_ARGS = [*GPT_ARGS, "model.mup.base_width=16", "model.mup.output_mult=2", "model.tie_embeddings=false"]
+MUP_LAYOUTS = ["dp2-zero3", "tp2", "pp2"]
+
 LAYOUTS = {
     # name: (nproc, overrides)
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
@@ -86,6 +91,18 @@ def llama_reference(reference, tmp_path_factory, cache_dir):
     return reference[0], rows, evals, root / "one"
 
 
+@pytest.fixture(scope="module")
+def mup_reference(reference, tmp_path_factory, cache_dir):
+    """The single-process μP run: it trains, and not as the standard parametrisation does."""
+    root = tmp_path_factory.mktemp("mup")
+    rows, evals = _train(GPT, [*MUP_ARGS, f"data.source={reference[0]}"], root / "one", cache_dir)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    sp, _ = _train(GPT, [*GPT_ARGS, f"data.source={reference[0]}", "model.tie_embeddings=false"], root / "sp", cache_dir)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in sp]  # the base rate is logged
+    assert min(abs(a["loss"] - b["loss"]) for a, b in zip(rows[1:], sp[1:], strict=True)) > 1e-3
+    return reference[0], rows, evals, root / "one"
+
+
 def assert_same_run(ref_rows, rows, ref_evals, evals) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
     for a, b in zip(ref_rows, rows, strict=True):
@@ -96,13 +113,15 @@ def assert_same_run(ref_rows, rows, ref_evals, evals) -> None:
     print(f"max loss difference {worst:.2e}")  # for the record (pytest -s)
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, *(f"llama-{name}" for name in LLAMA_LAYOUTS)])
+@pytest.mark.parametrize("layout", [*LAYOUTS, *(f"llama-{name}" for name in LLAMA_LAYOUTS),
+                                    *(f"mup-{name}" for name in MUP_LAYOUTS)])
 def test_layout_matches_single_process(layout, request, cache_dir, tmp_path):
-    llama = layout.startswith("llama-")
-    reference = request.getfixturevalue("llama_reference" if llama else "reference")
+    kind = layout.split("-")[0] if layout.startswith(("llama-", "mup-")) else ""
+    llama = kind == "llama"
+    reference = request.getfixturevalue(f"{kind}_reference" if kind else "reference")
     corpus, ref_rows, ref_evals, _ = reference
-    nproc, extra = LAYOUTS[layout.removeprefix("llama-")]
-    args = LLAMA_ARGS if llama else GPT_ARGS
+    nproc, extra = LAYOUTS[layout.removeprefix(f"{kind}-")]
+    args = {"llama": LLAMA_ARGS, "mup": MUP_ARGS}.get(kind, GPT_ARGS)
     rows, evals = _train(GPT, [*args, f"data.source={corpus}", *extra], tmp_path / layout, cache_dir, nproc)
     assert_same_run(ref_rows, rows, ref_evals, evals)
     if llama and "pp2" not in layout:  # the z-loss metric, averaged over replicas like the loss
