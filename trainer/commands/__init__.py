@@ -9,11 +9,12 @@ from trainer.commands import (
     generate,
     import_hf,
     launch,
+    mup,
     plan,
     scaling,
     tracking,
     train,
 )
 
-COMMANDS = (train, generate, launch, eval, export, import_hf, bench, plan, scaling, tracking, data)
+COMMANDS = (train, generate, launch, eval, export, import_hf, bench, plan, scaling, mup, tracking, data)
 """In the order ``seqtrain --help`` lists them."""
