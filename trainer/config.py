@@ -304,6 +304,10 @@ class TrainConfig(_Section):
     optimizer starts afresh)."""
     scheduled_sampling: ScheduledSamplingConfig = ScheduledSamplingConfig()
     """RNN sequence-to-sequence: feed the model's own predictions with a rising probability."""
+    layer_stats: bool = True
+    """Per-layer-group gradient norms (``grad_norm/h.3``) and update/weight ratios
+    (``update_ratio/h.3``) in each logged row and MLflow (``trainer/callbacks/layer_stats.py``):
+    a copy of the weights and a read of the gradients at logging steps only."""
     on_spike: Literal["off", "log", "rewind"] = "log"
     """Loss spikes (``trainer/callbacks/health.py``): a step's loss counts as high above the
     median of the previous ``spike_window`` normal steps by ``spike_factor`` times their spread;

@@ -23,6 +23,7 @@ from trainer.callbacks.checkpointing import Checkpoint, RunFinished
 from trainer.callbacks.evaluation import Evaluate
 from trainer.callbacks.faults import FaultInjection
 from trainer.callbacks.health import LossSpikes
+from trainer.callbacks.layer_stats import LayerStats
 from trainer.callbacks.metrics_file import MetricsFile
 from trainer.callbacks.preemption import StopOnSignal
 from trainer.callbacks.progress_bar import ProgressBar
@@ -52,7 +53,8 @@ def callbacks(cfg: Config, run_dir: Path, tokenizer_sha256: str, extra: tuple[Ca
     # comes before both, so a rewound step is neither stopped at nor saved.
     ckpt = Checkpoint(run_dir / "checkpoints", tokenizer_sha256)
     spikes = [LossSpikes(run_dir, ckpt)] if cfg.train.on_spike != "off" else []
-    cbs += [MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), *spikes, StopOnSignal(), ckpt,
+    # LayerStats adds its keys to the logged row, so it comes before every callback that reads it.
+    cbs += [*([LayerStats()] if cfg.train.layer_stats else []), MetricsFile(run_dir / "metrics.jsonl"), ProgressBar(), Evaluate(), *spikes, StopOnSignal(), ckpt,
             RunFinished(run_dir)]
     if cfg.tracking.enabled:
         cbs.append(MLflowTracker(run_dir))
