@@ -246,3 +246,32 @@ def test_isoflop_plot_stays_legible_with_many_budgets():
     main, bar = fig.axes
     assert main.get_legend() is None and bar.get_ylabel() == "compute budget log10 C (FLOPs)"
     assert len(main.collections) >= 28
+
+
+def test_mup_ladder_gives_every_point_the_base_rate_and_its_width_multipliers(tmp_path, cache_dir, tiny_corpus):
+    """``mup_base_width``: every point in μP relative to it, at ``lr_ref`` itself; the points'
+    shapes and tokens are the hand-rule ladder's, so their frontiers compare point by point."""
+    text = MICRO.format(base=REPO / "configs/gpt/debug.yaml", corpus=tiny_corpus, db=tmp_path / "m.db")
+    plans = {}
+    for name, extra in (("sp", ""), ("mup", "mup_base_width: 8\nlr_ref: 5.0e-3\n")):
+        ladder = tmp_path / f"{name}.yaml"
+        ladder.write_text(text + extra)
+        run_cli(["scaling", "plan", str(ladder), "--out", str(tmp_path / name)], cache_dir)
+        plans[name] = list(csv.DictReader((tmp_path / name / "plan.csv").open()))
+    assert [r["shape"] for r in plans["mup"]] == [r["shape"] for r in plans["sp"]]
+    assert [r["tokens"] for r in plans["mup"]] == [r["tokens"] for r in plans["sp"]]
+    assert len({r["lr"] for r in plans["sp"]}) > 1 and {r["lr"] for r in plans["mup"]} == {"0.005"}
+    for r in plans["mup"]:
+        model = yaml.safe_load((tmp_path / "mup" / "points" / f"{r['point']}.yaml").read_text())["model"]
+        assert model["mup"]["base_width"] == 8 and model["mup"]["attn_mult"] == pytest.approx(8 ** 0.5)
+        assert model["d_model"] >= 8
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ("mup_base_width: 16\n", "mup_base_width=16 is wider than the narrowest point (d_model 8 at scale 1)"),
+])
+def test_mup_ladder_bad_input_is_one_line(extra, said, tmp_path, cache_dir, tiny_corpus):
+    ladder = tmp_path / "l.yaml"
+    ladder.write_text(MICRO.format(base=REPO / "configs/gpt/debug.yaml", corpus=tiny_corpus, db=tmp_path / "m.db") + extra)
+    p = run_cli(["scaling", "plan", str(ladder), "--out", str(tmp_path / "p")], cache_dir, check=False)
+    assert p.returncode == 2 and said in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -15,7 +15,9 @@ Shape rules (a scale s picks the shape):
 - ``rnn_lm``: ``n_layers`` fixed, ``d_hidden = width_step · s``, ``d_embed = d_hidden``.
 
 Learning rate: ``lr = lr_ref · (N / n_ref)^lr_exponent`` (smaller models take larger steps),
-warm-up 5 % of the steps, cosine to lr / 10.
+warm-up 5 % of the steps, cosine to lr / 10. With ``mup_base_width`` (gpt) every point is μP
+relative to that width and takes ``lr_ref`` itself, the rate tuned on the base model: μP
+transfers it across widths (``docs/scaling.md``, "Learning rates that transfer").
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class Ladder(BaseModel):
     """Reference size of the learning-rate rule."""
     lr_exponent: float = -0.25
     """lr ∝ N^lr_exponent."""
+    mup_base_width: int | None = Field(None, ge=1)
+    """gpt: train every point in μP (``model.mup``) relative to this width, at ``lr_ref``
+    (no lr rule). Heads keep ``head_dim`` as the width grows, so the attention scale stays
+    ``1/√head_dim`` (``attn_mult = √head_dim``)."""
     overrides: list[str] = []
     """``--set`` style overrides applied to every point (e.g. ``data.max_bytes=1000000``)."""
     budget_tolerance: float = Field(0.02, gt=0)
@@ -88,6 +94,13 @@ class Ladder(BaseModel):
         lo, hi = self.tokens_per_param
         if not 0 < lo < hi:
             raise ValueError(f"tokens_per_param={self.tokens_per_param}: need 0 < low < high")
+        if self.mup_base_width is not None:
+            narrowest = self.head_dim * min(self.scales)
+            if self.family != "gpt":
+                raise ValueError(f"mup_base_width: μP needs a family with widths (gpt), not {self.family}")
+            if self.mup_base_width > narrowest:
+                raise ValueError(f"mup_base_width={self.mup_base_width} is wider than the narrowest point "
+                                 f"(d_model {narrowest} at scale {min(self.scales)}); use at most {narrowest}")
         return self
 
 
@@ -109,16 +122,18 @@ def shape_overrides(ladder: Ladder, s: int) -> dict[str, int]:
     if ladder.family == "gpt":
         d = ladder.head_dim * s
         # d_ff from the activation's own rule: 4·d for GELU, 8d/3 for SwiGLU (models/gpt.py).
-        return {"n_layer": max(1, round(d / ladder.aspect)), "d_model": d, "n_head": s, "d_ff": None}
+        shape = {"n_layer": max(1, round(d / ladder.aspect)), "d_model": d, "n_head": s, "d_ff": None}
+        if ladder.mup_base_width is not None:
+            shape["mup"] = {"base_width": ladder.mup_base_width, "attn_mult": ladder.head_dim ** 0.5}
+        return shape
     d = ladder.width_step * s
     return {"n_layers": ladder.n_layers, "d_hidden": d, "d_embed": d}
 
 
 def _model_cfg(base: Config, ladder: Ladder, s: int) -> Config:
-    cfg = base.model_copy(deep=True)
-    for k, v in shape_overrides(ladder, s).items():
-        setattr(cfg.model, k, v)
-    cfg = Config.model_validate(cfg.model_dump())  # re-validate the new shape
+    tree = base.model_dump()
+    tree["model"].update(shape_overrides(ladder, s))
+    cfg = Config.model_validate(tree)  # validates the new shape
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
     return cfg
@@ -186,7 +201,7 @@ def _point(ladder: Ladder, cfg: Config, budget: float, s: int, total: int, nonem
             f"point {index} (scale {s}, budget {budget:.3g}): {steps} steps of {batch}×{seq} tokens "
             f"miss the budget by {err:.1%}; raise the budget or lower batch_size"
         )
-    lr = ladder.lr_ref * (nonemb / ladder.n_ref) ** ladder.lr_exponent
+    lr = ladder.lr_ref if ladder.mup_base_width else ladder.lr_ref * (nonemb / ladder.n_ref) ** ladder.lr_exponent
     point = cfg.model_copy(deep=True)
     point.name = f"{ladder.name}-{index:02d}"
     t = point.train
@@ -202,7 +217,7 @@ def _point(ladder: Ladder, cfg: Config, budget: float, s: int, total: int, nonem
                            "N": str(nonemb), "N_total": str(total), "D": str(steps * batch * seq),
                            "point": str(index)}
     return {"point": index, "budget": budget, "family": ladder.family,
-               "shape": " ".join(f"{k}={v}" for k, v in shape_overrides(ladder, s).items()),
+               "shape": " ".join(f"{k}={v}" for k, v in shape_overrides(ladder, s).items() if k != "mup"),
                "params": total, "nonemb_params": nonemb, "flops_per_token": f,
                "flops_per_token_6n": f6, "tokens": steps * batch * seq,
                "tokens_per_param": round(steps * batch * seq / nonemb, 2), "steps": steps,
