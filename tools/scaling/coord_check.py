@@ -179,6 +179,7 @@ def plot(cc: CoordCheck, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     last = max(int(q.split()[-1]) for q in cc.sizes["sp"] if q.startswith("block "))
     quantities = ["embedding", f"block {last}", f"attn scores {last}", "logits"]
@@ -189,6 +190,7 @@ def plot(cc: CoordCheck, path: Path) -> Path:
             for s, per_width in enumerate(cc.sizes[par][q]):
                 ax.plot(cc.widths, per_width, marker="o", color=plt.cm.viridis(s / max(1, cc.steps)), label=f"step {s}")
             ax.set(xscale="log", yscale="log", title=f"{par.upper()}: {q}")
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no 6×10¹ beside 64
             ax.set_xticks(cc.widths, [str(w) for w in cc.widths])
             if row == 1:
                 ax.set_xlabel("width (d_model)")
