@@ -49,25 +49,22 @@ class LayerStats(Callback):
         # replicated weight on tensor rank 0, a pipeline-tied copy nowhere, and a weight every
         # data-parallel replica holds whole on the first replica only (ZeRO-3 partitions: on all).
         first_replica = dims.dp_rank == 0 and dims.cp_rank == 0
-        self.params: list[tuple[torch.nn.Parameter, int]] = []
-        self.gathered: list[tuple[torch.nn.Parameter, int | None]] = []
-        """ZeRO 1/2: every parameter, in the same order on every rank (reading a whole gradient
-        is a collective), with its group where this rank counts it."""
+        self.held: list[tuple[torch.nn.Parameter, int | None]] = []
+        """Every parameter of this rank in the same order on every rank (under ZeRO 1/2 reading
+        a whole gradient is a collective), with its group where this rank counts it."""
         for name, p in trainer.module.model.named_parameters():
             single = rename(name)
             if not p.requires_grad or single is None:
                 continue
             counted = (not ds_private.is_pipe_replicated(p) and (dims.tp_rank == 0 or ds_private.is_tensor_parallel(p))
                        and (self.zero_stage == 3 or first_replica))
-            g = index[layer_group(single)]
-            self.gathered.append((p, g if counted else None))
-            if counted:
-                self.params.append((p, g))
+            self.held.append((p, index[layer_group(single)] if counted else None))
+        self.params = [(p, g) for p, g in self.held if g is not None]
         self.grads_seen = dims.pp == 1
         self.before: list[torch.Tensor] | None = None
         self.grad_sq: torch.Tensor | None = None
-        trainer.module.before_update.append(self._read_gradients)
-        self._trainer = trainer
+        self.module = trainer.module
+        self.module.before_update.append(self._read_gradients)
 
     def _weight(self, p: torch.nn.Parameter) -> torch.Tensor:
         if self.zero_stage == 3:  # between steps a ZeRO-3 parameter holds no data; its partition does
@@ -96,21 +93,13 @@ class LayerStats(Callback):
         """Before the update, after the step's backwards (the train module's hook)."""
         if self.before is None or not self.grads_seen:
             return
-        module = self._trainer.module
-        scale = 1.0
-        if module.engine.fp16_enabled():
-            scale = ds_private.loss_scale(module.engine.optimizer) or 1.0
-        sq = torch.zeros(len(self.groups), device=module.device)
-        if self.zero_stage in (1, 2):
-            for p, g in self.gathered:
-                grad = self._gradient(p)  # every rank, every parameter: a collective each
-                if g is not None and grad is not None:
-                    sq[g] += grad.float().div(scale).pow(2).sum()
-        else:
-            for p, g in self.params:
-                grad = self._gradient(p)
-                if grad is not None:
-                    sq[g] += grad.float().div(scale).pow(2).sum()
+        engine = self.module.engine
+        scale = (ds_private.loss_scale(engine.optimizer) or 1.0) if engine.fp16_enabled() else 1.0
+        sq = torch.zeros(len(self.groups), device=self.module.device)
+        for p, g in self.held if self.zero_stage in (1, 2) else self.params:
+            grad = self._gradient(p)  # ZeRO 1/2: every rank, every parameter, a collective each
+            if g is not None and grad is not None:
+                sq[g] += grad.float().div(scale).pow(2).sum()
         self.grad_sq = sq
 
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
