@@ -140,7 +140,7 @@ def coord_check(config: str, widths: list[int], steps: int, overrides: list[str]
     if lr is not None:
         sets.append(f"train.lr={lr}")
     cfg = load_config(config, sets)
-    if cfg.model.family != "gpt":
+    if "mup" not in type(cfg.model).model_fields:  # the families config.py lets take μP
         raise ConfigError(f"{config}: model.family={cfg.model.family} has no widths for μP; the coordinate "
                           "check takes the gpt family (GPT-2 or Llama-shaped)")
     mup = getattr(cfg.model, "mup", None)

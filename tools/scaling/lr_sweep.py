@@ -47,7 +47,7 @@ def sweep(config: str, widths: list[int], lrs: list[float], steps: int, out: Pat
     """Train every point not yet finished; return ``{"sp"|"mup": {width: {lr: val_loss}}}`` and
     the settings. A diverged run (non-finite loss) scores ``inf``."""
     cfg = load_config(config, list(overrides))
-    if cfg.model.family != "gpt":
+    if "mup" not in type(cfg.model).model_fields:  # the families config.py lets take μP
         raise ConfigError(f"{config}: model.family={cfg.model.family} has no widths for μP")
     mup = getattr(cfg.model, "mup", None)
     base = base_width or (mup.base_width if mup else min(widths))

@@ -118,7 +118,6 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_s
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
 
 
-
 def uses_deepspeed(cfg: Config, world_size: int) -> bool:
     """Whether this run needs DeepSpeed's engine: more than one process, ZeRO, tensor or
     pipeline parallelism, fp16/bf16 (DeepSpeed's mixed-precision optimizers), or
