@@ -8,6 +8,7 @@ upgrade moves or renames one. Keep this list and that test in step.
 | --- | --- | --- |
 | ``DeepSpeedEngine.clip_fp32_gradients`` | called by ``_take_model_step`` on the fp32 path (no ZeRO, fp16, bf16) when ``gradient_clipping`` > 0 | our clipping counts pipeline-tied and tensor-parallel parameters once, and keeps the norm |
 | ``DeepSpeedEngine._global_grad_norm`` | returned by ``get_global_grad_norm()`` | where our clipping leaves the norm it computed |
+| ``PipelineEngine._INSTRUCTION_MAP[OptimizerStep]`` | ``_exec_schedule`` looks up each schedule instruction's method there | run the train module's before-update hooks inside ``train_batch``, after the gradient reductions |
 | ``DeepSpeedEngine.skipped_steps`` | counts updates the engine skipped (fp16 overflow, ZeRO's check) | logged, and part of the divergence check |
 | ``optimizer.cur_scale`` (ZeRO) / ``optimizer.loss_scale`` (FP16_Optimizer) | the dynamic fp16 loss scale | logged as ``loss_scale`` |
 | ``param.ds_pipe_replicated`` | set by ``PipelineModule`` on the second copy of a tied weight | counted once in the gradient norm |
@@ -43,6 +44,21 @@ def replace_fp32_clipping(engine, clip: Callable[[], torch.Tensor]) -> None:
         engine._global_grad_norm = clip()
 
     engine.clip_fp32_gradients = clip_and_keep_norm
+
+
+def before_pipeline_update(engine, fn: Callable[[], None]) -> None:
+    """Make a pipeline engine call ``fn()`` where its schedule reaches the optimizer step: after
+    the tied and data-parallel gradient reductions, before the update (``train_batch`` runs the
+    whole schedule in one call). The map is replaced on this engine only."""
+    from deepspeed.runtime.pipe.schedule import OptimizerStep
+
+    step = engine._INSTRUCTION_MAP[OptimizerStep]
+
+    def hooked(self, **kwargs) -> None:
+        fn()
+        step(self, **kwargs)
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, OptimizerStep: hooked}
 
 
 def skipped_steps(engine) -> int:

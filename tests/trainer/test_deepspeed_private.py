@@ -33,6 +33,17 @@ def test_the_pipeline_engine_steps_through_the_same_path():
     assert "_take_model_step" not in PipelineEngine.__dict__  # inherited, so our clipping applies
 
 
+def test_the_pipeline_schedule_reaches_the_optimizer_step_through_the_map_we_replace():
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.schedule import OptimizerStep, TrainSchedule
+
+    assert PipelineEngine._INSTRUCTION_MAP[OptimizerStep] is PipelineEngine._exec_optimizer_step
+    assert "self._INSTRUCTION_MAP[type(cmd)]" in _source(PipelineEngine._exec_schedule)
+    # The update is the last instruction, after the tied and data-parallel gradient reductions.
+    last = [type(c).__name__ for c in list(TrainSchedule(micro_batches=2, stages=2, stage_id=0))[-1]]
+    assert last[-3:] == ["ReduceTiedGrads", "ReduceGrads", "OptimizerStep"], last
+
+
 def test_global_grad_norm_is_read_from_the_attribute_we_write():
     from deepspeed.runtime.engine import DeepSpeedEngine
 

@@ -10,8 +10,9 @@ clipping (the groups' norms compose the logged ``grad_norm``); ``update_ratio/G`
 Cost, at logging steps only: a copy of this rank's weights (its partition under ZeRO-3) taken
 before the step; under ZeRO 1/2 one all-reduce per parameter to read its whole gradient
 (DeepSpeed's ``safe_get_full_grad``); one all-reduce of 3 numbers per group at the row. Other
-steps do nothing, so no host sync is added between rows. A pipeline runs its backward and
-update inside one call: it logs update ratios, not gradient norms.
+steps do nothing, so no host sync is added between rows. A pipeline's gradients are read where
+its schedule reaches the optimizer step (``before_update``, after the tied-weight and
+data-parallel reductions).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class LayerStats(Callback):
                        and (self.zero_stage == 3 or first_replica))
             self.held.append((p, index[layer_group(single)] if counted else None))
         self.params = [(p, g) for p, g in self.held if g is not None]
-        self.grads_seen = dims.pp == 1
         self.before: list[torch.Tensor] | None = None
         self.grad_sq: torch.Tensor | None = None
         self.module = trainer.module
@@ -91,7 +91,7 @@ class LayerStats(Callback):
 
     def _read_gradients(self) -> None:
         """Before the update, after the step's backwards (the train module's hook)."""
-        if self.before is None or not self.grads_seen:
+        if self.before is None:
             return
         engine = self.module.engine
         scale = (ds_private.loss_scale(engine.optimizer) or 1.0) if engine.fp16_enabled() else 1.0

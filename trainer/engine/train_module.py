@@ -238,6 +238,14 @@ class PipelineModule(EngineModule):
     micro-batches (the sampler is a pure function of the step): the first stage reads the
     inputs, the last the labels."""
 
+    def __init__(self, engine, *args, **kwargs) -> None:
+        super().__init__(engine, *args, **kwargs)
+        ds_private.before_pipeline_update(engine, self._before_update)
+
+    def _before_update(self) -> None:
+        for fn in self.before_update:
+            fn()
+
     def _pipe_batches(self, batches: Iterable[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b["input_ids"], b["labels"]) for b in map(self._to_device, batches)]
 
@@ -247,9 +255,7 @@ class PipelineModule(EngineModule):
             raise ValueError("a pipeline cannot carry state between micro-batches")
         micro = self._pipe_batches(micro_batches)
         mark("data")
-        for fn in self.before_update:  # (the pipeline's schedule runs the update inside)
-            fn()
-        loss = self.engine.train_batch(data_iter=iter(micro))
+        loss = self.engine.train_batch(data_iter=iter(micro))  # (its schedule calls before_update)
         mark("step")
         self._end_step()
         tokens = sum((labels != -100).sum() for _, labels in micro)
