@@ -53,6 +53,14 @@ class Callback:
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this callback needs to go on after a resume exactly as without one (saved in
+        the checkpoint's client state under the class name; called on every rank at a save)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (at a resume or a rewind)."""
+
 
 class Trainer:
     def __init__(self, cfg: Config, module, data: Data, callbacks: list[Callback],
@@ -96,6 +104,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             **({"data_schedule": schedule()} if schedule else {}),
             **self.module.state_dict(),
+            "callbacks": {type(cb).__name__: state for cb in self.callbacks if (state := cb.state_dict()) is not None},
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -110,6 +119,10 @@ class Trainer:
         schedule = getattr(self.data.train, "load_schedule_state", None)
         if schedule:
             schedule(state.get("data_schedule"), self.step, self.cfg.data.allow_mixture_change)
+        saved = state.get("callbacks", {})  # (absent in checkpoints from before callbacks had state)
+        for cb in self.callbacks:
+            if type(cb).__name__ in saved:
+                cb.load_state_dict(saved[type(cb).__name__])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

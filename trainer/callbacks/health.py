@@ -15,6 +15,7 @@ import statistics
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,9 +83,15 @@ class SpikeDetector:
                                 max(v for _, v in self.run)))
             self.reported = True
 
-    def restart(self) -> None:
-        """After a rewind: the high run is gone, the window of normal losses before it stays."""
-        self.run, self.reported = [], False
+    def state_dict(self) -> dict[str, Any]:
+        return {"normal": list(self.normal), "run": [list(r) for r in self.run], "reported": self.reported,
+                "median": self.median, "threshold": self.threshold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.normal.clear()
+        self.normal.extend(state["normal"])
+        self.run = [(int(s), float(v)) for s, v in state["run"]]
+        self.reported, self.median, self.threshold = state["reported"], state["median"], state["threshold"]
 
 
 def _ranges(steps: list[int]) -> list[tuple[int, int]]:
@@ -107,6 +114,7 @@ class LossSpikes(Callback):
         self.checkpointer = checkpointer
         self.pending: list[torch.Tensor] = []
         self.detector: SpikeDetector | None = None
+        self.restored: dict[str, Any] | None = None
         self.rewinds = 0
         """Rewinds this run directory has recorded (``train.spike_max_rewinds`` bounds them)."""
 
@@ -123,7 +131,26 @@ class LossSpikes(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         t = trainer.cfg.train
+        self.dims, self.device = trainer.dims, trainer.module.device
         self.detector = SpikeDetector(t.spike_window, t.spike_factor, t.spike_steps)
+        if self.restored is not None:
+            self.load_state_dict(self.restored)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The detector's window and high run, and the step losses not read yet: a resumed run
+        sees the spikes the uninterrupted one sees. With losses pending this is a collective
+        (every rank saves)."""
+        if self.detector is None:
+            return None
+        pending = self.dims.dp_mean(torch.stack(self.pending)).tolist() if self.pending else []
+        return {"detector": self.detector.state_dict(), "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """At a resume (kept until ``on_train_start`` builds the detector) or a rewind."""
+        self.restored = state
+        if self.detector is not None:
+            self.detector.load_state_dict(state["detector"])
+            self.pending = [torch.tensor(v, device=self.device) for v in state["pending"]]
 
     def on_step_end(self, trainer: Trainer) -> None:
         self.pending.append(trainer.last_loss.detach().float().reshape(()))
@@ -160,6 +187,5 @@ class LossSpikes(Callback):
             return
         trainer.skips += data
         self.rewinds += 1
-        self.checkpointer.rewind(trainer, spike.first)
-        self.detector.restart()
+        self.checkpointer.rewind(trainer, spike.first)  # restores the detector as it was then
         trainer.restart_data()

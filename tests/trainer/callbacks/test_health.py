@@ -68,6 +68,23 @@ def test_a_bad_batch_is_rewound_and_skipped_and_the_run_ends_as_if_it_never_read
     assert end["logged"]["loss"] != end["clean"]["loss"]
 
 
+def test_a_resumed_run_sees_the_spike_the_uninterrupted_one_sees(tiny_corpus, cache_dir, tmp_path):
+    """Killed at step 17 and resumed from step 15: with a window of 10 normal losses, a detector
+    that started afresh could not judge steps 19-21. The checkpoint carries its window and the
+    losses of steps 13-15 not yet read (rows every 4 steps, saves every 5): the resumed run
+    reports the same spike, with the same median and threshold."""
+    args = [*TINY, f"data.source={tiny_corpus}", *SPIKES, "train.log_every=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    bad = {"SEQTRAIN_FAULT": "spike@19-21"}
+    run_cli(["train", PRESET, "--run-dir", str(straight), *sets(*args)], cache_dir, env=bad)
+    run_cli(["train", PRESET, "--run-dir", str(resumed), *sets(*args)], cache_dir,
+            env={"SEQTRAIN_FAULT": "spike@19-21,kill@17"}, check=False)
+    p = run_cli(["train", PRESET, "--run-dir", str(resumed), *sets(*args)], cache_dir, env=bad)
+    assert "at step 15" in p.stdout and "loss spike at steps 19-21" in p.stdout, p.stdout[-2000:]
+    records = [(d / "spikes.jsonl").read_text().splitlines() for d in (straight, resumed)]
+    assert records[0] == records[1] and len(records[0]) == 1
+
+
 @pytest.mark.parametrize("settings,needle", [
     (["train.spike_window=40"], "no spike could ever be seen"),
     (["train.on_spike=rewind", "train.spike_window=10"], "needs checkpoints to rewind to"),
