@@ -118,7 +118,8 @@ class Trainer:
         self.module.load_state_dict(state)
         schedule = getattr(self.data.train, "load_schedule_state", None)
         if schedule:
-            schedule(state.get("data_schedule"), self.step, self.cfg.data.allow_mixture_change)
+            # Segments are indexed by data step (skipped ones included), as batches are.
+            schedule(state.get("data_schedule"), self.data_index(self.step), self.cfg.data.allow_mixture_change)
         saved = state.get("callbacks", {})  # (absent in checkpoints from before callbacks had state)
         for cb in self.callbacks:
             if type(cb).__name__ in saved:

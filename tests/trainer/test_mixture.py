@@ -186,14 +186,32 @@ def test_a_mixture_run_logs_tokens_and_validation_per_source_and_refuses_new_wei
     p = run_cli(["train", GPT, "--run-dir", str(run), *sets(*longer, _mixture(a, b, 0.5, 0.5))], cache_dir,
                 check=False)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1].startswith("seqtrain: error: resuming at step 6 with data.mixture "
+    assert p.stderr.strip().splitlines()[-1].startswith("seqtrain: error: resuming at data step 7 with data.mixture "
                                                         "weights {'a': 0.5, 'b': 0.5} where the checkpoint has")
     p = run_cli(["train", GPT, "--run-dir", str(run),
                  *sets(*longer, _mixture(a, b, 0.5, 0.5), "data.allow_mixture_change=true")], cache_dir)
-    assert "data.mixture changes at step 6" in p.stdout
+    assert "data.mixture changes from data step 7" in p.stdout
     rows, _ = read_metrics(run)
     last = rows[-1]
     assert last["step"] == 8 and last["tokens/a"] == rows[5]["tokens/a"] + 4 * 32  # 2 of 4 per step
+
+
+def test_new_weights_on_resume_start_at_the_data_step_after_skipped_ones(two_corpora, cache_dir, tmp_path):
+    """Data steps 2-3 skipped: loop step 6 has read data steps up to 8, so new weights apply from
+    data step 9 on; each source goes on from its own count (the sources' tokens grow by the new
+    split, no window read twice)."""
+    a, b = two_corpora
+    run = tmp_path / "run"
+    args = [*TINY, "train.steps=6", "train.global_batch_size=4", "checkpoint.every=3", "train.skip_data_steps=[[2,3]]"]
+    run_cli(["train", GPT, "--run-dir", str(run), *sets(*args, _mixture(a, b))], cache_dir)
+    p = run_cli(["train", GPT, "--run-dir", str(run), *sets(*args, "train.steps=8", _mixture(a, b, 0.5, 0.5),
+                                                             "data.allow_mixture_change=true")], cache_dir)
+    assert "data.mixture changes from data step 9" in p.stdout, p.stdout[-2000:]
+    rows, _ = read_metrics(run)
+    assert [r["step"] for r in rows][-3:] == [6, 7, 8]
+    assert rows[-3]["tokens/a"] + rows[-3]["tokens/b"] == 8 * 4 * 32  # counted by data step: skipped ones too
+    for before, after in zip(rows[-3:-1], rows[-2:], strict=True):  # 2 of 4 samples per step from each source
+        assert after["tokens/a"] - before["tokens/a"] == after["tokens/b"] - before["tokens/b"] == 2 * 32
 
 
 def test_eval_and_prepare_report_each_source(two_corpora, cache_dir, tmp_path):

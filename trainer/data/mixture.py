@@ -263,10 +263,10 @@ class MixtureBatches:
         had = saved[-1].weights if saved else "no mixture"
         if had != self.weights:
             if not allow_change:
-                raise DataError(f"resuming at step {step} with data.mixture weights {self.weights} where the "
+                raise DataError(f"resuming at data step {step + 1} with data.mixture weights {self.weights} where the "
                                 f"checkpoint has {had}: restore them, or set data.allow_mixture_change=true "
                                 "to apply the new ones from this step")
-            self.say(f"data.mixture changes at step {step}: {had} -> {self.weights}")
+            self.say(f"data.mixture changes from data step {step + 1}: {had} -> {self.weights}")
         self.segments = saved or [Segment(step, self.global_batch, self.weights, {})]
         last = self.segments[-1]
         if last.weights != self.weights or last.global_batch != self.global_batch:
