@@ -181,8 +181,9 @@ BF16_LAYOUTS = {
 # bf16 keeps 8 significant bits: unit roundoff u = 2^-8 ≈ 3.9e-3. Every layout starts from the
 # same bf16 weights; after each update the fp32 masters, which differ only in summation order,
 # round to bf16 weights a neighbouring value apart here and there. Losses (means of ~256 fp32
-# token losses) agree within u absolute, gradient norms within 4 u relative, and the weights
-# within bf16's epsilon 2 u in relative norm. (Measured on 2 vCPUs: ≤ 3e-4, ≤ 1.2 %, ≤ 3.4e-3;
+# token losses) agree within u absolute, gradient norms within 8 u relative, and the weights
+# within bf16's epsilon 2 u in relative norm. (Measured on 2 vCPUs: ≤ 3e-4, ≤ 1.2 % and on
+# another AMD EPYC 1.75 % (tp2-sp, step 6: the CPU's bf16 kernels round differently), ≤ 3.4e-3;
 # DeepSpeed's zero-gradient Adam step at ZeRO 0, a missed tensor-parallel mark: 2.4e-2, 6-18 %.)
 BF16_U = 2.0**-8
 
@@ -204,7 +205,7 @@ def test_bf16_layout_matches_single_process(layout, bf16_reference, cache_dir, t
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
     for a, b in zip(ref_rows, rows, strict=True):
         assert abs(a["loss"] - b["loss"]) < BF16_U, (a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 4 * BF16_U * a["grad_norm"], (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 8 * BF16_U * a["grad_norm"], (a, b)
     assert abs(ref_evals[-1]["val_loss"] - evals[-1]["val_loss"]) < BF16_U
     from trainer.checkpoint import load_model_state, resolve
 
