@@ -74,6 +74,10 @@ class EngineModule:
         if engine.gradient_clipping() > 0:
             ds_private.replace_fp32_clipping(engine, self._clip_fp32_gradients)
 
+    def _before_update(self) -> None:
+        for fn in self.before_update:
+            fn()
+
     def mfu(self, tokens_per_s_per_device: float) -> float:
         """Model FLOPs utilisation of one device (never above 1: ``trainer/accounting/flops.py``)."""
         return self.peak.mfu(tokens_per_s_per_device * self.flops_per_token) if self.peak else 0.0
@@ -111,8 +115,7 @@ class EngineModule:
             self.engine.backward(loss)
             mark("backward")
             if self.before_update and self.engine.is_gradient_accumulation_boundary():
-                for fn in self.before_update:
-                    fn()
+                self._before_update()
             self.engine.step()
             mark("optimizer")
             loss_sum += loss.detach()
@@ -241,10 +244,6 @@ class PipelineModule(EngineModule):
     def __init__(self, engine, *args, **kwargs) -> None:
         super().__init__(engine, *args, **kwargs)
         ds_private.before_pipeline_update(engine, self._before_update)
-
-    def _before_update(self) -> None:
-        for fn in self.before_update:
-            fn()
 
     def _pipe_batches(self, batches: Iterable[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b["input_ids"], b["labels"]) for b in map(self._to_device, batches)]
