@@ -17,8 +17,27 @@ import torch
 from trainer.accounting import comm
 
 
+class _NoMlflowForDeepSpeed:
+    """DeepSpeed's autotuner imports mlflow at import time when it is installed, for its own
+    tracking, which seqtrain never runs: seconds more for every process that imports DeepSpeed.
+    This import hook makes that one import fail (the autotuner then runs without mlflow);
+    every other ``import mlflow``, seqtrain's tracking included, finds it as usual."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow":
+            frame = sys._getframe(1)
+            while frame is not None:
+                if frame.f_globals.get("__name__") == "deepspeed.autotuning.autotuner":
+                    raise ModuleNotFoundError("mlflow: not for DeepSpeed's autotuner", name=name)
+                frame = frame.f_back
+        return None
+
+
 def setup_environment() -> None:
-    """CPU accelerator on a machine without CUDA; single-process rendezvous defaults."""
+    """CPU accelerator on a machine without CUDA; single-process rendezvous defaults; DeepSpeed's
+    import without mlflow."""
+    if not any(isinstance(f, _NoMlflowForDeepSpeed) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoMlflowForDeepSpeed())
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     if "WORLD_SIZE" not in os.environ:

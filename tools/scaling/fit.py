@@ -235,16 +235,23 @@ def _errors(pts: Points, idx: np.ndarray, predicted: np.ndarray) -> dict:
     return {"rows": rows, "mean_rel_error": float(np.abs(rel).mean()), "max_rel_error": float(np.abs(rel).max())}
 
 
-def backtest(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0,
-             delta: float = HUBER_DELTA) -> dict:
-    """Fit on the points of budgets below ``holdout_above``, predict every point at or above it."""
+def holdout_split(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the points fitted (budgets below ``holdout_above``) and held out (at or above);
+    a split that leaves fewer than 5 on either side is refused."""
     below, above = np.flatnonzero(holdout_above > pts.C), np.flatnonzero(holdout_above <= pts.C)
     fit_n = int(in_regime(pts.take(below), min_tokens_per_param).sum())
     if fit_n < 5 or len(above) < 5:
         raise DataError(f"--holdout-above {holdout_above:g}: leaves {fit_n} points to fit and {len(above)} to "
                         f"predict; each side needs at least 5 (budgets run {pts.C.min():.3g} to {pts.C.max():.3g})")
+    return below, above
+
+
+def backtest(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0,
+             delta: float = HUBER_DELTA) -> dict:
+    """Fit on the points of budgets below ``holdout_above``, predict every point at or above it."""
+    below, above = holdout_split(pts, holdout_above, min_tokens_per_param)
     p, predicted = _predicted(pts, below, above, min_tokens_per_param, delta)
-    return {"kind": "holdout", "holdout_above": holdout_above, "fit_points": fit_n, "held_points": len(above),
+    return {"kind": "holdout", "holdout_above": holdout_above, "fit_points": int(in_regime(pts.take(below), min_tokens_per_param).sum()), "held_points": len(above),
             "law": {k: float(p[k]) for k in ("E", "A", "B", "alpha", "beta")}, **_errors(pts, above, predicted)}
 
 

@@ -15,6 +15,7 @@ from tools.scaling.fit import (
     backtest,
     budgets_of,
     fit_all,
+    holdout_split,
     in_regime,
     leave_one_budget_out,
     points_from_csv,
@@ -35,6 +36,8 @@ def fit_command(args) -> dict:
     if not keep.all() and keep.sum() < 5:
         raise DataError(f"{keep.sum()} of {len(every)} points have at least {args.min_tokens_per_param:g} tokens per "
                         "parameter; a 5-parameter law needs 5 (--min-tokens-per-param 0 fits them all)")
+    if args.holdout_above is not None:  # a split that cannot be fitted, refused before the minutes of fitting
+        holdout_split(every, args.holdout_above, args.min_tokens_per_param)
     if not keep.all():
         print(f"{(~keep).sum()} of {len(every)} points have fewer than {args.min_tokens_per_param:g} tokens per "
               "parameter: left out of the fits (still predicted in the back-test)")

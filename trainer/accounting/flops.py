@@ -55,8 +55,11 @@ DEVICE_NAMES: dict[str, str] = {
 H100 PCIe or NVL the SXM part's peak. A name not here is probed (``matmul_peak``)."""
 
 PROBE_N = {"cuda": 8192}
-"""Probe sizes that reach a device's matmul peak (1024³ leaves a GPU's tensor cores idle
-between launches); 1024 elsewhere (about 0.1 s on a CPU)."""
+"""Largest probe sizes: what reaches a device's matmul peak (1024³ leaves a GPU's tensor cores
+idle between launches); 1024 elsewhere."""
+PROBE_MIN_S = 0.01
+"""A probe's product takes at least this long, or has the largest size: long enough to time and
+to reach the peak."""
 
 
 def known_gpu(name: str) -> tuple[float, float] | None:
@@ -65,29 +68,36 @@ def known_gpu(name: str) -> tuple[float, float] | None:
     return GPU_PEAKS_TFLOPS[part] if part else None
 
 
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)  # timing boundary of the probe
+    t0 = time.perf_counter()
+    a @ b
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return time.perf_counter() - t0
+
+
 @cache
 def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: int | None = None,
                 reps: int = 5) -> float:
     """Best achieved FLOP/s of an n×n matmul in the training precision on this device with this
-    process's threads (about 0.1 s on a CPU). On CPUs with bf16 dot-product instructions
-    (AVX512-BF16, AMX) a bf16 matmul runs about twice as fast as fp32, so bf16 MFU needs its own
-    probe."""
+    process's threads. On CPUs with bf16 dot-product instructions (AVX512-BF16, AMX) a bf16
+    matmul runs about twice as fast as fp32, so bf16 MFU needs its own probe; on CPUs without
+    them bf16 runs at a small fraction of fp32, so the size grows from 128 only while one product
+    takes under ``PROBE_MIN_S`` (a 1024³ bf16 product alone took seconds there), up to ``n``."""
     device = device or torch.device("cpu")
-    n = n or PROBE_N.get(device.type, 1024)
+    largest = n or PROBE_N.get(device.type, 1024)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: thread pool start, page faults, kernel selection
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # timing boundary of the probe
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    size = min(128, largest)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        # Also the warm-up of this size: thread pool start, page faults, kernel selection.
+        if _timed_matmul(a, b) >= PROBE_MIN_S or size >= largest:
+            break
+        size = min(2 * size, largest)
+    return 2 * size**3 / min(_timed_matmul(a, b) for _ in range(reps))
 
 
 def _known_gpu_peak(device: torch.device, precision: str) -> float | None:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 
 from trainer.config import DataConfig
 from trainer.data import dates
@@ -80,6 +79,10 @@ def speak(text: str, voice: str, speed: int, pitch: int, sample_rate: int) -> np
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return x
+    # scipy.signal costs about a second to import: every training process imports this module,
+    # only speech runs resample.
+    from scipy.signal import resample_poly
+
     g = gcd(rate, target)
     return resample_poly(x, target // g, rate // g).astype(np.float32)
 

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -34,7 +33,6 @@ from trainer.errors import DataError
 ALPHABET = " ,-./0123456789abcdefghijklmnopqrstuvwxyz"
 """Characters a line may hold; label ids are their positions plus one."""
 HEIGHT = 32
-FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 TRAIN_FONTS = ("DejaVuSans.ttf", "DejaVuSansMono.ttf", "DejaVuSerif.ttf")
 TEST_FONT = "DejaVuSans-Oblique.ttf"
 SIZES = (15, 20)
@@ -45,7 +43,9 @@ NOISE = 0.08
 
 @lru_cache(maxsize=64)
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(str(FONT_DIR / name), size)
+    import matplotlib  # for its fonts only; a fifth of a second to import, in every training process
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
 
 
 def render(text: str, font: str, rng: np.random.Generator) -> np.ndarray:

@@ -72,5 +72,20 @@ def test_an_unknown_gpu_is_probed_at_a_size_that_reaches_its_peak(monkeypatch):
     monkeypatch.setattr(torch, "randn", lambda n, m, **kw: sizes.append(n) or torch.ones(1, 1))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     flops.matmul_peak.__wrapped__(torch.device("cpu"), "fp32", reps=1)
+    assert sizes[-1] == 1024  # fast products: the size grows to the largest
+    sizes.clear()
     flops.matmul_peak.__wrapped__(torch.device("cuda", 0), "bf16", reps=1)  # (no GPU touched: all patched)
-    assert sizes == [1024, 1024, 8192, 8192]
+    assert sizes[-1] == 8192
+
+
+def test_a_slow_precision_is_probed_at_a_size_that_takes_milliseconds(monkeypatch):
+    """bf16 on a CPU without bf16 instructions: one 1024³ product took seconds, every process."""
+    from trainer.accounting import flops
+
+    # 10 ms at 256³; a fixed 1 GFLOP/s machine whatever the size.
+    monkeypatch.setattr(flops, "_timed_matmul", lambda a, b: 2 * a.shape[0] ** 3 / 1e9)
+    sizes = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda n, m, **kw: sizes.append(n) or real(n, m, **kw))
+    assert flops.matmul_peak.__wrapped__(torch.device("cpu"), "bf16", reps=2) == pytest.approx(1e9)
+    assert sizes[-1] == 256
