@@ -90,13 +90,15 @@ def matmul_peak(device: torch.device | None = None, precision: str = "fp32", n: 
     largest = n or PROBE_N.get(device.type, 1024)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     size = min(128, largest)
-    while True:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
-        # Also the warm-up of this size: thread pool start, page faults, kernel selection.
-        if _timed_matmul(a, b) >= PROBE_MIN_S or size >= largest:
-            break
-        size = min(2 * size, largest)
+    # A forked random stream: the size depends on timing, and a run's random numbers must not.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" and torch.cuda.is_available() else []):
+        while True:
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            b = torch.randn(size, size, device=device, dtype=dtype)
+            # Also the warm-up of this size: thread pool start, page faults, kernel selection.
+            if _timed_matmul(a, b) >= PROBE_MIN_S or size >= largest:
+                break
+            size = min(2 * size, largest)
     return 2 * size**3 / min(_timed_matmul(a, b) for _ in range(reps))
 
 
