@@ -5,10 +5,11 @@ N_opt(C) (and D_opt(C) from the budget's own N-D relation); power laws N_opt ∝
 through the minima.
 
 Approach 3 (parametric): L(N, D) = E + A / N^α + B / D^β, fitted with the prediction in
-log-sum-exp form, log L̂ = LSE(log A − α ln N, log B − β ln D, log E), and a Huber loss
-(δ = 1e-3) on log L̂ − log L, summed over points (a mean-reduced objective or loose tolerances
-stall L-BFGS near its start), minimised by L-BFGS from the best initialisations of Hoffmann's
-grid (α, β ∈ {0, 0.5, …, 2}, log E ∈ {−1, −0.5, …, 1}, log A, log B ∈ {0, 5, …, 25}).
+log-sum-exp form, log L̂ = LSE(log A − α ln N, log B − β ln D, log E), and a Huber loss on
+log L̂ − log L, each point's weighted by its budget (``FitOptions``), summed over points (a
+mean-reduced objective or loose tolerances stall L-BFGS near its start), minimised by L-BFGS from
+the best initialisations of Hoffmann's grid (α, β ∈ {0, 0.5, …, 2}, log E ∈ {−1, −0.5, …, 1},
+log A, log B ∈ {0, 5, …, 25}).
 Under C = 6ND the compute-optimal allocation is N_opt = G (C/6)^a, D_opt = G⁻¹ (C/6)^b with
 a = β/(α+β), b = α/(α+β), G = (αA / βB)^(1/(α+β)).
 
@@ -22,7 +23,7 @@ import itertools
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,6 @@ from scipy.special import logsumexp
 
 from trainer.errors import DataError
 
-HUBER_DELTA = 1e-3
 GRID = {
     "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
     "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
@@ -40,6 +40,23 @@ PARAMS = ("E", "A", "B", "alpha", "beta", "a", "b")
 # Box for L-BFGS-B in (log E, log A, log B, alpha, beta): wide around Hoffmann's grid, and it
 # keeps a degenerate resample (points that do not constrain a term) from overflowing exp().
 BOUNDS = [(-10.0, 10.0), (-10.0, 60.0), (-10.0, 60.0), (0.0, 5.0), (0.0, 5.0)]
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How Approach 3 is fitted. The defaults are the choices that predicted the Chinchilla points
+    of larger budgets best (docs/scaling.md, "Back-tested fits", measures each one)."""
+
+    huber_delta: float = 1e-2
+    """Huber δ on log-loss residuals. Hoffmann et al.'s 1e-3 turns residuals above 0.1 % into an
+    absolute loss, and a fit on few budgets then follows a handful of points."""
+    budget_weight: float = 0.3
+    """A point's residual weighs (C / C_max)^w: the law's three terms describe large budgets
+    better than small ones, whose finite-size deviations should not set the extrapolation. 0 weighs
+    all points alike."""
+    min_tokens_per_param: float = 1.5
+    """Points trained on fewer tokens per parameter are left out of the fit (see ``in_regime``);
+    a back-test still predicts them."""
 
 
 @dataclass
@@ -66,37 +83,43 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
 
 
+def _weights(pts: Points, budget_weight: float) -> np.ndarray:
+    return (pts.C / pts.C.max()) ** budget_weight
+
+
 def _objective(theta: np.ndarray, lnN: np.ndarray, lnD: np.ndarray, lnL: np.ndarray,
-               delta: float) -> tuple[float, np.ndarray]:
-    """Summed Huber loss of log-space residuals and its gradient in (e, a, b, alpha, beta)."""
+               delta: float, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Weighted sum of the Huber loss of log-space residuals, and its gradient in
+    (e, a, b, alpha, beta)."""
     e, a, b, alpha, beta = theta
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.full_like(lnN, e)])
     pred = logsumexp(terms, axis=0)
     r = pred - lnL
-    value = _huber(r, delta).sum()
-    dr = np.where(np.abs(r) <= delta, r, delta * np.sign(r))
+    value = (w * _huber(r, delta)).sum()
+    dr = w * np.where(np.abs(r) <= delta, r, delta * np.sign(r))
     w = np.exp(terms - pred)  # softmax weights: d pred / d term
     grad = np.array([(dr * w[2]).sum(), (dr * w[0]).sum(), (dr * w[1]).sum(),
                      (dr * w[0] * -lnN).sum(), (dr * w[1] * -lnD).sum()])
     return float(value), grad
 
 
-def _objective_many(thetas: np.ndarray, lnN, lnD, lnL, delta: float) -> np.ndarray:
+def _objective_many(thetas: np.ndarray, lnN, lnD, lnL, delta: float, w: np.ndarray) -> np.ndarray:
     """The objective at many parameter rows at once (to rank the initialisation grid)."""
     e, a, b, alpha, beta = (thetas[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * lnN, b - beta * lnD, np.broadcast_to(e, (len(thetas), len(lnN)))])
-    return _huber(logsumexp(terms, axis=0) - lnL, delta).sum(1)
+    return (w * _huber(logsumexp(terms, axis=0) - lnL, delta)).sum(1)
 
 
 def fit_approach3(pts: Points, starts: int = 64, extra_starts: list[np.ndarray] = (),
-                  delta: float = HUBER_DELTA) -> dict[str, float]:
+                  opts: FitOptions = FitOptions()) -> dict[str, float]:
     """L(N, D) = E + A/N^α + B/D^β by L-BFGS from the ``starts`` best grid initialisations."""
     lnN, lnD, lnL = np.log(pts.N), np.log(pts.D), np.log(pts.loss)
+    w, delta = _weights(pts, opts.budget_weight), opts.huber_delta
     grid = _grid()
-    order = np.argsort(_objective_many(grid, lnN, lnD, lnL, delta))[:starts]
+    order = np.argsort(_objective_many(grid, lnN, lnD, lnL, delta, w))[:starts]
     best = None
     for x0 in [*grid[order], *extra_starts]:
-        res = minimize(_objective, x0, args=(lnN, lnD, lnL, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS,
+        res = minimize(_objective, x0, args=(lnN, lnD, lnL, delta, w), jac=True, method="L-BFGS-B", bounds=BOUNDS,
                        options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})
         if best is None or res.fun < best.fun:
             best = res
@@ -160,11 +183,12 @@ def fit_approach2(pts: Points) -> dict:
     return out
 
 
-def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64, delta: float = HUBER_DELTA) -> dict:
+def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64,
+            opts: FitOptions = FitOptions()) -> dict:
     """Both approaches, with bootstrap intervals."""
     if len(pts) < 5:
         raise DataError(f"{len(pts)} points: a 5-parameter law needs at least 5 (N, D, loss) points")
-    p3 = fit_approach3(pts, starts, delta=delta)
+    p3 = fit_approach3(pts, starts, opts=opts)
     p2 = fit_approach2(pts)
     rng = np.random.default_rng(seed)
     samples3: dict[str, list[float]] = {k: [] for k in PARAMS}
@@ -176,7 +200,7 @@ def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64, 
         sub = pts.take(idx)
         # From the full data's optimum and the resample's two best grid points: the resample's
         # optimum lies near the full one, and a few starts keep 200 resamples to a minute.
-        q = fit_approach3(sub, starts=2, extra_starts=[np.array(p3["theta"])], delta=delta)
+        q = fit_approach3(sub, starts=2, extra_starts=[np.array(p3["theta"])], opts=opts)
         for k in PARAMS:
             samples3[k].append(q[k])
         with warnings.catch_warnings():  # resampled budgets repeat sizes: ill-conditioned polyfits
@@ -192,7 +216,8 @@ def fit_all(pts: Points, bootstrap: int = 200, seed: int = 0, starts: int = 64, 
     result = {k: float(p3[k]) for k in PARAMS}
     result["ci"] = {k: ci(v) for k, v in samples3.items()}
     result["approach3"] = {**{k: float(p3[k]) for k in PARAMS}, "objective": p3["objective"],
-                           "theta": p3["theta"], "huber_delta": delta, "ci": result["ci"]}
+                           "theta": p3["theta"], "ci": result["ci"]}
+    result["options"] = asdict(opts)
     p2["ci"] = {k: ci(v) for k, v in samples2.items()}
     result["approach2"] = p2
     result["points"] = len(pts)
@@ -219,12 +244,12 @@ def in_regime(pts: Points, min_tokens_per_param: float) -> np.ndarray:
     return min_tokens_per_param <= pts.D / pts.N
 
 
-def _predicted(pts: Points, fit_idx: np.ndarray, held_idx: np.ndarray, min_tokens_per_param: float,
-               delta: float, extra_starts=()) -> tuple[dict, np.ndarray]:
-    train = pts.take(fit_idx[in_regime(pts.take(fit_idx), min_tokens_per_param)])
+def _predicted(pts: Points, fit_idx: np.ndarray, held_idx: np.ndarray, opts: FitOptions,
+               extra_starts=()) -> tuple[dict, np.ndarray]:
+    train = pts.take(fit_idx[in_regime(pts.take(fit_idx), opts.min_tokens_per_param)])
     if len(train) < 5:
         return {}, np.full(len(held_idx), np.nan)
-    p = fit_approach3(train, starts=64 if not extra_starts else 4, extra_starts=extra_starts, delta=delta)
+    p = fit_approach3(train, starts=64 if not extra_starts else 4, extra_starts=extra_starts, opts=opts)
     return p, law(p, pts.N[held_idx], pts.D[held_idx])
 
 
@@ -235,28 +260,26 @@ def _errors(pts: Points, idx: np.ndarray, predicted: np.ndarray) -> dict:
     return {"rows": rows, "mean_rel_error": float(np.abs(rel).mean()), "max_rel_error": float(np.abs(rel).max())}
 
 
-def holdout_split(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the points fitted (budgets below ``holdout_above``) and held out (at or above);
-    a split that leaves fewer than 5 on either side is refused."""
+def holdout_split(pts: Points, holdout_above: float, opts: FitOptions) -> tuple[np.ndarray, np.ndarray, int]:
+    """Indices of the points below ``holdout_above`` and of those held out (at or above), and how
+    many of the former are fitted; a split that leaves fewer than 5 on either side is refused."""
     below, above = np.flatnonzero(holdout_above > pts.C), np.flatnonzero(holdout_above <= pts.C)
-    fit_n = int(in_regime(pts.take(below), min_tokens_per_param).sum())
+    fit_n = int(in_regime(pts.take(below), opts.min_tokens_per_param).sum())
     if fit_n < 5 or len(above) < 5:
         raise DataError(f"--holdout-above {holdout_above:g}: leaves {fit_n} points to fit and {len(above)} to "
                         f"predict; each side needs at least 5 (budgets run {pts.C.min():.3g} to {pts.C.max():.3g})")
-    return below, above
+    return below, above, fit_n
 
 
-def backtest(pts: Points, holdout_above: float, min_tokens_per_param: float = 0.0,
-             delta: float = HUBER_DELTA) -> dict:
+def backtest(pts: Points, holdout_above: float, opts: FitOptions = FitOptions()) -> dict:
     """Fit on the points of budgets below ``holdout_above``, predict every point at or above it."""
-    below, above = holdout_split(pts, holdout_above, min_tokens_per_param)
-    p, predicted = _predicted(pts, below, above, min_tokens_per_param, delta)
-    return {"kind": "holdout", "holdout_above": holdout_above, "fit_points": int(in_regime(pts.take(below), min_tokens_per_param).sum()), "held_points": len(above),
+    below, above, fit_n = holdout_split(pts, holdout_above, opts)
+    p, predicted = _predicted(pts, below, above, opts)
+    return {"kind": "holdout", "holdout_above": holdout_above, "fit_points": fit_n, "held_points": len(above),
             "law": {k: float(p[k]) for k in ("E", "A", "B", "alpha", "beta")}, **_errors(pts, above, predicted)}
 
 
-def leave_one_budget_out(pts: Points, result: dict, min_tokens_per_param: float = 0.0,
-                         delta: float = HUBER_DELTA) -> dict:
+def leave_one_budget_out(pts: Points, result: dict, opts: FitOptions = FitOptions()) -> dict:
     """Each budget predicted by a law fitted on all the others (started from the full fit's
     optimum and four grid points, as the bootstrap does). A budget whose removal leaves fewer
     than 5 points to fit is not predicted."""
@@ -264,7 +287,7 @@ def leave_one_budget_out(pts: Points, result: dict, min_tokens_per_param: float 
     idx, predicted = [], []
     for g in groups:
         rest = np.setdiff1d(np.arange(len(pts)), g)
-        _, q = _predicted(pts, rest, g, min_tokens_per_param, delta, [np.array(result["approach3"]["theta"])])
+        _, q = _predicted(pts, rest, g, opts, [np.array(result["approach3"]["theta"])])
         if np.isfinite(q).all():
             idx.append(g)
             predicted.append(q)

@@ -11,6 +11,7 @@ import numpy as np
 
 from tools.scaling.fit import (
     PARAMS,
+    FitOptions,
     Points,
     backtest,
     budgets_of,
@@ -26,28 +27,36 @@ from tools.scaling.plot import backtest_figure, plot_all
 from trainer.errors import DataError
 
 
+def _options(args) -> FitOptions:
+    """The fitter's options from the command line; a flag left out keeps ``FitOptions``' default."""
+    given = {k: getattr(args, k) for k in ("huber_delta", "budget_weight", "min_tokens_per_param")}
+    opts = FitOptions(**{k: v for k, v in given.items() if v is not None})
+    values = (opts.huber_delta, opts.budget_weight, opts.min_tokens_per_param)
+    if not (all(map(math.isfinite, values)) and opts.huber_delta > 0 and min(values) >= 0):
+        raise DataError(f"--huber-delta {opts.huber_delta:g} / --budget-weight {opts.budget_weight:g} / "
+                        f"--min-tokens-per-param {opts.min_tokens_per_param:g}: need δ > 0, W ≥ 0 and R ≥ 0")
+    return opts
+
+
 def fit_command(args) -> dict:
-    if args.huber_delta <= 0 or args.min_tokens_per_param < 0:
-        raise DataError(f"--huber-delta {args.huber_delta:g} / --min-tokens-per-param {args.min_tokens_per_param:g}: "
-                        "need δ > 0 and R ≥ 0")
+    opts = _options(args)
     every = points_from_mlflow(args.experiment, args.tracking_uri) if args.experiment else points_from_csv(args.csv)
-    keep = in_regime(every, args.min_tokens_per_param)
+    keep = in_regime(every, opts.min_tokens_per_param)
     pts = every.take(np.flatnonzero(keep))
     if not keep.all() and keep.sum() < 5:
-        raise DataError(f"{keep.sum()} of {len(every)} points have at least {args.min_tokens_per_param:g} tokens per "
+        raise DataError(f"{keep.sum()} of {len(every)} points have at least {opts.min_tokens_per_param:g} tokens per "
                         "parameter; a 5-parameter law needs 5 (--min-tokens-per-param 0 fits them all)")
     if args.holdout_above is not None:  # a split that cannot be fitted, refused before the minutes of fitting
-        holdout_split(every, args.holdout_above, args.min_tokens_per_param)
+        holdout_split(every, args.holdout_above, opts)
     if not keep.all():
-        print(f"{(~keep).sum()} of {len(every)} points have fewer than {args.min_tokens_per_param:g} tokens per "
+        print(f"{(~keep).sum()} of {len(every)} points have fewer than {opts.min_tokens_per_param:g} tokens per "
               "parameter: left out of the fits (still predicted in the back-test)")
-    result = fit_all(pts, bootstrap=args.bootstrap, delta=args.huber_delta)
-    result["min_tokens_per_param"] = args.min_tokens_per_param
+    result = fit_all(pts, bootstrap=args.bootstrap, opts=opts)
     result["predictions"] = [predict(result, c) for c in args.predict]
     if args.holdout_above is not None:
-        result["backtest"] = backtest(every, args.holdout_above, args.min_tokens_per_param, args.huber_delta)
+        result["backtest"] = backtest(every, args.holdout_above, opts)
     else:
-        result["backtest"] = leave_one_budget_out(every, result, args.min_tokens_per_param, args.huber_delta)
+        result["backtest"] = leave_one_budget_out(every, result, opts)
     a2 = result["approach2"]
     inside = sum(m["bracketed"] for m in a2["budgets"])
     print(f"{len(pts)} points, {len(a2['budgets'])} IsoFLOP minima, {inside} of them inside their "
