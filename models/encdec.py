@@ -1,7 +1,8 @@
 """Encoder-decoder Transformer (Vaswani et al. 2017) on ``scaled_dot_product_attention``.
 
 Sinusoidal positions, padding masks on self- and cross-attention, optional shared source/target
-embeddings, pre- or post-LayerNorm, label smoothing. Single-device code.
+embeddings, pre- or post-LayerNorm, label smoothing, and μP (``mup``, ``models/mup.py``; its
+embedding multiplier is the base model's √base_width). Single-device code.
 
 Batch contract: ``src`` (B, S) token ids, or with ``model.source`` what its encoder reads
 (``models/sources.py``: images); ``tgt_in`` (B, T) = BOS + target, ``labels`` (B, T) = target +
@@ -11,7 +12,7 @@ EOS with -100 at padding; padding id ``pad_id`` in token ``src`` and ``tgt_in``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +23,17 @@ from models.decoding import decode
 from models.fused_qkv import split_heads
 from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
+from models.mup import MuP, MuPWidths
 from models.positions import sinusoidal_table
 from models.sources import SourceConfig, keep_mask, source_cost, source_encoder
 
 
-class EncDecConfig(BaseModel):
+class EncDecConfig(MuPWidths, BaseModel):
     """Shape of an encoder-decoder Transformer."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # Rank-2 parameters that are not μP's hidden matrices (a vocabulary dimension).
+    mup_fixed: ClassVar[tuple[str, ...]] = ("src_embed.weight", "tgt_embed.weight", "out.weight")
 
     family: Literal["encdec"] = "encdec"
     """Model family."""
@@ -65,6 +69,9 @@ class EncDecConfig(BaseModel):
     """Padding token id (the data pipeline's ``<|pad|>``)."""
     init_std: float = Field(0.02, gt=0)
     """Std of the normal init of weights."""
+    mup: MuP | None = None
+    """The maximal-update parametrisation (``models/mup.py``) for token sources; ``null``: the
+    standard one."""
 
     @model_validator(mode="after")
     def _check(self) -> EncDecConfig:
@@ -75,6 +82,10 @@ class EncDecConfig(BaseModel):
         if self.share_embeddings and None not in (self.src_vocab_size, self.tgt_vocab_size) \
                 and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError("model.share_embeddings needs src_vocab_size == tgt_vocab_size")
+        if self.mup is not None and self.source is not None:
+            raise ValueError(f"model.mup: μP is defined here for token sources; model.source.kind="
+                             f"{self.source.kind} has convolutions of its own widths (drop model.mup or model.source)")
+        self.check_mup()
         return self
 
     @property
@@ -90,9 +101,11 @@ class Attention(nn.Module):
     rows are head-major (``models/fused_qkv.py``): tensor parallelism cuts them into whole heads.
     """
 
-    def __init__(self, d: int, n_head: int, dropout: float, cross: bool = False) -> None:
+    def __init__(self, d: int, n_head: int, dropout: float, cross: bool = False,
+                 scale: float | None = None) -> None:
         super().__init__()
         self.head_dim, self.dropout, self.cross = d // n_head, dropout, cross
+        self.scale = scale  # None: SDPA's 1/√head_dim
         if cross:
             self.q_proj, self.kv_proj = nn.Linear(d, d), nn.Linear(d, 2 * d)
         else:
@@ -110,7 +123,7 @@ class Attention(nn.Module):
         # Causal without a mask tensor (the decoder's keys are never padded before a real
         # query, see ``decode``): flash attention applies; a padding mask is another kernel.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(b, tq, -1))
 
 
@@ -140,7 +153,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, c: EncDecConfig) -> None:
         super().__init__()
         pre = c.norm == "pre"
-        self.self_attn = Attention(c.d_model, c.n_head, c.dropout)
+        self.self_attn = Attention(c.d_model, c.n_head, c.dropout, scale=c.attn_scale)
         self.ff = FeedForward(c.d_model, c.ff_size, c.dropout)
         self.sub1, self.sub2 = Sublayer(c.d_model, pre, c.dropout), Sublayer(c.d_model, pre, c.dropout)
 
@@ -153,8 +166,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: EncDecConfig) -> None:
         super().__init__()
         pre = c.norm == "pre"
-        self.self_attn = Attention(c.d_model, c.n_head, c.dropout)
-        self.cross_attn = Attention(c.d_model, c.n_head, c.dropout, cross=True)
+        self.self_attn = Attention(c.d_model, c.n_head, c.dropout, scale=c.attn_scale)
+        self.cross_attn = Attention(c.d_model, c.n_head, c.dropout, cross=True, scale=c.attn_scale)
         self.ff = FeedForward(c.d_model, c.ff_size, c.dropout)
         self.sub1, self.sub2, self.sub3 = (Sublayer(c.d_model, pre, c.dropout) for _ in range(3))
 
@@ -209,7 +222,12 @@ class EncoderDecoder(nn.Module):
         elif name.startswith("source."):  # convolutions followed by ReLU or GELU
             seeded_normal_(t, self.seed, name, fan_in_std(t))
         else:
-            seeded_normal_(t, self.seed, name, self.cfg.init_std)
+            seeded_normal_(t, self.seed, name, self.cfg.hidden_std(name, self.cfg.init_std))
+            if self.cfg.mup and self.cfg.mup.query_zero_init:
+                if name.endswith("self_attn.qkv_proj.weight"):  # head-major rows: q, k, v per head
+                    t.view(self.cfg.n_head, 3, -1, t.shape[1])[:, 0].zero_()
+                elif name.endswith("cross_attn.q_proj.weight"):
+                    t.zero_()
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute the buffers that are not parameters (after a build on the meta device)."""
@@ -242,7 +260,8 @@ class EncoderDecoder(nn.Module):
         return self.flops_per_sample(seq_len) / seq_len, float(6 * self.num_params())
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-        x = table(ids) * math.sqrt(self.cfg.d_model)
+        # μP: the embedding's output stays of one size at every width, √base_width as at the base.
+        x = table(ids) * math.sqrt(self.cfg.mup.base_width if self.cfg.mup else self.cfg.d_model)
         # The table stays fp32 (a buffer, recomputed after a meta build); added in fp32 it
         # would promote bf16 activations to fp32 ahead of bf16 norms and projections.
         return self.drop(x + self.pe[: ids.shape[1]].to(x.dtype))
@@ -271,7 +290,8 @@ class EncoderDecoder(nn.Module):
         # (padding only follows the end), so the decoder needs no extra key mask.
         for layer in self.decoder:
             y = layer(y, mem, None, src_mask)
-        return self.out(self.dec_norm(y))
+        y = self.dec_norm(y)
+        return self.out(y * self.cfg.readout_mult if self.cfg.mup else y)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
                 src_lengths: list[int] | None = None):
@@ -306,7 +326,7 @@ class EncoderDecoder(nn.Module):
         attn = last.cross_attn
         (q,) = split_heads(attn.q_proj(h), attn.head_dim, 1)
         k, _ = split_heads(attn.kv_proj(mem), attn.head_dim, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+        scores = q @ k.transpose(-1, -2) * (attn.scale or 1 / math.sqrt(attn.head_dim))
         if src_mask is not None:
             scores = scores.masked_fill(~src_mask, float("-inf"))
         return scores.softmax(-1).mean(1)

@@ -21,7 +21,7 @@ head, its value head; so tensor parallelism cuts it into whole groups.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 from models.fused_qkv import split_groups
 from models.init import seeded_normal_
 from models.loss import TokenCrossEntropy
+from models.mup import MuP, MuPWidths
 
 
 class RopeScaling(BaseModel):
@@ -50,39 +51,12 @@ class RopeScaling(BaseModel):
     """The context the frequencies were trained for."""
 
 
-class MuP(BaseModel):
-    """μP for Adam ("Tensor Programs V", Table 3), relative to a base model ``base_width`` wide,
-    at which it is exactly the standard parametrisation. With ``m = d_model / base_width``:
-    hidden matrices (everything of rank 2 but the embeddings and the output head) start with
-    std ``init_std / √m`` and learn at ``lr / m``; embeddings, the head, biases and norm gains
-    keep ``init_std`` and ``lr``; the logits are multiplied by ``output_mult / m``; attention
-    scores are ``q·k · attn_mult / head_dim`` rather than ``q·k / √head_dim``. AdamW's decoupled
-    weight decay is ``lr · weight_decay`` per group, so it scales with the group's rate."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    base_width: int = Field(ge=1)
-    """``d_model`` of the base model the learning rate and init were tuned at (≤ ``d_model``)."""
-    output_mult: float = Field(1.0, gt=0)
-    """Logits are ``lm_head(h) · output_mult · base_width / d_model``."""
-    attn_mult: float | None = Field(None, gt=0)
-    """Attention scores are ``q·k · attn_mult / head_dim``; ``null``: ``√(base_width / n_head)``,
-    which is the standard ``1/√head_dim`` at the base width (heads kept, head size growing)."""
-    query_zero_init: bool = False
-    """Start the query projection at zero (as Yang et al. do for GPT-3): attention is uniform at
-    first at every width, where random queries give scores shrinking as ``1/√head_dim``; its
-    scores are then the learned part alone. (At the base width μP then differs from SP here.)"""
-
-
-# Rank-2 parameters that are not hidden matrices in μP: one dimension (vocabulary or positions)
-# stays fixed as the width grows, so they keep the base init and learning rate.
-MUP_FIXED_SUFFIXES = ("wte.weight", "wpe.weight", "lm_head.weight")
-
-
-class GPTConfig(BaseModel):
+class GPTConfig(MuPWidths, BaseModel):
     """Shape of a GPT model."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # Rank-2 parameters that are not μP's hidden matrices (a vocabulary or position dimension).
+    mup_fixed: ClassVar[tuple[str, ...]] = ("wte.weight", "wpe.weight", "lm_head.weight")
 
     family: Literal["gpt"] = "gpt"
     """Model family; selects the class in ``models.build``."""
@@ -149,11 +123,7 @@ class GPTConfig(BaseModel):
                 f"model.position=rope needs an even head size; d_model/n_head = "
                 f"{self.d_model}/{self.n_head} = {self.d_model // self.n_head}"
             )
-        if self.mup is not None and self.mup.base_width > self.d_model:
-            raise ValueError(
-                f"model.mup.base_width={self.mup.base_width} is wider than model.d_model={self.d_model}; "
-                f"μP widens a base model: use a base_width of at most {self.d_model}"
-            )
+        self.check_mup()
         return self
 
     @property
@@ -173,31 +143,6 @@ class GPTConfig(BaseModel):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
-
-    @property
-    def width_mult(self) -> float:
-        """μP's ``m = d_model / base_width`` (1 in the standard parametrisation)."""
-        return self.d_model / self.mup.base_width if self.mup else 1.0
-
-    @property
-    def attn_scale(self) -> float | None:
-        """Attention's score scale; ``None``: SDPA's default ``1/√head_dim``."""
-        if self.mup is None:
-            return None
-        mult = self.mup.attn_mult or math.sqrt(self.mup.base_width / self.n_head)
-        return mult / self.head_dim
-
-    @property
-    def readout_mult(self) -> float:
-        """Factor on the logits (μP's ``output_mult / m``; 1 in the standard parametrisation)."""
-        return self.mup.output_mult / self.width_mult if self.mup else 1.0
-
-    def lr_mult(self, name: str, ndim: int) -> float:
-        """Factor on the learning rate of the parameter ``name`` of rank ``ndim`` (μP: ``1/m`` for
-        hidden matrices). Any layout's name of it does: only its suffix is read."""
-        if self.mup is None or ndim < 2 or name.endswith(MUP_FIXED_SUFFIXES):
-            return 1.0
-        return 1.0 / self.width_mult
 
 
 def rope_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -376,9 +321,7 @@ def init_param_(name: str, p: torch.Tensor, cfg: GPTConfig, seed: int) -> None:
         p.fill_(1.0)
     else:
         std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith(RESIDUAL_PROJ_SUFFIXES) else cfg.init_std
-        if not name.endswith(MUP_FIXED_SUFFIXES):  # μP: hidden matrices' variance ∝ 1/fan_in
-            std /= math.sqrt(cfg.width_mult)
-        seeded_normal_(p, seed, name, std)
+        seeded_normal_(p, seed, name, cfg.hidden_std(name, std))
         if cfg.mup and cfg.mup.query_zero_init and name.endswith("attn.c_attn.weight"):
             group = cfg.n_head // cfg.kv_heads  # rows per key/value group: its queries, key, value
             p.view(cfg.kv_heads, group + 2, cfg.head_dim, -1)[:, :group].zero_()

@@ -811,8 +811,8 @@ def _check_mup_family(model: dict[str, Any], where: str) -> None:
     fam = model["family"]
     if "mup" in model and fam in FAMILIES and "mup" not in FAMILIES[fam][0].model_fields:
         with_widths = [f for f, (c, _) in FAMILIES.items() if "mup" in c.model_fields]
-        raise ConfigError(f"{where}: model.mup: μP needs a family with widths ({', '.join(with_widths)}), "
-                          f"not model.family={fam}")
+        raise ConfigError(f"{where}: model.mup: μP is defined for the Transformer families "
+                          f"({', '.join(with_widths)}), not model.family={fam}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -43,6 +43,23 @@ def test_mup_activations_keep_their_size_as_width_grows(checked):
     assert slopes["sp"]["logits"] >= BOUND_SP_LOGITS
 
 
+def test_the_encoder_decoder_passes_the_same_check(cache_dir, tmp_path):
+    """The encoder-decoder's μP (``models/encdec.py``): its encoder and decoder blocks and logits
+    within the same bounds, every self- and cross-attention's scores at most +0.15."""
+    p = run_cli(["mup", "coord-check", str(REPO / "configs/encdec/debug.yaml"), "--widths", "32,64,128,256",
+                 "--steps", "3", "--seeds", "2", "--base-width", "32", "--out", str(tmp_path), "--json",
+                 *sets("model.dropout=0.0", "model.label_smoothing=0.0", "data.num_pairs=200",
+                       "train.micro_batch_size=8", "train.lr=4e-3")], cache_dir)
+    result = json.loads(p.stdout)
+    slopes = result["slopes"][3]
+    print(json.dumps(slopes, indent=1))  # for the record (pytest -s)
+    assert {"encoder block 1", "block 1", "logits"} <= slopes["mup"].keys()
+    assert sum(q.startswith("attn scores") for q in slopes["mup"]) == 2 + 2 * 2  # encoder self; decoder self, cross
+    for q, slope in slopes["mup"].items():
+        assert (slope <= BOUND_MUP) if q.startswith("attn scores") else (abs(slope) <= BOUND_MUP), (q, slope)
+    assert slopes["sp"]["logits"] >= BOUND_SP_LOGITS
+
+
 def test_table_json_and_plot_are_written(checked):
     result, out = checked
     assert result["widths"] == [32, 64, 128, 256] and result["steps"] == 3

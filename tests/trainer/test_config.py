@@ -47,7 +47,7 @@ def test_config_errors_are_one_line_with_exit_code_2(capsys, override, expected)
 
 def test_mup_on_a_family_without_widths_is_refused_in_one_line(capsys):
     err = cli_error(capsys, "train", str(REPO / "configs/rnn/lstm-lm-debug.yaml"), "--set", "model.mup.base_width=8")
-    assert "model.mup: μP needs a family with widths (gpt), not model.family=rnn_lm" in err
+    assert "model.mup: μP is defined for the Transformer families (gpt, encdec), not model.family=rnn_lm" in err
 
 
 def test_batch_arithmetic_is_checked_before_any_process_group(capsys):

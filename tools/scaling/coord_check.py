@@ -1,16 +1,19 @@
 """``seqtrain mup coord-check``: μP's coordinate check (Yang et al. 2022, "Tensor Programs V", §D.1).
 
-The same decoder is built at several widths, in the standard parametrisation (SP) and in μP,
+The same model (a decoder, or an encoder-decoder) is built at several widths, in the standard
+parametrisation (SP) and in μP,
 and trained a few Adam steps on the same batches at the config's learning rate (constant: no
 warm-up, no decay). Before each step, and after the last, the mean absolute value of each
-activation is recorded (averaged over a few initialisation seeds): the token embeddings, every block's output, every layer's attention
-scores (``q·k · scale``, before the mask and softmax) and the logits. Under μP these stay the
+activation is recorded (averaged over a few initialisation seeds): the token embeddings, every block's output (an
+encoder-decoder's decoder blocks are "block i", its encoder's "encoder block i"), every
+attention's scores (``q·k · scale``, before the mask and softmax, in call order) and the logits. Under μP these stay the
 same size as the width grows; under SP the logits grow with it once training starts. The
 slope of ``log size`` against ``log width`` says which: ~0 is width-stable.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from models import build
+from models import FAMILIES, build
 from trainer.build import build_data, setup
 from trainer.config import Config, load_config
 from trainer.engine.initialize import build_optimizer
@@ -85,6 +88,15 @@ def _at_width(cfg: Config, width: int, base_width: int, par: str) -> Config:
     return cfg.model_copy(update={"model": type(cfg.model).model_validate(m)})
 
 
+def _probes(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules whose outputs are recorded: a decoder's (``models/gpt.py``) or an
+    encoder-decoder's (``models/encdec.py``) embedding, blocks and output head."""
+    if hasattr(model, "h"):
+        return {"embedding": model.wte, **{f"block {i}": b for i, b in enumerate(model.h)}, "logits": model.lm_head}
+    return {"embedding": model.src_embed, **{f"encoder block {i}": b for i, b in enumerate(model.encoder)},
+            **{f"block {i}": b for i, b in enumerate(model.decoder)}, "logits": model.out}
+
+
 def _record(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
     """One forward: each quantity's mean |activation| and the loss."""
     sizes: dict[str, float] = {}
@@ -95,13 +107,11 @@ def _record(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dic
             sizes[name] = float(out.detach().abs().mean())
         return hook
 
-    hooks = [model.wte.register_forward_hook(keep("embedding")),
-             model.lm_head.register_forward_hook(keep("logits"))]
-    hooks += [b.register_forward_hook(keep(f"block {i}")) for i, b in enumerate(model.h)]
+    hooks = [m.register_forward_hook(keep(name)) for name, m in _probes(model).items()]
     scores = _AttentionScores()
     try:
         with scores:
-            loss = model(batch["input_ids"], batch["labels"])
+            loss = model(**batch)
     finally:
         for h in hooks:
             h.remove()
@@ -142,7 +152,7 @@ def coord_check(config: str, widths: list[int], steps: int, overrides: list[str]
     cfg = load_config(config, sets)
     if "mup" not in type(cfg.model).model_fields:  # the families config.py lets take μP
         raise ConfigError(f"{config}: model.family={cfg.model.family} has no widths for μP; the coordinate "
-                          "check takes the gpt family (GPT-2 or Llama-shaped)")
+                          "check takes the Transformer families (gpt, encdec)")
     mup = getattr(cfg.model, "mup", None)
     base = base_width or (mup.base_width if mup else widths[0])
     if base > widths[0]:
@@ -151,8 +161,10 @@ def coord_check(config: str, widths: list[int], steps: int, overrides: list[str]
     cfg, dims, device = setup(cfg)
     data = build_data(cfg, dims)
     cfg = data.cfg
+    # The tensors the model's forward takes (tokens, targets, labels), none of the bookkeeping.
+    takes = inspect.signature(FAMILIES[cfg.model.family][1].forward).parameters
     batches = [{k: v.to(device) for k, v in data.train.micro_batch(s, 0, 0).items()
-                if k in ("input_ids", "labels")} for s in range(steps + 1)]
+                if k in takes and isinstance(v, torch.Tensor)} for s in range(steps + 1)]
     sizes: dict[str, dict[str, list[list[float]]]] = {}
     for par in PARAMETRISATIONS:
         runs = [_mean_over_seeds(_at_width(cfg, w, base, par), batches, device, seeds) for w in widths]

@@ -14,7 +14,7 @@ def register(sub) -> None:
     mp = sub.add_parser("mup", help="μP tools: the coordinate check")
     msub = mp.add_subparsers(dest="mup_command", required=True)
     cc = msub.add_parser("coord-check", help="activation sizes against width, SP beside μP, over a few Adam steps")
-    cc.add_argument("config", help="a gpt-family config, e.g. configs/gpt/mup-debug.yaml")
+    cc.add_argument("config", help="a gpt or encdec config, e.g. configs/gpt/mup-debug.yaml")
     cc.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values, increasing")
     cc.add_argument("--steps", type=int, default=5, help="Adam steps (sizes are recorded before each and after the last)")
     cc.add_argument("--base-width", type=int, help="μP base width (default: the config's model.mup.base_width, "

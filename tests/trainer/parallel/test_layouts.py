@@ -265,12 +265,18 @@ def test_tensor_parallel_dropout_survives_activation_recomputation(sp, reference
     assert [r["grad_norm"] for r in plain] == [r["grad_norm"] for r in ckpt]
 
 
-def test_encoder_decoder_tensor_parallel_matches_single_process(cache_dir, tmp_path):
+@pytest.mark.parametrize("mup", [False, True], ids=["sp", "mup"])
+def test_encoder_decoder_tensor_parallel_matches_single_process(mup, cache_dir, tmp_path):
     """Label smoothing on (the vocab-parallel loss computes it across shards), and decoding
-    metrics at the end (evaluation mode gathers whole logits)."""
-    ref_rows, ref_evals = _train(ENCDEC, ENCDEC_ARGS, tmp_path / "one", cache_dir)
-    rows, evals = _train(ENCDEC, [*ENCDEC_ARGS, "parallel.tp=2"], tmp_path / "tp2", cache_dir, nproc=2)
+    metrics at the end (evaluation mode gathers whole logits). Under μP (twice the base width)
+    each shard keeps its parameter's learning-rate factor; the μP run is not the standard one."""
+    args = [*ENCDEC_ARGS, "model.mup.base_width=16", "model.mup.output_mult=2"] if mup else ENCDEC_ARGS
+    ref_rows, ref_evals = _train(ENCDEC, args, tmp_path / "one", cache_dir)
+    rows, evals = _train(ENCDEC, [*args, "parallel.tp=2"], tmp_path / "tp2", cache_dir, nproc=2)
     assert_same_run(ref_rows, rows, ref_evals, evals)
+    if mup:
+        sp_rows, _ = _train(ENCDEC, ENCDEC_ARGS, tmp_path / "sp", cache_dir)
+        assert min(abs(a["loss"] - b["loss"]) for a, b in zip(ref_rows[1:], sp_rows[1:], strict=True)) > 1e-3
     for key in ("val_exact_match", "val_bleu", "val_chrf"):
         assert evals[-1][key] == pytest.approx(ref_evals[-1][key], abs=1e-6)
 
