@@ -10,7 +10,14 @@ import sys
 import pytest
 
 from tests.conftest import REPO, cli_env, make_corpus, read_metrics, run_cli, sets
-from tests.trainer.parallel.test_layouts import GPT, GPT_ARGS, LLAMA_ARGS, MUP_ARGS
+from tests.trainer.parallel.test_layouts import (
+    ENCDEC,
+    ENCDEC_ARGS,
+    GPT,
+    GPT_ARGS,
+    LLAMA_ARGS,
+    MUP_ARGS,
+)
 from trainer.launch import torchrun
 
 pytestmark = pytest.mark.distributed
@@ -49,12 +56,12 @@ def straight(tmp_path_factory, cache_dir):
     return args, {r["step"]: r for r in rows}, root / "straight"
 
 
-def _chain(layouts: list[str], args: list[str], run_dir, cache_dir) -> dict[int, dict]:
+def _chain(layouts: list[str], args: list[str], run_dir, cache_dir, preset: str = GPT) -> dict[int, dict]:
     """Segments of 4 steps, each in the next layout, in one run directory."""
     for i, name in enumerate(layouts):
         nproc, extra = LAYOUTS[name]
         stop = {"SEQTRAIN_FAULT": f"usr1@{4 * (i + 1)}"} if i + 1 < len(layouts) else {}
-        p = run_cli(["train", GPT, "--run-dir", str(run_dir), *sets(*args, *extra)], cache_dir,
+        p = run_cli(["train", preset, "--run-dir", str(run_dir), *sets(*args, *extra)], cache_dir,
                     nproc=nproc, env=stop)
         if i and name != layouts[i - 1]:  # (the same layout resumes through DeepSpeed)
             said = f"resharded step_{4 * i:08d} from {DESCRIBED[layouts[i - 1]]} to {DESCRIBED[name]}"
@@ -107,6 +114,15 @@ def test_mup_zero1_to_tp2xpp2_to_one(straight, cache_dir, tmp_path):
     run_cli(["train", GPT, "--run-dir", str(tmp_path / "straight"), *sets(*args)], cache_dir)
     ref = {r["step"]: r for r in read_metrics(tmp_path / "straight")[0]}
     got = _chain(["dp2-zero1", "tp2xpp2", "one"], args, tmp_path / "run", cache_dir)
+    _assert_same_losses(ref, got, 16)
+
+
+def test_encoder_decoder_mup_zero1_to_tp2_to_one(cache_dir, tmp_path):
+    """The encoder-decoder's μP groups (twice the base width) survive resume in other layouts."""
+    args = [*ENCDEC_ARGS, "model.mup.base_width=16", "model.mup.output_mult=2", "eval.decode_samples=0", *STEPS]
+    run_cli(["train", ENCDEC, "--run-dir", str(tmp_path / "straight"), *sets(*args)], cache_dir)
+    ref = {r["step"]: r for r in read_metrics(tmp_path / "straight")[0]}
+    got = _chain(["dp2-zero1", "tp2", "one"], args, tmp_path / "run", cache_dir, ENCDEC)
     _assert_same_losses(ref, got, 16)
 
 
