@@ -23,7 +23,7 @@ from models.decoding import decode
 from models.fused_qkv import split_heads
 from models.init import count_params, fan_in_std, seeded_normal_
 from models.loss import TokenCrossEntropy
-from models.mup import MuP, MuPWidths
+from models.mup import MuP, MuPWidths, readout
 from models.positions import sinusoidal_table
 from models.sources import SourceConfig, keep_mask, source_cost, source_encoder
 
@@ -290,8 +290,7 @@ class EncoderDecoder(nn.Module):
         # (padding only follows the end), so the decoder needs no extra key mask.
         for layer in self.decoder:
             y = layer(y, mem, None, src_mask)
-        y = self.dec_norm(y)
-        return self.out(y * self.cfg.readout_mult if self.cfg.mup else y)
+        return self.out(readout(self.cfg, self.dec_norm(y)))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, labels: torch.Tensor | None = None,
                 src_lengths: list[int] | None = None):

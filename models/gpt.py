@@ -31,7 +31,7 @@ from torch import nn
 from models.fused_qkv import split_groups
 from models.init import seeded_normal_
 from models.loss import TokenCrossEntropy
-from models.mup import MuP, MuPWidths
+from models.mup import MuP, MuPWidths, readout
 
 
 class RopeScaling(BaseModel):
@@ -325,13 +325,6 @@ def init_param_(name: str, p: torch.Tensor, cfg: GPTConfig, seed: int) -> None:
         if cfg.mup and cfg.mup.query_zero_init and name.endswith("attn.c_attn.weight"):
             group = cfg.n_head // cfg.kv_heads  # rows per key/value group: its queries, key, value
             p.view(cfg.kv_heads, group + 2, cfg.head_dim, -1)[:, :group].zero_()
-
-
-def readout(cfg: GPTConfig, h: torch.Tensor) -> torch.Tensor:
-    """The final norm's output as the head reads it: μP's logit multiplier is applied here, before
-    the (bias-free) head, so every path to the logits (whole, chunked in the loss, a pipeline's
-    last stage, vocabulary shards) gets it."""
-    return h * cfg.readout_mult if cfg.mup else h
 
 
 class GPT(nn.Module):

@@ -3,16 +3,19 @@ Transformer families: the option block ``MuP`` and the multipliers a config deri
 
 A family's config mixes in ``MuPWidths`` (it has ``d_model``, ``n_head`` and ``mup``) and names
 its width-independent matrices in ``mup_fixed``; its model applies ``attn_scale`` in attention,
-``readout_mult`` before the output head, and scales hidden matrices' init by ``hidden_std``. The
+``readout`` before the output head, and scales hidden matrices' init by ``hidden_std``. The
 optimizer takes ``lr_mult`` per parameter (``trainer/engine/initialize.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MuP(BaseModel):
@@ -88,3 +91,10 @@ class MuPWidths:
         if self.mup is None or ndim < 2 or not self.is_hidden(name):
             return 1.0
         return 1.0 / self.width_mult
+
+
+def readout(cfg: MuPWidths, h: torch.Tensor) -> torch.Tensor:
+    """The final norm's output as the head reads it: μP's logit multiplier is applied here, before
+    the (bias-free) head, so every path to the logits (whole, chunked in the loss, a pipeline's
+    last stage, vocabulary shards) gets it. The standard parametrisation's ``h`` is untouched."""
+    return h * cfg.readout_mult if cfg.mup else h

@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.gpt import Block, GPTConfig, init_param_, make_norm, readout
+from models.gpt import Block, GPTConfig, init_param_, make_norm
 from models.loss import TokenCrossEntropy
+from models.mup import readout
 
 Shard = Callable[[nn.Module], None] | None
 """Applied to each layer as soon as it is built (tensor parallelism): a rank then holds its
